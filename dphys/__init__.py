@@ -1,0 +1,46 @@
+"""dphys: differentiable implicit PDE simulators in JAX.
+
+The core of the ``dphys`` distribution: grids, matrix-free operators, structured
+implicit solvers, implicit/IMEX steppers, adjoints, :func:`simulate`, and the public
+gradient checks in :mod:`dphys.testing`. PDE models live in :mod:`pdes`; data
+assimilation in :mod:`assimilation`.
+"""
+
+from . import operators as operators
+from ._adjoint import (
+    AbstractAdjoint as AbstractAdjoint,
+    Checkpointed as Checkpointed,
+    Unrolled as Unrolled,
+    nested_scan as nested_scan,
+)
+from ._grid import Grid as Grid
+from ._linear_solve import (
+    FFT as FFT,
+    AbstractLinearSolver as AbstractLinearSolver,
+    Auto as Auto,
+    Krylov as Krylov,
+    Tridiagonal as Tridiagonal,
+    probe_diagonal as probe_diagonal,
+    probe_symbol as probe_symbol,
+    probe_tridiagonal as probe_tridiagonal,
+)
+from ._model import AbstractModel as AbstractModel
+from ._results import RESULTS as RESULTS
+from ._simulate import (
+    SaveAt as SaveAt,
+    SimulationError as SimulationError,
+    Trajectory as Trajectory,
+    simulate as simulate,
+)
+from ._stepper import (
+    BDF2 as BDF2,
+    IMEX as IMEX,
+    AbstractStepper as AbstractStepper,
+    BackwardEuler as BackwardEuler,
+    CrankNicolson as CrankNicolson,
+    FullyImplicit as FullyImplicit,
+    Theta as Theta,
+)
+
+
+__version__ = "0.1.0"

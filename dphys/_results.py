@@ -1,0 +1,25 @@
+"""Result codes carried through jitted loops (cf. lineax/diffrax ``RESULTS``)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+
+
+class RESULTS(eqx.Enumeration):
+    """Outcome of a simulation or solve. ``successful`` is the only success code."""
+
+    successful = ""
+    linear_solve_failed = (
+        "An implicit linear solve did not converge. Increase the Krylov solver's "
+        "`max_steps`, loosen its `rtol`/`atol`, add a preconditioner, or choose a direct "
+        "solver (`dphys.FFT()` for periodic constant coefficients, `dphys.Tridiagonal()` "
+        "in 1D)."
+    )
+    nonlinear_solve_failed = (
+        "A nonlinear implicit step (Newton-Krylov) did not converge. Reduce `dt`, "
+        "increase `max_steps`, or loosen `rtol`/`atol`."
+    )
+    nonfinite_state = (
+        "The state became non-finite (NaN or Inf). The run diverged: reduce `dt`, check "
+        "the parameters (e.g. negative diffusivity or depth) and the initial state."
+    )

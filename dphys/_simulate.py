@@ -1,0 +1,317 @@
+r"""``simulate``: run a model with an implicit stepper, differentiably."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._adjoint import AbstractAdjoint, Checkpointed
+from ._model import AbstractModel
+from ._results import RESULTS
+from ._stepper import AbstractStepper
+
+
+class SimulationError(RuntimeError):
+    """A run failed: unconverged solve, non-finite state or invalid model state."""
+
+
+class SaveAt(eqx.Module):
+    """What :func:`simulate` returns besides the final state.
+
+    Attributes:
+        t0: also save the initial state.
+        t1: save the final state (as the last entry of ``ys``).
+        every: save every ``every`` steps (step indices ``every, 2*every, ...``).
+        steps: explicit step indices in ``[0, n_steps]`` to save at (sorted or not).
+        fn: observation hook ``fn(t, state) -> pytree``; when given, ``ys`` holds
+            ``fn`` at the save times instead of full states, so a 4D-Var cost only
+            ever stores sensor values, never the trajectory.
+
+    Saving at step indices whose greatest common divisor is ``g`` runs the loop as
+    ``n_steps / g`` segments of ``g`` steps: the cost does not grow with the number
+    of saves, and memory for ``ys`` is ``n_steps / g`` entries.
+    """
+
+    t0: bool = eqx.field(static=True, default=False)
+    t1: bool = eqx.field(static=True, default=True)
+    every: int | None = eqx.field(static=True, default=None)
+    steps: tuple[int, ...] | None = eqx.field(static=True, default=None)
+    fn: Callable[[Any, Any], Any] | None = eqx.field(static=True, default=None)
+
+    def __init__(self, *, t0=False, t1=True, every=None, steps=None, fn=None):
+        self.t0 = bool(t0)
+        self.t1 = bool(t1)
+        self.every = every
+        self.steps = None if steps is None else tuple(int(s) for s in np.ravel(steps))
+        self.fn = fn
+
+    def indices(self, n_steps: int) -> tuple[int, ...]:
+        """Sorted unique step indices that are saved."""
+        idx = set()
+        if self.t0:
+            idx.add(0)
+        if self.t1:
+            idx.add(n_steps)
+        if self.every is not None:
+            if not (isinstance(self.every, numbers.Integral) and self.every >= 1):
+                raise ValueError(
+                    f"`SaveAt(every=...)` must be a positive integer, got {self.every!r}."
+                )
+            idx.update(range(self.every, n_steps + 1, self.every))
+        if self.steps is not None:
+            bad = [s for s in self.steps if not 0 <= s <= n_steps]
+            if bad:
+                raise ValueError(
+                    f"`SaveAt(steps=...)` has indices {bad[:5]} outside [0, n_steps="
+                    f"{n_steps}]; save indices count steps from t0."
+                )
+            idx.update(self.steps)
+        return tuple(sorted(idx))
+
+
+class Trajectory(eqx.Module):
+    """The output of :func:`simulate`.
+
+    Attributes:
+        ts: save times, shape ``(n_saves,)``.
+        ys: saved states (or ``SaveAt.fn`` outputs), leading axis ``n_saves``; ``None``
+            if nothing was saved.
+        final: the state after ``n_steps`` steps.
+        result: a :class:`RESULTS` code; ``RESULTS.successful`` unless a solve failed
+            or the state went bad.
+        stats: ``n_steps``; ``first_failed_step`` (-1 if none; the step at whose end
+            the failure was detected); ``linear_iterations`` (total Krylov/Newton
+            iterations, 0 for direct solvers); ``fast_forward`` (whether exact
+            multi-step propagation was used).
+    """
+
+    ts: Any
+    ys: Any
+    final: Any
+    result: RESULTS
+    stats: dict[str, Any]
+
+
+def _check_static(model, stepper, state0, dt, n_steps, adjoint):
+    if not isinstance(model, AbstractModel):
+        raise TypeError(
+            f"`model` must be a dphys.AbstractModel (e.g. pdes.Heat), got "
+            f"{type(model).__name__}."
+        )
+    if not isinstance(stepper, AbstractStepper):
+        raise TypeError(
+            f"`stepper` must be a dphys.AbstractStepper (e.g. dphys.CrankNicolson()), "
+            f"got {type(stepper).__name__}."
+        )
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            f"`adjoint` must be dphys.Checkpointed() or dphys.Unrolled(), got "
+            f"{type(adjoint).__name__}."
+        )
+    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral):
+        raise TypeError(
+            f"`n_steps` must be a Python int (it fixes the loop length), got "
+            f"{type(n_steps).__name__} {n_steps!r}."
+        )
+    if n_steps < 0:
+        raise ValueError(f"`n_steps` must be >= 0, got {n_steps}.")
+    if not isinstance(dt, jax.core.Tracer):
+        dt_value = np.asarray(dt)
+        if dt_value.shape != () or not (np.isfinite(dt_value) and dt_value > 0):
+            raise ValueError(f"`dt` must be a positive finite scalar, got {dt!r}.")
+    model.check_state(state0)
+    stepper.check(model, state0)
+    model.check_run(state0, dt)
+
+
+def _all_finite(state):
+    leaves = jtu.tree_leaves(state)
+    ok = jnp.asarray(True)
+    for leaf in leaves:
+        ok = ok & jnp.all(jnp.isfinite(leaf))
+    return ok
+
+
+@eqx.filter_jit
+def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward):
+    indices = saveat.indices(n_steps)
+    positive = [i for i in indices if i > 0] + [n_steps]
+    seg = math.gcd(*positive) if n_steps > 0 else 1
+    n_seg = n_steps // seg if n_steps > 0 else 0
+    observe = saveat.fn if saveat.fn is not None else (lambda t, y: y)
+
+    sstate = stepper.init(model, t0, dt, state0)
+    int_dtype = jnp.asarray(0).dtype
+
+    def record(carry, step_index, res, ok, iters):
+        state, ss, result, failed_at, total_iters = carry
+        newly = (result == RESULTS.successful) & (
+            (res != RESULTS.successful) | ~ok
+        )
+        res = RESULTS.where(res == RESULTS.successful, RESULTS.nonfinite_state, res)
+        result = RESULTS.where(newly, res, result)
+        failed_at = jnp.where(newly, step_index, failed_at)
+        return result, failed_at, total_iters + iters.astype(int_dtype)
+
+    def step(carry_k):
+        carry, k = carry_k
+        state, ss, result, failed_at, total_iters = carry
+        t = t0 + k * dt
+        new, ss, res, iters = stepper.step(model, t, dt, state, ss)
+        new, valid = model.validate(new)
+        ok = _all_finite(new) & valid
+        result, failed_at, total_iters = record(carry, k + 1, res, ok, iters)
+        return ((new, ss, result, failed_at, total_iters), k + 1), None
+
+    def segment(carry_k):
+        carry, k = carry_k
+        if fast_forward:
+            state, ss, result, failed_at, total_iters = carry
+            t = t0 + k * dt
+            new = stepper.propagate(model, t, dt, state, ss, seg)
+            new, valid = model.validate(new)
+            ok = _all_finite(new) & valid
+            result, failed_at, total_iters = record(
+                carry, k + seg, RESULTS.successful, ok, jnp.asarray(0)
+            )
+            carry_k = ((new, ss, result, failed_at, total_iters), k + seg)
+        else:
+            carry_k, _ = adjoint.loop(step, carry_k, seg)
+        carry, k = carry_k
+        return carry_k, observe(t0 + k * dt, carry[0])
+
+    init = (
+        (state0, sstate, RESULTS.successful, jnp.asarray(-1), jnp.asarray(0)),
+        jnp.asarray(0),
+    )
+    if n_seg > 0:
+        (carry, _), seg_ys = adjoint.loop(segment, init, n_seg)
+    else:
+        (carry, _), seg_ys = init, None
+    final, _, result, failed_at, total_iters = carry
+
+    ys = None
+    if indices:
+        parts = []
+        if indices[0] == 0:
+            parts.append(jtu.tree_map(lambda v: v[None], observe(t0, state0)))
+        rows = np.asarray([i // seg - 1 for i in indices if i > 0], dtype=np.int32)
+        if rows.size:
+            parts.append(jtu.tree_map(lambda v: v[rows], seg_ys))
+        ys = parts[0] if len(parts) == 1 else jtu.tree_map(
+            lambda a, b: jnp.concatenate([a, b]), *parts
+        )
+    ts = t0 + jnp.asarray(indices, dtype=jnp.result_type(float)) * dt
+    stats = {
+        "n_steps": n_steps,
+        "first_failed_step": failed_at,
+        "linear_iterations": total_iters,
+        "fast_forward": fast_forward,
+    }
+    return Trajectory(ts=ts, ys=ys, final=final, result=result, stats=stats)
+
+
+def simulate(
+    model: AbstractModel,
+    stepper: AbstractStepper,
+    state0,
+    *,
+    dt,
+    n_steps: int,
+    t0=0.0,
+    saveat: SaveAt = SaveAt(),
+    adjoint: AbstractAdjoint = Checkpointed(),
+    fast_forward: bool | None = None,
+    throw: bool = True,
+) -> Trajectory:
+    r"""Integrate ``model`` from ``state0`` for ``n_steps`` steps of size ``dt``.
+
+    Advances $du/dt = L(t)u + N(t,u) + f(t)$ with ``stepper`` and returns the states
+    (or observation-hook outputs) at the times chosen by ``saveat``. Differentiable
+    with ``jax.grad``/``jax.jvp`` with respect to ``state0``, every array in
+    ``model`` (physical parameters) and ``dt``; composes with ``jax.jit`` and
+    ``jax.vmap``. Each implicit solve is differentiated by one transposed solve; the
+    time loop by ``adjoint`` (default: two-level checkpointing, memory
+    $O(\sqrt{n})$).
+
+    Args:
+        model: the PDE model (e.g. ``pdes.Heat``).
+        stepper: e.g. ``dphys.CrankNicolson()``, ``dphys.BDF2(solver=dphys.Krylov())``.
+        state0: initial state, a pytree matching the model's grid.
+        dt: time step (model time units), positive.
+        n_steps: number of steps (static Python int >= 0).
+        t0: initial time.
+        saveat: what to save (:class:`SaveAt`).
+        adjoint: :class:`Checkpointed` (default) or :class:`Unrolled`.
+        fast_forward: apply the exact multi-step propagator between saves when the
+            scheme allows it (autonomous linear model, FFT solver, no explicit part or
+            forcing): the same discrete answer to round-off, at one FFT pair per
+            saved segment instead of one per step. ``None`` (default) uses it when
+            possible; ``False`` always steps.
+        throw: raise :class:`SimulationError` if the run fails. With ``False`` the
+            failure is only recorded in ``result``/``stats`` (use inside ``vmap``).
+
+    Returns:
+        A :class:`Trajectory`.
+
+    Raises:
+        TypeError, ValueError: bad arguments (checked before tracing).
+        SimulationError: unconverged solve or non-finite/invalid state, with the step
+            index (when called outside ``jit``; inside ``jit`` the error is raised by
+            ``equinox`` at run time with the reason only).
+
+    Example:
+        >>> import dphys, pdes
+        >>> grid = dphys.Grid(64, lengths=1.0, boundary="periodic")
+        >>> model = pdes.Heat(grid, kappa=1e-2)
+        >>> x, = grid.coords
+        >>> traj = dphys.simulate(model, dphys.CrankNicolson(), jnp.sin(2 * jnp.pi * x),
+        ...                       dt=0.1, n_steps=10)
+        >>> traj.final.shape
+        (64,)
+    """
+    _check_static(model, stepper, state0, dt, n_steps, adjoint)
+    saveat.indices(n_steps)  # validates
+    can_ff = stepper.can_propagate(model, state0)
+    if fast_forward is None:
+        fast_forward = can_ff
+    elif fast_forward and not can_ff:
+        raise ValueError(
+            "`fast_forward=True` needs an autonomous linear model with no explicit part "
+            "or forcing, solved by `dphys.FFT()` with a θ-method stepper; use "
+            "`fast_forward=None` to fall back to stepping."
+        )
+    dtype = jnp.result_type(*jtu.tree_leaves(state0))
+    traj = _run(
+        model,
+        stepper,
+        state0,
+        jnp.asarray(t0, dtype=dtype),
+        jnp.asarray(dt, dtype=dtype),
+        n_steps,
+        saveat,
+        adjoint,
+        bool(fast_forward),
+    )
+    if not throw:
+        return traj
+    result = traj.result
+    if result.is_traced():
+        token = result.error_if(traj.final, result != RESULTS.successful)
+        return eqx.tree_at(lambda tr: tr.final, traj, token)
+    if result != RESULTS.successful:
+        step = int(traj.stats["first_failed_step"])
+        t_fail = float(t0 + step * np.asarray(dt))
+        raise SimulationError(
+            f"simulate failed at step {step} of {n_steps} (t = {t_fail:.6g}): "
+            f"{RESULTS[result]}"
+        )
+    return traj

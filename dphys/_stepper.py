@@ -1,0 +1,363 @@
+r"""Implicit and implicit-explicit time steppers.
+
+All steppers advance $du/dt = L(t)u + N(t,u) + f(t)$ (see :class:`AbstractModel`)
+with the stiff linear part $L$ implicit. Each one follows the ``init``/``step``
+pattern of diffrax solvers and optax transforms: ``init`` returns the stepper state
+(the factorised structure of $L$, previous values for multistep methods) and
+``step`` is a pure function of ``(model, t, dt, state, stepper_state)``; nothing
+lives on ``self``.
+
+| stepper | implicit part | explicit part | order |
+|---|---|---|---|
+| :class:`BackwardEuler` | $L$ | forward Euler | 1 |
+| :class:`CrankNicolson` | $L$ (trapezoidal) | forward Euler | 2 if $N = 0$ |
+| :class:`Theta` | $\theta$-weighted $L$ | forward Euler | 2 if $\theta=\frac12$, $N=0$ |
+| :class:`IMEX` | CN on $L$ | Adams-Bashforth 2 (CNAB2) | 2 |
+| :class:`BDF2` | BDF2 on $L$ | extrapolated (SBDF2) | 2 |
+| :class:`FullyImplicit` | $\theta$-method on all of $L+N+f$, Newton-Krylov | - | 1 or 2 |
+
+References:
+    Ascher, Ruuth & Wetton (1995), "Implicit-explicit methods for time-dependent
+    partial differential equations", SIAM J. Numer. Anal. 32(3) (CNAB2, SBDF2).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import optimistix as optx
+
+from ._linear_solve import FFT, AbstractLinearSolver, Auto, resolve_solver
+from ._model import AbstractModel
+from ._results import RESULTS
+
+
+def _axpy(a, x, y):
+    """``a*x + y`` over pytrees (``x`` may be None, meaning zero)."""
+    if x is None:
+        return y
+    return jtu.tree_map(lambda xi, yi: a * xi + yi, x, y)
+
+
+def _add(x, y):
+    if x is None:
+        return y
+    if y is None:
+        return x
+    return jtu.tree_map(jnp.add, x, y)
+
+
+def _scale(a, x):
+    return None if x is None else jtu.tree_map(lambda v: a * v, x)
+
+
+def _select(pred, a, b):
+    return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+class AbstractStepper(eqx.Module):
+    """Base class of time steppers.
+
+    Subclasses implement ``init(model, t0, dt, state0) -> stepper_state`` and
+    ``step(model, t, dt, state, stepper_state) -> (state, stepper_state, result,
+    iterations)``; ``order`` gives the formal order in time.
+    """
+
+    @abc.abstractmethod
+    def init(self, model: AbstractModel, t0, dt, state0): ...
+
+    @abc.abstractmethod
+    def step(self, model: AbstractModel, t, dt, state, stepper_state): ...
+
+    @property
+    @abc.abstractmethod
+    def order(self) -> int: ...
+
+    def check(self, model: AbstractModel, state0) -> None:
+        """Static compatibility check; raise ``ValueError`` with a fix if it fails."""
+
+    def can_propagate(self, model: AbstractModel, state0) -> bool:
+        """True if :meth:`propagate` can apply many steps at once, exactly."""
+        return False
+
+    def propagate(self, model, t, dt, state, stepper_state, n: int):
+        raise NotImplementedError
+
+
+class _AbstractLinearImplicit(AbstractStepper):
+    solver: eqx.AbstractVar[AbstractLinearSolver]
+
+    def _solver(self, model, like):
+        return resolve_solver(self.solver, model, like)
+
+    def check(self, model, state0):
+        self._solver(model, state0)
+
+    def _structure(self, model, t, like, stored):
+        if model.autonomous:
+            return stored
+        return self._solver(model, like).init(model, t, like)
+
+    def _init_structure(self, model, t0, state0):
+        if model.autonomous:
+            return self._solver(model, state0).init(model, t0, state0)
+        return None
+
+
+class _AbstractTheta(_AbstractLinearImplicit):
+    r"""θ-method on $L$, forward Euler on $N$:
+
+    $$ (I - \theta\Delta t L^{n+1})u^{n+1} = u^n + (1-\theta)\Delta t L^n u^n
+       + \Delta t\,N(t_n,u^n) + \Delta t\,[\theta f^{n+1} + (1-\theta) f^n]. $$
+    """
+
+    # Subclasses provide ``theta`` (a static field or a property).
+
+    @property
+    def order(self) -> int:
+        return 2 if self.theta == 0.5 else 1
+
+    def init(self, model, t0, dt, state0):
+        return self._init_structure(model, t0, state0)
+
+    def step(self, model, t, dt, state, stepper_state):
+        theta = self.theta
+        t1 = t + dt
+        rhs = state
+        if theta != 1.0:
+            rhs = _axpy((1.0 - theta) * dt, model.linear(t, state), rhs)
+        rhs = _axpy(dt, model.explicit(t, state), rhs)
+        f0, f1 = model.forcing(t), model.forcing(t1)
+        rhs = _axpy(theta * dt, f1, rhs)
+        if theta != 1.0:
+            rhs = _axpy((1.0 - theta) * dt, f0, rhs)
+        structure = self._structure(model, t1, state, stepper_state)
+        solver = self._solver(model, state)
+        new, result, iters = solver.solve(model, t1, theta * dt, rhs, structure)
+        return new, stepper_state, result, iters
+
+    def can_propagate(self, model, state0):
+        return (
+            isinstance(self._solver(model, state0), FFT)
+            and model.autonomous
+            and model.explicit(0.0, state0) is None
+            and model.forcing(0.0) is None
+        )
+
+    def propagate(self, model, t, dt, state, stepper_state, n: int):
+        solver = self._solver(model, state)
+        return solver.propagate(model, t, dt, self.theta, n, state, stepper_state)
+
+
+class Theta(_AbstractTheta):
+    """θ-method with a user-chosen ``theta`` in [1/2, 1] (A-stable there).
+
+    Attributes:
+        theta: implicitness; 1 is backward Euler, 1/2 Crank-Nicolson.
+        solver: linear solver for $(I-\\theta\\Delta t L)x=b$ (default :class:`Auto`).
+    """
+
+    theta: float = eqx.field(static=True)
+    solver: AbstractLinearSolver
+
+    def __init__(self, theta: float, solver: AbstractLinearSolver = Auto()):
+        self.theta = float(theta)
+        self.solver = solver
+
+    def __check_init__(self):
+        if not (0.5 <= self.theta <= 1.0):
+            raise ValueError(
+                f"`theta` must lie in [0.5, 1] for an A-stable scheme, got {self.theta}."
+            )
+
+
+class BackwardEuler(_AbstractTheta):
+    """Backward (implicit) Euler on $L$; first order, L-stable."""
+
+    solver: AbstractLinearSolver = Auto()
+
+    @property
+    def theta(self) -> float:
+        return 1.0
+
+
+class CrankNicolson(_AbstractTheta):
+    """Crank-Nicolson (trapezoidal) on $L$; second order, A-stable, not L-stable."""
+
+    solver: AbstractLinearSolver = Auto()
+
+    @property
+    def theta(self) -> float:
+        return 0.5
+
+
+class IMEX(_AbstractLinearImplicit):
+    r"""Crank-Nicolson / Adams-Bashforth 2 (CNAB2), second order:
+
+    $$ (I-\tfrac{\Delta t}{2}L)u^{n+1} = (I+\tfrac{\Delta t}{2}L)u^n
+       + \Delta t\,(\tfrac32 N^n - \tfrac12 N^{n-1}) + \tfrac{\Delta t}{2}(f^n+f^{n+1}). $$
+
+    The first step uses $N^{-1} = N^0$ (local error $O(\Delta t^2)$, global order
+    kept). The explicit part is stable only below its own CFL limit.
+    """
+
+    solver: AbstractLinearSolver = Auto()
+
+    @property
+    def order(self) -> int:
+        return 2
+
+    def init(self, model, t0, dt, state0):
+        n0 = model.explicit(t0, state0)
+        return (self._init_structure(model, t0, state0), n0)
+
+    def step(self, model, t, dt, state, stepper_state):
+        stored, n_prev = stepper_state
+        t1 = t + dt
+        rhs = _axpy(0.5 * dt, model.linear(t, state), state)
+        n_now = model.explicit(t, state)
+        if n_now is not None:
+            rhs = _axpy(1.5 * dt, n_now, rhs)
+            rhs = _axpy(-0.5 * dt, n_prev, rhs)
+        rhs = _axpy(0.5 * dt, _add(model.forcing(t), model.forcing(t1)), rhs)
+        structure = self._structure(model, t1, state, stored)
+        new, result, iters = self._solver(model, state).solve(
+            model, t1, 0.5 * dt, rhs, structure
+        )
+        return new, (stored, n_now), result, iters
+
+
+class BDF2(_AbstractLinearImplicit):
+    r"""Second-order backward differentiation (SBDF2 for the explicit part):
+
+    $$ (I-\tfrac23\Delta t L)u^{n+1} = \tfrac13(4u^n - u^{n-1})
+       + \tfrac23\Delta t\,(2N^n - N^{n-1}) + \tfrac23\Delta t f^{n+1}. $$
+
+    The first step is one backward-Euler step (local error $O(\Delta t^2)$, so the
+    global order stays 2). L-stable.
+    """
+
+    solver: AbstractLinearSolver = Auto()
+
+    @property
+    def order(self) -> int:
+        return 2
+
+    def init(self, model, t0, dt, state0):
+        n0 = model.explicit(t0, state0)
+        return (self._init_structure(model, t0, state0), state0, n0, jnp.asarray(True))
+
+    def step(self, model, t, dt, state, stepper_state):
+        stored, prev, n_prev, first = stepper_state
+        t1 = t + dt
+        bdf = jtu.tree_map(lambda u, v: (4.0 * u - v) / 3.0, state, prev)
+        rhs = _select(first, state, bdf)
+        n_now = model.explicit(t, state)
+        if n_now is not None:
+            extrap = jtu.tree_map(lambda a, b: 2.0 * a - b, n_now, n_prev)
+            n_eff = _select(first, n_now, extrap)
+            rhs = _axpy(jnp.where(first, dt, 2.0 * dt / 3.0), n_eff, rhs)
+        f1 = model.forcing(t1)
+        rhs = _axpy(jnp.where(first, dt, 2.0 * dt / 3.0), f1, rhs)
+        gamma = jnp.where(first, dt, 2.0 * dt / 3.0)
+        structure = self._structure(model, t1, state, stored)
+        new, result, iters = self._solver(model, state).solve(
+            model, t1, gamma, rhs, structure
+        )
+        return new, (stored, state, n_now, jnp.asarray(False)), result, iters
+
+
+class FullyImplicit(AbstractStepper):
+    r"""θ-method on the whole right-hand side, solved by Newton-Krylov.
+
+    $$ u^{n+1} - \theta\Delta t F(t_{n+1}, u^{n+1}) = u^n
+       + (1-\theta)\Delta t F(t_n, u^n), \qquad F = Lu + N(u) + f. $$
+
+    Newton's linear systems are solved matrix-free with GMRES (Jacobian-vector
+    products by forward-mode AD). The step is differentiated by the implicit function
+    theorem (``optimistix.ImplicitAdjoint`` with the same matrix-free GMRES, never a
+    dense Jacobian), so reverse mode costs one transposed linear solve per step.
+
+    Attributes:
+        theta: 1 (backward Euler) or 1/2 (Crank-Nicolson), or anything in between.
+        rtol, atol: Newton tolerances on the update.
+        max_steps: Newton iteration cap (failure gives ``nonlinear_solve_failed``).
+        linear_rtol, linear_max_steps: GMRES tolerances for Newton and adjoint solves.
+    """
+
+    theta: float = eqx.field(static=True, default=1.0)
+    rtol: float = eqx.field(static=True, default=1e-10)
+    atol: float = eqx.field(static=True, default=1e-12)
+    max_steps: int = eqx.field(static=True, default=30)
+    linear_rtol: float = eqx.field(static=True, default=1e-11)
+    linear_max_steps: int = eqx.field(static=True, default=500)
+
+    @property
+    def order(self) -> int:
+        return 2 if self.theta == 0.5 else 1
+
+    def _linear_solver(self):
+        return lx.GMRES(
+            rtol=self.linear_rtol,
+            atol=self.linear_rtol * 1e-2,
+            max_steps=self.linear_max_steps,
+            restart=40,
+            stagnation_iters=self.linear_max_steps,
+        )
+
+    def init(self, model, t0, dt, state0):
+        return None
+
+    def step(self, model, t, dt, state, stepper_state):
+        theta = self.theta
+        t1 = t + dt
+        rhs = state
+        if theta != 1.0:
+            rhs = _axpy((1.0 - theta) * dt, model.vector_field(t, state), rhs)
+
+        def residual(v, args):
+            m, r = args
+            return jtu.tree_map(
+                lambda vi, fi, ri: vi - theta * dt * fi - ri,
+                v,
+                m.vector_field(t1, v),
+                r,
+            )
+
+        newton = optx.Newton(
+            rtol=self.rtol, atol=self.atol, linear_solver=self._linear_solver()
+        )
+        sol = optx.root_find(
+            residual,
+            newton,
+            state,
+            args=(model, rhs),
+            max_steps=self.max_steps,
+            adjoint=optx.ImplicitAdjoint(linear_solver=self._linear_solver()),
+            throw=False,
+        )
+        result = RESULTS.where(
+            sol.result == optx.RESULTS.successful,
+            RESULTS.successful,
+            RESULTS.nonlinear_solve_failed,
+        )
+        return sol.value, stepper_state, result, jnp.asarray(sol.stats["num_steps"])
+
+
+def default_stepper() -> AbstractStepper:
+    return CrankNicolson()
+
+
+__all__ = [
+    "AbstractStepper",
+    "BackwardEuler",
+    "CrankNicolson",
+    "Theta",
+    "IMEX",
+    "BDF2",
+    "FullyImplicit",
+]

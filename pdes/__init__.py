@@ -1,0 +1,3 @@
+"""PDE models built on :mod:`dphys`: heat, advection, shallow water."""
+
+from ._heat import Heat as Heat, check_positive as check_positive
