@@ -150,7 +150,9 @@ def _check_same_structure(
 def _to_arrays(tree: PyTree) -> PyTree:
     """Python scalars and NumPy arrays to JAX arrays; `ShapeDtypeStruct`s are kept."""
     return jtu.tree_map(
-        lambda leaf: leaf if isinstance(leaf, jax.ShapeDtypeStruct) else jnp.asarray(leaf),
+        lambda leaf: (
+            leaf if isinstance(leaf, jax.ShapeDtypeStruct) else jnp.asarray(leaf)
+        ),
         tree,
     )
 
@@ -203,7 +205,9 @@ def tree_dot(a: PyTree, b: PyTree) -> Array:
     if not partials:
         return jnp.zeros((), _widest([]))
     dtype = _widest([p.dtype for p in partials])
-    return ft.reduce(lambda s, p: s + p.astype(dtype), partials[1:], partials[0])
+    return ft.reduce(
+        lambda s, p: s + p.astype(dtype), partials[1:], partials[0].astype(dtype)
+    )
 
 
 def tree_random_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
@@ -235,17 +239,22 @@ def tree_random_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
     leaves, treedef = jtu.tree_flatten(tree)
     if not leaves:
         return tree
-    keys = jr.split(key, len(leaves))
-    new = [
-        jr.normal(k, _shape(leaf), _dtype(leaf))
-        for k, leaf in zip(keys, leaves, strict=True)
-    ]
+    structs = tuple(jax.ShapeDtypeStruct(_shape(leaf), _dtype(leaf)) for leaf in leaves)
+    return _random_from_structs(key, treedef, structs)
+
+
+# Jitted (cached per structure) because drawing leaf by leaf eagerly compiles one
+# small kernel per shape, which dominates the run time of a verification.
+@ft.partial(jax.jit, static_argnums=(1, 2))
+def _random_from_structs(
+    key: PRNGKeyArray, treedef: Any, structs: tuple[jax.ShapeDtypeStruct, ...]
+) -> PyTree:
+    keys = jr.split(key, len(structs))
+    new = [jr.normal(k, s.shape, s.dtype) for k, s in zip(keys, structs, strict=True)]
     return jtu.tree_unflatten(treedef, new)
 
 
-def tree_allclose(
-    a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8
-) -> bool:
+def tree_allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
     r"""Whether two pytrees are equal up to tolerances, leaf by leaf.
 
     True if and only if `a` and `b` have the same structure, every pair of leaves has
@@ -304,14 +313,15 @@ def _rms(tree: PyTree) -> float:
     return math.sqrt(float(tree_dot(tree, tree)) / size)
 
 
+@jax.jit
 def _default_direction(key: PRNGKeyArray, x: PyTree) -> PyTree:
-    """Random direction with each leaf as large as the matching leaf of `x`.
+    r"""Random direction with each leaf as large as the matching leaf of `x`.
 
     Leaf by leaf, a standard-normal draw is rescaled so that its root-mean-square
-    equals that of the leaf of `x` (so $\\|h_\\ell\\| = \\|x_\\ell\\|$), or 1 where the
+    equals that of the leaf of `x` (so $\|h_\ell\| = \|x_\ell\|$), or 1 where the
     leaf of `x` is zero. Rescaling per leaf keeps every control variable in play even
     when their magnitudes differ by orders of magnitude (a state ~1e3 and a
-    diffusivity ~1e-3, say).
+    diffusivity ~1e-3, say). Jitted for the reason given at `_random_from_structs`.
     """
     z = tree_random_like(key, x)
 
@@ -372,10 +382,6 @@ def _step(x: PyTree, eps: float, h: PyTree) -> PyTree:
     return jtu.tree_map(lambda xl, hl: xl + jnp.asarray(eps, xl.dtype) * hl, x, h)
 
 
-def _fmt(value: float | None, spec: str = ".3e") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 # --------------------------------------------------------------------------------------
 # Taylor test
 # --------------------------------------------------------------------------------------
@@ -415,9 +421,11 @@ class TaylorResult(eqx.Module):
         dfdh: the directional derivative $\langle g, h\rangle$ being verified.
         passed: whether `rate1 >= min_rate` (and `rate2 >= min_rate + 1`).
 
-    A summary is `inf` when every remainder sits at round-off level (the expansion
-    is exact to machine precision, e.g. `remainder1` of a linear function) and `nan`
-    when too few rates are usable to say anything; `nan` never passes.
+    A summary is `inf` when the remainders after the first step sit at round-off
+    level and that round-off level is small against the previous-order remainder
+    (the expansion is exact to machine precision, e.g. `remainder1` of a linear
+    function; see `taylor_test`), and `nan` when too few rates are usable to say
+    anything; `nan` never passes.
     """
 
     eps: np.ndarray
@@ -474,17 +482,47 @@ def _successive_rates(remainder: np.ndarray, factor: float) -> np.ndarray:
 
 
 def _summary_rate(
-    remainder: np.ndarray, rates: np.ndarray, roundoff: np.ndarray
+    remainder: np.ndarray,
+    rates: np.ndarray,
+    roundoff: np.ndarray,
+    reference: np.ndarray | None,
+    resolution: float,
 ) -> float:
-    """Median of the usable rates; `inf` if all at round-off; `nan` if undecidable."""
+    """Median of the usable rates; `inf` if exact to round-off; else `nan`.
+
+    `inf` needs every remainder after the first at round-off level and, at one of
+    those steps, a round-off level below `resolution` times `reference` (the
+    previous-order remainder): only then does "at round-off" vouch for the term
+    being checked, rather than round-off hiding it (as it would with a tiny `eps0`).
+    """
     finite = np.isfinite(remainder)
     above = finite & (remainder > roundoff)
     usable = above[:-1] & above[1:]
     if usable.any():
         return float(np.median(rates[usable]))
-    if finite.all() and not above.any():
-        return math.inf
+    if finite.all() and not above[1:].any():
+        if reference is None:
+            return math.inf
+        at_roundoff = ~above
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = roundoff[at_roundoff] / reference[at_roundoff]
+        if np.min(relative, initial=math.inf) <= resolution:
+            return math.inf
     return math.nan
+
+
+def _relative_steps(
+    eps_mach: float, order: int, n_eps: int, factor: float
+) -> tuple[float, float]:
+    """Default relative first-order change (tau0, tau_end) at the largest and
+    smallest steps; see `taylor_test` for the rule."""
+    # tau = eps * ||g|| ||h|| / |f| at the smallest step is chosen so that the
+    # remainder of interest, ~ tau^(order + 1) |f| for a function whose curvature is
+    # set by f and its gradient, lands _ROUNDOFF_MARGIN times above the round-off
+    # level 1e3 * eps_mach * |f|.
+    tau_end = (_ROUNDOFF_MARGIN * _ROUNDOFF_FACTOR * eps_mach) ** (1.0 / (order + 1))
+    tau0 = min(tau_end / factor ** (n_eps - 1), _MAX_RELATIVE_STEP)
+    return tau0, tau0 * factor ** (n_eps - 1)
 
 
 def _default_eps0(
@@ -497,12 +535,7 @@ def _default_eps0(
     factor: float,
 ) -> float:
     """The default largest step; see `taylor_test` for the rule."""
-    # Relative size tau = eps * ||g|| ||h|| / |f| of the first-order term at the
-    # smallest step, chosen so that the remainder of interest, ~ tau^(order + 1) |f|
-    # for a function whose curvature is set by f and its gradient, lands
-    # _ROUNDOFF_MARGIN times above the round-off level 1e3 * eps_mach * |f|.
-    tau_end = (_ROUNDOFF_MARGIN * _ROUNDOFF_FACTOR * eps_mach) ** (1.0 / (order + 1))
-    tau0 = min(tau_end / factor ** (n_eps - 1), _MAX_RELATIVE_STEP)
+    tau0, _ = _relative_steps(eps_mach, order, n_eps, factor)
     if f0 != 0.0 and grad_times_h > 0.0 and math.isfinite(f0 / grad_times_h):
         eps_scale = abs(f0) / grad_times_h
     else:
@@ -581,9 +614,19 @@ def taylor_test(
     pre-asymptotic (too large) or touched by round-off; the median tolerates up to
     half the rates being spoiled that way, while a wrong gradient, whose error term
     dominates from the first steps on with these defaults, still pulls it to 1. All
-    raw rates are kept in the result for inspection. If every first-order remainder
-    is at round-off level (e.g. a linear $f$), the expansion is exact to machine
-    precision: the rate is `inf` and the test passes.
+    raw rates are kept in the result for inspection.
+
+    **Exact to round-off.** If the remainder is at round-off level at every step
+    after the first (a linear $f$; or $\langle h, Hh\rangle = 0$, so that the
+    remainder falls like $\epsilon^3$ into round-off), no rate can be measured, but
+    the expansion is exact to machine precision: the rate is `inf` and the test
+    passes, provided that at one of those steps the round-off level is below
+    $\tau_\mathrm{end}$ (first-order rule above; $\approx 4.7\cdot10^{-6}$ in
+    float64) times the previous-order remainder ($r^{(0)}$ for $r^{(1)}$), i.e.
+    round-off could not hide a relative error in $\langle g, h\rangle$ larger than
+    the default steps resolve anyway. Otherwise (e.g. `eps0` far too small, or
+    float32, whose round-off level is too coarse) the rate is `nan` and the test
+    fails.
 
     Nothing is raised when the check fails (non-finite values included): read
     `passed`. `f` is called `n_eps + 1` times and not jitted here; pass
@@ -665,14 +708,18 @@ def taylor_test(
 
     rates0 = _successive_rates(remainder0, factor)
     rates1 = _successive_rates(remainder1, factor)
-    rate0 = _summary_rate(remainder0, rates0, roundoff)
-    rate1 = _summary_rate(remainder1, rates1, roundoff)
+    # An all-round-off verdict must resolve the checked term at least as finely as
+    # the default steps do: to their relative first-order change at the smallest
+    # step (see _summary_rate).
+    _, resolution = _relative_steps(eps_mach, 1, n_eps, factor)
+    rate0 = _summary_rate(remainder0, rates0, roundoff, None, resolution)
+    rate1 = _summary_rate(remainder1, rates1, roundoff, remainder0, resolution)
     passed = rate1 >= min_rate
     if remainder2 is None:
         rates2, rate2, rate = None, None, rate1
     else:
         rates2 = _successive_rates(remainder2, factor)
-        rate2 = _summary_rate(remainder2, rates2, roundoff)
+        rate2 = _summary_rate(remainder2, rates2, roundoff, remainder1, resolution)
         rate = rate2
         passed = passed and rate2 >= min_rate + 1.0
     return TaylorResult(
@@ -729,9 +776,9 @@ class DotResult(eqx.Module):
 
 
 def _dot_result(lhs: float, rhs: float, rtol: float) -> DotResult:
+    # Python floats: inf and nan propagate without raising (and never pass).
     tiny = float(np.finfo(np.float64).tiny)
-    with np.errstate(invalid="ignore", over="ignore"):
-        rel_error = abs(lhs - rhs) / max(abs(lhs), abs(rhs), tiny)
+    rel_error = abs(lhs - rhs) / max(abs(lhs), abs(rhs), tiny)
     return DotResult(
         lhs=lhs,
         rhs=rhs,
@@ -814,9 +861,7 @@ def dot_test(
     _check_same_structure(y_rand, ax, "y", "forward(x)", what="must return")
     aty = adjoint(y_rand)
     _check_same_structure(x_rand, aty, "x", "adjoint(y)", what="must return")
-    return _dot_result(
-        float(tree_dot(ax, y_rand)), float(tree_dot(x_rand, aty)), rtol
-    )
+    return _dot_result(float(tree_dot(ax, y_rand)), float(tree_dot(x_rand, aty)), rtol)
 
 
 def dot_test_vjp(
@@ -984,13 +1029,13 @@ def fd_check(
     f_minus = float(f(_step(x, -eps, h)))
     ad = float(tree_dot(grad, h))
     tiny = float(np.finfo(np.float64).tiny)
-    with np.errstate(invalid="ignore", over="ignore"):
-        fd = (f_plus - f_minus) / (2.0 * eps)
-        noise = _ROUNDOFF_FACTOR * eps_mach * max(abs(f_plus), abs(f_minus)) / eps
-        error = abs(fd - ad)
-        scale = max(abs(fd), abs(ad))
-        rel_error = error / max(scale, tiny)
-        passed = error <= rtol * scale + noise
+    # Python floats: inf and nan propagate without raising (and never pass).
+    fd = (f_plus - f_minus) / (2.0 * eps)
+    noise = _ROUNDOFF_FACTOR * eps_mach * max(abs(f_plus), abs(f_minus)) / eps
+    error = abs(fd - ad)
+    scale = max(abs(fd), abs(ad))
+    rel_error = error / max(scale, tiny)
+    passed = error <= rtol * scale + noise
     return FDResult(
         fd=fd,
         ad=ad,
