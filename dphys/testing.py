@@ -78,12 +78,19 @@ __all__ = [
 # carries no information about the convergence rate.
 _ROUNDOFF_FACTOR = 1e3
 # The default steps are chosen so that the smallest remainder of interest is this
-# many times above the round-off level: small enough steps to expose a wrong
-# gradient, large enough that every rate is still measurable.
-_ROUNDOFF_MARGIN = 1e2
+# many times above the round-off level. The level is pessimistic, so rates there
+# are still accurate to about 1%, and every factor of 10 closer to it makes the test
+# sqrt(10) times more sensitive to a wrong gradient (the error term is O(eps), the
+# correct remainder O(eps^2)).
+_ROUNDOFF_MARGIN = 1e1
 # No default step moves x by more than this fraction of its own size: beyond that
 # the Taylor expansion is not asymptotic for most models.
 _MAX_RELATIVE_STEP = 0.1
+# The trial step that measures the size of the remainder moves x by this fraction.
+_TRIAL_RELATIVE_STEP = 1e-2
+# An `inf` ("exact to round-off") verdict must certify <g, h> at least this well,
+# ten times finer than the 0.1% gradient errors a verification should catch.
+_MIN_RESOLUTION = 1e-4
 
 
 # --------------------------------------------------------------------------------------
@@ -306,11 +313,28 @@ def _machine_eps(*dtypes: Any) -> float:
     return max(float(jnp.finfo(d).eps) for d in dtypes)
 
 
-def _rms(tree: PyTree) -> float:
-    size = sum(int(np.prod(_shape(leaf))) for leaf in jtu.tree_leaves(tree))
-    if size == 0:
-        return 0.0
-    return math.sqrt(float(tree_dot(tree, tree)) / size)
+def _unit_step(x: PyTree, h: PyTree) -> float:
+    r"""The step $\epsilon$ at which $\epsilon h$ first grows as large as $x$.
+
+    $\min_\ell \mathrm{rms}(x_\ell) / \mathrm{rms}(h_\ell)$ over the leaves where $h$
+    is nonzero, with $\mathrm{rms}(x_\ell)$ replaced by 1 where $x_\ell = 0$. Taken
+    leaf by leaf, so that a direction concentrated on a small parameter (a
+    diffusivity of 1e-3, say) moves that parameter by a fraction of itself.
+    """
+    steps = []
+    for x_leaf, h_leaf in zip(jtu.tree_leaves(x), jtu.tree_leaves(h), strict=True):
+        if np.size(h_leaf) == 0:
+            continue
+        rms_h = float(np.sqrt(np.mean(np.square(np.asarray(h_leaf, np.float64)))))
+        if not math.isfinite(rms_h):
+            raise ValueError("`direction` must be finite.")
+        if rms_h == 0.0:
+            continue
+        rms_x = float(np.sqrt(np.mean(np.square(np.asarray(x_leaf, np.float64)))))
+        steps.append((rms_x if rms_x > 0.0 else 1.0) / rms_h)
+    if not steps:
+        raise ValueError("`direction` must be nonzero.")
+    return min(steps)
 
 
 @jax.jit
@@ -368,13 +392,7 @@ def _prepare(
         _check_floating(direction, "direction")
         h = jtu.tree_map(lambda d, xl: d.astype(xl.dtype), direction, x)
     eps_mach = _machine_eps(_dtype(f0), *(leaf.dtype for leaf in jtu.tree_leaves(x)))
-    rms_h = _rms(h)
-    if not rms_h > 0:
-        raise ValueError("`direction` must be nonzero (and finite).")
-    rms_x = _rms(x)
-    # The step at which eps * h is as large as x itself (or has unit entries, x = 0).
-    unit_step = (rms_x if rms_x > 0 else 1.0) / rms_h
-    return x, float(f0), grad, h, eps_mach, unit_step
+    return x, float(f0), grad, h, eps_mach, _unit_step(x, h)
 
 
 def _step(x: PyTree, eps: float, h: PyTree) -> PyTree:
@@ -511,37 +529,46 @@ def _summary_rate(
     return math.nan
 
 
-def _relative_steps(
-    eps_mach: float, order: int, n_eps: int, factor: float
-) -> tuple[float, float]:
-    """Default relative first-order change (tau0, tau_end) at the largest and
-    smallest steps; see `taylor_test` for the rule."""
-    # tau = eps * ||g|| ||h|| / |f| at the smallest step is chosen so that the
-    # remainder of interest, ~ tau^(order + 1) |f| for a function whose curvature is
-    # set by f and its gradient, lands _ROUNDOFF_MARGIN times above the round-off
-    # level 1e3 * eps_mach * |f|.
-    tau_end = (_ROUNDOFF_MARGIN * _ROUNDOFF_FACTOR * eps_mach) ** (1.0 / (order + 1))
-    tau0 = min(tau_end / factor ** (n_eps - 1), _MAX_RELATIVE_STEP)
-    return tau0, tau0 * factor ** (n_eps - 1)
+def _resolution(eps_mach: float) -> float:
+    """Relative accuracy of <g, h> that an all-round-off verdict must certify."""
+    # sqrt(margin * round-off level): what a first-order check can resolve at best,
+    # as for a one-sided finite difference (about 1.5e-6 in float64). Never looser
+    # than _MIN_RESOLUTION: float32 (0.035) could not certify a 1% error.
+    return min(
+        math.sqrt(_ROUNDOFF_MARGIN * _ROUNDOFF_FACTOR * eps_mach), _MIN_RESOLUTION
+    )
 
 
 def _default_eps0(
+    f: Callable[[PyTree], Any],
+    x: PyTree,
+    h: PyTree,
     f0: float,
-    grad_times_h: float,
+    dfdh: float,
+    hhh: float | None,
     unit_step: float,
     eps_mach: float,
-    order: int,
     n_eps: int,
     factor: float,
 ) -> float:
-    """The default largest step; see `taylor_test` for the rule."""
-    tau0, _ = _relative_steps(eps_mach, order, n_eps, factor)
-    if f0 != 0.0 and grad_times_h > 0.0 and math.isfinite(f0 / grad_times_h):
-        eps_scale = abs(f0) / grad_times_h
+    """The default largest step, from one trial evaluation; see `taylor_test`."""
+    eps_trial = _TRIAL_RELATIVE_STEP * unit_step
+    f_trial = float(f(_step(x, eps_trial, h)))
+    remainder = f_trial - f0 - eps_trial * dfdh
+    order = 1
+    if hhh is not None:
+        remainder -= 0.5 * eps_trial**2 * hhh
+        order = 2
+    remainder = abs(remainder)
+    target = _ROUNDOFF_MARGIN * _ROUNDOFF_FACTOR * eps_mach * abs(f0)
+    if 0.0 < target < remainder < math.inf:
+        eps_end = eps_trial * (target / remainder) ** (1.0 / (order + 1))
+        eps0 = eps_end / factor ** (n_eps - 1)
     else:
-        # f(x) = 0 or g = 0 (a stationary point): no scale from f; use x's own size.
-        eps_scale = unit_step
-    return min(tau0 * eps_scale, _MAX_RELATIVE_STEP * unit_step)
+        # f(x) = 0 (no round-off scale), a remainder already at round-off level at
+        # the trial step (e.g. a linear f), or a non-finite value: keep the trial.
+        eps0 = eps_trial
+    return min(eps0, _MAX_RELATIVE_STEP * unit_step)
 
 
 def taylor_test(
@@ -581,30 +608,36 @@ def taylor_test(
     leaf by leaf to the root-mean-square size of the matching leaf of $x$ (so
     $\|h_\ell\| = \|x_\ell\|$), or to unit entries where that leaf is zero.
 
-    **Steps.** Unless `eps0` is given, the steps are chosen so that the first-order
-    term is a small, precision-dependent fraction $\tau$ of $|f|$. With
-    $\varepsilon_\mathrm{mach}$ the machine epsilon of the least precise of $x$ and
-    $f(x)$ and $p = 1$ (or $p = 2$ with `hvp`), the smallest step has relative size
-    $\tau_\mathrm{end} = (10^5\varepsilon_\mathrm{mach})^{1/(p+1)}$, so that
-    the remainder checked, about $\tau^{p+1}|f|$ for a function whose curvature is
-    on the scale set by $f$ and $g$, ends 100 times above the round-off level
-    $10^3\varepsilon_\mathrm{mach}|f|$. Then $\tau_0 = \min(\tau_\mathrm{end} /
-    \mathrm{factor}^{n_\mathrm{eps}-1}, 0.1)$ and
+    **Steps.** A wrong gradient shows only at steps small enough for its
+    $O(\epsilon)$ error term to outgrow the $O(\epsilon^2)$ remainder of a correct
+    one, while too small steps drown the remainder in round-off. Unless `eps0` is
+    given, the smallest step is therefore put where the checked remainder of a
+    correct derivative is 10 times the round-off level
+    $R = 10^3\varepsilon_\mathrm{mach}|f(x)|$ ($\varepsilon_\mathrm{mach}$ of the
+    least precise of $x$ and $f(x)$). The remainder is measured once, at the trial
+    step $\epsilon_t = 0.01\,\min_\ell \mathrm{rms}(x_\ell)/\mathrm{rms}(h_\ell)$
+    (minimum over the leaves $\ell$ where $h \ne 0$; $\mathrm{rms}(x_\ell)$ is
+    replaced by 1 where $x_\ell = 0$), which moves no leaf of $x$ by more than 1%
+    of its size ($\epsilon_t = 0.01$ for the default direction), and scaled with
+    its order $p + 1$ ($p = 1$, or $p = 2$ with `hvp`):
 
     $$
-    \epsilon_0 = \min\Big(\tau_0 \frac{|f(x)|}{\|g\|\,\|h\|},\;
-    0.1\,\frac{\mathrm{rms}(x)}{\mathrm{rms}(h)}\Big),
+    \epsilon_\mathrm{end} = \epsilon_t \Big(\frac{10 R}{r^{(p)}(\epsilon_t)}
+    \Big)^{1/(p+1)}, \qquad
+    \epsilon_0 = \min\Big(\frac{\epsilon_\mathrm{end}}
+    {\mathrm{factor}^{n_\mathrm{eps}-1}},\; 10\,\epsilon_t\Big),
     $$
 
-    where the second term stops a step from moving $x$ by more than 10% of its
-    size, and $|f(x)|/(\|g\|\|h\|)$ is replaced by $\mathrm{rms}(x)/\mathrm{rms}(h)$
-    when $f(x) = 0$ or $g = 0$. In float64 with the defaults, $\tau_0 \approx
-    1.5\cdot10^{-4}$ ($9\cdot10^{-3}$ with `hvp`): small enough that a gradient with
-    a relative error of $10^{-3}$ shows rate 1. The $\|g\|\|h\|$ bound (rather than
-    $|\langle g, h\rangle|$, which can be tiny in high dimensions) keeps the rule
-    scale-invariant: for a quadratic cost near its minimum the steps shrink with
-    the distance to the minimum. Pass `eps0` when $|f(x)|$ is a poor scale (e.g.
-    $f$ is a large constant plus a small variation, or crosses zero near $x$).
+    the cap keeping every step within 10% of each leaf's size. If $f(x) = 0$ or the
+    trial remainder is already below $10R$ (e.g. a linear $f$), $\epsilon_0 =
+    \epsilon_t$. This costs one extra evaluation of $f$. If the gradient is wrong,
+    the trial remainder holds its $O(\epsilon)$ error, which the scaled steps keep
+    above round-off. A rule on $f$ alone (say, make $\epsilon|\langle g, h\rangle|$
+    a fixed fraction of $|f|$) is not used: it silently assumes a curvature on the
+    scale set by $f$ and $g$, and for a cost whose gradient is dominated by one
+    small parameter (a diffusivity of $10^{-3}$, say) it put every remainder into
+    round-off. Pass `eps0` when $|f(x)|$ is a poor round-off scale ($f$ crosses
+    zero near $x$, or $x$ sits extremely close to a minimum).
 
     **Round-off and the summary rate.** A remainder at or below
     $10^3\varepsilon_\mathrm{mach}\max(|f(x)|, |f(x+\epsilon_i h)|)$ is round-off
@@ -621,15 +654,17 @@ def taylor_test(
     remainder falls like $\epsilon^3$ into round-off), no rate can be measured, but
     the expansion is exact to machine precision: the rate is `inf` and the test
     passes, provided that at one of those steps the round-off level is below
-    $\tau_\mathrm{end}$ (first-order rule above; $\approx 4.7\cdot10^{-6}$ in
-    float64) times the previous-order remainder ($r^{(0)}$ for $r^{(1)}$), i.e.
-    round-off could not hide a relative error in $\langle g, h\rangle$ larger than
-    the default steps resolve anyway. Otherwise (e.g. `eps0` far too small, or
-    float32, whose round-off level is too coarse) the rate is `nan` and the test
-    fails.
+    $\min(\sqrt{10^4\varepsilon_\mathrm{mach}}, 10^{-4})$ times the previous-order
+    remainder ($r^{(0)}$ for $r^{(1)}$), so that round-off cannot hide a larger
+    relative error in $\langle g, h\rangle$. The square root of $10R/|f|$ is the
+    best a first-order check resolves ($1.5\cdot10^{-6}$ in float64); the cap
+    $10^{-4}$ binds only in float32, whose round-off is too coarse to certify a
+    gradient. Otherwise (e.g. `eps0` far too small, or float32) the rate is `nan`
+    and the test fails.
 
     Nothing is raised when the check fails (non-finite values included): read
-    `passed`. `f` is called `n_eps + 1` times and not jitted here; pass
+    `passed`. `f` is called `n_eps + 2` times (`n_eps + 1` with `eps0`) and is
+    not jitted here; pass
     `jax.jit(f)` if it is expensive to trace.
 
     Args:
@@ -690,11 +725,7 @@ def taylor_test(
     dfdh = float(tree_dot(grad, h))
     hhh = None if hvp is None else float(tree_dot(h, hvp(h)))
     if eps0 is None:
-        grad_times_h = math.sqrt(float(tree_dot(grad, grad)) * float(tree_dot(h, h)))
-        order = 1 if hvp is None else 2
-        eps0 = _default_eps0(
-            f0, grad_times_h, unit_step, eps_mach, order, n_eps, factor
-        )
+        eps0 = _default_eps0(f, x, h, f0, dfdh, hhh, unit_step, eps_mach, n_eps, factor)
 
     eps = float(eps0) * factor ** np.arange(n_eps, dtype=np.float64)
     f_eps = np.array([float(f(_step(x, float(e), h))) for e in eps])
@@ -708,10 +739,7 @@ def taylor_test(
 
     rates0 = _successive_rates(remainder0, factor)
     rates1 = _successive_rates(remainder1, factor)
-    # An all-round-off verdict must resolve the checked term at least as finely as
-    # the default steps do: to their relative first-order change at the smallest
-    # step (see _summary_rate).
-    _, resolution = _relative_steps(eps_mach, 1, n_eps, factor)
+    resolution = _resolution(eps_mach)
     rate0 = _summary_rate(remainder0, rates0, roundoff, None, resolution)
     rate1 = _summary_rate(remainder1, rates1, roundoff, remainder0, resolution)
     passed = rate1 >= min_rate
@@ -978,9 +1006,10 @@ def fd_check(
     The familiar $\sqrt{\varepsilon_\mathrm{mach}}$ is optimal only for one-sided
     differences, whose truncation error is $O(\epsilon)$; used here it would leave
     a round-off error of $\sqrt{\varepsilon_\mathrm{mach}}\approx10^{-8}$. So by
-    default $\epsilon = \varepsilon_\mathrm{mach}^{1/3}\,\mathrm{rms}(x) /
-    \mathrm{rms}(h)$ (with $\mathrm{rms}(x)$ replaced by 1 when $x = 0$): a
-    relative perturbation of $x$ of $\varepsilon_\mathrm{mach}^{1/3}$.
+    default $\epsilon = \varepsilon_\mathrm{mach}^{1/3}\,\min_\ell
+    \mathrm{rms}(x_\ell) / \mathrm{rms}(h_\ell)$ over the leaves where $h \ne 0$
+    (with $\mathrm{rms}(x_\ell)$ replaced by 1 where $x_\ell = 0$): no leaf of $x$ is
+    perturbed by more than $\varepsilon_\mathrm{mach}^{1/3}$ relative to its size.
 
     **Tolerance.** Default `rtol` $= 10\sqrt{\varepsilon_\mathrm{mach}}$
     ($1.5\cdot10^{-7}$ in float64, $3.5\cdot10^{-3}$ in float32), well above the
