@@ -1,3 +1,4 @@
 """PDE models built on :mod:`dphys`: heat, advection, shallow water."""
 
+from ._advection import Advection as Advection
 from ._heat import Heat as Heat, check_positive as check_positive
