@@ -10,13 +10,16 @@ logger ``assimilation._data``) with a count:
 |---|---|---|
 | missing variable / coordinate / dimension | :class:`MissingVariableError` | - |
 | grid coordinates differ from the model grid | :class:`GridMismatchError` | - |
-| ``units`` differ from the model's | converted if known (K/degC, m/km/cm/mm, s/min/h/day), else :class:`UnitsError` | - |
+| ``units`` differ from the model's | converted if known, else :class:`UnitsError` | - |
 | no ``units`` attribute | assumed to be the model's (logged) | - |
 | times not strictly increasing | :class:`TimeAxisError` | - |
 | times outside the assimilation window | :class:`TimeAxisError` | ``outside="drop"`` |
 | sensor outside a non-periodic axis | :class:`DomainError` | - |
 | sensor outside a periodic axis | wrapped into the domain (logged) | - |
 | NaN values | kept: NaN means missing and is masked in the cost | - |
+
+Known unit conversions: K and degC; m, km, cm, mm; s, min, h, day (with the usual
+spellings, e.g. ``"hours"``, ``"celsius"``). Anything else must match exactly.
 
 Observation files hold one sensor (station) dimension:
 
@@ -110,8 +113,15 @@ _ALIASES: dict[str, str] = {
     **{
         a: "degC"
         for a in (
-            "degc", "deg_c", "celsius", "°c", "c", "degree_celsius",
-            "degrees_celsius", "degree_c", "degrees_c",
+            "degc",
+            "deg_c",
+            "celsius",
+            "°c",
+            "c",
+            "degree_celsius",
+            "degrees_celsius",
+            "degree_c",
+            "degrees_c",
         )
     },
     **{a: "m" for a in ("m", "meter", "meters", "metre", "metres")},
@@ -156,8 +166,14 @@ def unit_conversion(from_units: str, to_units: str, *, variable: str = "data"):
     )
 
 
-def convert_units(values, from_units: str | None, to_units: str | None, *,
-                  variable: str = "data", difference: bool = False):
+def convert_units(
+    values,
+    from_units: str | None,
+    to_units: str | None,
+    *,
+    variable: str = "data",
+    difference: bool = False,
+):
     """Convert ``values`` between units (see :func:`unit_conversion`).
 
     ``difference=True`` converts a difference or a standard deviation (scale only,
@@ -180,7 +196,8 @@ def _checked_units(da: xr.DataArray, name: str, model_units: str | None) -> str 
         if model_units is not None:
             logger.warning(
                 "`%s` has no `units` attribute; assuming the model's units %r",
-                name, model_units,
+                name,
+                model_units,
             )
         return model_units
     return str(got)
@@ -191,7 +208,7 @@ _SINCE = re.compile(r"^\s*(\w+)\s+since\s+(.+?)\s*$")
 
 
 def _reference_date(reference, calendar: str):
-    """``reference`` (ISO string, datetime or cftime) as a cftime date in ``calendar``."""
+    """``reference`` (ISO string, datetime or cftime) as a date in ``calendar``."""
     if isinstance(reference, cftime.datetime):
         text = reference.isoformat()
     elif isinstance(reference, (_dt.datetime, _dt.date)):
@@ -244,7 +261,9 @@ def model_times(
     """
     values = time.values
     units = time.attrs.get("units", time.encoding.get("units"))
-    calendar = str(time.attrs.get("calendar", time.encoding.get("calendar", "standard")))
+    calendar = str(
+        time.attrs.get("calendar", time.encoding.get("calendar", "standard"))
+    )
 
     def model_seconds():
         unit = _canonical(time_units or "1")
@@ -278,7 +297,9 @@ def model_times(
             )
         cal = values.flat[0].calendar
         ref = _reference_date(reference, cal)
-        seconds = cftime.date2num(values, f"seconds since {ref.isoformat()}", calendar=cal)
+        seconds = cftime.date2num(
+            values, f"seconds since {ref.isoformat()}", calendar=cal
+        )
         out = np.asarray(seconds, dtype=np.float64) / model_seconds()
     elif units is not None and _SINCE.match(str(units)):
         unit_word, since = _SINCE.match(str(units)).groups()
@@ -295,7 +316,9 @@ def model_times(
         try:
             ref_num = cftime.date2num(ref, str(units), calendar=calendar)
         except ValueError as err:
-            raise TimeAxisError(f"`{name}`: cannot decode units {units!r}: {err}") from err
+            raise TimeAxisError(
+                f"`{name}`: cannot decode units {units!r}: {err}"
+            ) from err
         out = (np.asarray(values, dtype=np.float64) - float(ref_num)) * (
             unit_seconds / model_seconds()
         )
@@ -303,7 +326,8 @@ def model_times(
         if units is None:
             logger.warning(
                 "`%s` has no `units` attribute; taking it as model time (%s)",
-                name, time_units or "dimensionless",
+                name,
+                time_units or "dimensionless",
             )
         numbers = np.asarray(values, dtype=np.float64)
         out = convert_units(numbers, units, time_units, variable=name, difference=True)
@@ -347,7 +371,9 @@ def _apply_window(t: np.ndarray, window, outside: str, name: str) -> np.ndarray:
         return keep
     t0, t1 = (float(w) for w in window)
     if not t1 >= t0:
-        raise ValueError(f"`window` must be (start, end) with end >= start, got {window}.")
+        raise ValueError(
+            f"`window` must be (start, end) with end >= start, got {window}."
+        )
     # Relative slack: times computed from dates carry round-off of a few ulps.
     tol = 1e-9 * max(abs(t0), abs(t1), t1 - t0, 1.0)
     keep = (t >= t0 - tol) & (t <= t1 + tol)
@@ -363,7 +389,11 @@ def _apply_window(t: np.ndarray, window, outside: str, name: str) -> np.ndarray:
     if n_out:
         logger.warning(
             "dropped %d of %d times of `%s` outside the window [%g, %g]",
-            n_out, t.size, name, t0, t1,
+            n_out,
+            t.size,
+            name,
+            t0,
+            t1,
         )
     return keep
 
@@ -462,8 +492,9 @@ def read_observations(
             f"'{STATION_DIM}'}})`."
         )
     da = da.transpose(TIME_DIM, STATION_DIM)
-    t = model_times(_time_coord(ds, da, variable), time_units=time_units,
-                    reference=reference)
+    t = model_times(
+        _time_coord(ds, da, variable), time_units=time_units, reference=reference
+    )
     _check_time_axis(t, TIME_DIM)
     keep = _apply_window(t, window, outside, variable)
 
@@ -497,8 +528,9 @@ def read_observations(
                 f"{p.dims}."
             )
         pu = _checked_units(p, pname, length_units)
-        pos = convert_units(np.asarray(p.values, dtype=np.float64), pu, length_units,
-                            variable=pname)
+        pos = convert_units(
+            np.asarray(p.values, dtype=np.float64), pu, length_units, variable=pname
+        )
         cols.append(_check_positions(pos, grid, axis, pname, ds))
     positions = np.stack(cols, axis=-1)
 
@@ -506,7 +538,9 @@ def read_observations(
 
     n_missing = int(np.isnan(values[keep]).sum())
     if n_missing:
-        logger.info("`%s`: %d missing (NaN) values kept as missing", variable, n_missing)
+        logger.info(
+            "`%s`: %d missing (NaN) values kept as missing", variable, n_missing
+        )
     if not np.any(keep):
         raise TimeAxisError(
             f"observations `{variable}`: no time is left inside the window {window}."
@@ -530,11 +564,16 @@ def _check_positions(pos, grid, axis, name, ds):
     hi = lo + grid.lengths[axis]
     if grid.boundary[axis] == "periodic":
         wrapped = lo + np.mod(pos - lo, grid.lengths[axis])
-        n = int(np.sum(~np.isclose(wrapped, pos, rtol=0, atol=1e-12 * grid.lengths[axis])))
+        n = int(
+            np.sum(~np.isclose(wrapped, pos, rtol=0, atol=1e-12 * grid.lengths[axis]))
+        )
         if n:
             logger.warning(
                 "wrapped %d sensor position(s) `%s` into the periodic domain [%g, %g)",
-                n, name, lo, hi,
+                n,
+                name,
+                lo,
+                hi,
             )
         return wrapped
     tol = 1e-12 * grid.lengths[axis]
@@ -568,7 +607,8 @@ def _read_sigma(ds, da, variable, sigma, n_sensors, data_units, units):
         else:
             raise MissingVariableError(
                 f"observations `{variable}` have no error standard deviation: add a "
-                f"`{SIGMA_NAME}({STATION_DIM})` variable or a `{SIGMA_NAME}` attribute, "
+                f"`{SIGMA_NAME}({STATION_DIM})` variable or a `{SIGMA_NAME}` "
+                "attribute, "
                 "or pass `sigma=` (config key `observations.sigma`)."
             )
         sig = convert_units(sig, s_units, units, variable=SIGMA_NAME, difference=True)
@@ -623,9 +663,14 @@ def read_field(
     if extra or missing:
         raise MissingVariableError(
             f"field `{variable}` must have dims {(TIME_DIM, *sdims)} or {sdims}, got "
-            f"{da.dims}" + (f" (missing {missing})" if missing else "")
-            + (f" (unexpected {extra}; select one value, e.g. `.isel({extra[0]}=0)`)"
-               if extra else "") + "."
+            f"{da.dims}"
+            + (f" (missing {missing})" if missing else "")
+            + (
+                f" (unexpected {extra}; select one value, e.g. `.isel({extra[0]}=0)`)"
+                if extra
+                else ""
+            )
+            + "."
         )
     has_time = TIME_DIM in da.dims
     da = da.transpose(*((TIME_DIM,) if has_time else ()), *sdims)
@@ -636,10 +681,12 @@ def read_field(
         if dim in da.coords:
             c = da[dim]
             cu = _checked_units(c, dim, length_units)
-            coords[dim] = convert_units(np.asarray(c.values, dtype=np.float64), cu,
-                                        length_units, variable=dim)
+            coords[dim] = convert_units(
+                np.asarray(c.values, dtype=np.float64), cu, length_units, variable=dim
+            )
     probe = xr.DataArray(
-        np.zeros([da.sizes[d] for d in sdims], dtype=np.int8), dims=sdims,
+        np.zeros([da.sizes[d] for d in sdims], dtype=np.int8),
+        dims=sdims,
         coords={d: (d, v) for d, v in coords.items()},
     )
     check_grid_coords(probe, grid, what=f"field `{variable}`")
@@ -648,8 +695,9 @@ def read_field(
     values = convert_units(np.asarray(da.values), data_units, units, variable=variable)
     times = None
     if has_time:
-        times = model_times(_time_coord(ds, da, variable), time_units=time_units,
-                            reference=reference)
+        times = model_times(
+            _time_coord(ds, da, variable), time_units=time_units, reference=reference
+        )
         _check_time_axis(times, TIME_DIM)
         keep = _apply_window(times, window, outside, variable)
         times, values = times[keep], values[keep]
@@ -679,9 +727,11 @@ def observations_to_dataset(
     t = np.asarray(obs.times, dtype=np.float64)
     time_attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
     if reference is not None:
-        if time_units is None or _canonical(time_units) not in _UNITS or _UNITS[
-            _canonical(time_units)
-        ][0] != "time":
+        if (
+            time_units is None
+            or _canonical(time_units) not in _UNITS
+            or _UNITS[_canonical(time_units)][0] != "time"
+        ):
             raise UnitsError(
                 f"`time_units` must be a time unit to write dates, got {time_units!r}."
             )
@@ -689,8 +739,9 @@ def observations_to_dataset(
             _canonical(time_units)
         ]
         ref = _reference_date(reference, calendar)
-        time_attrs.update(units=f"{word} since {ref.isoformat().replace('T', ' ')}",
-                          calendar=calendar)
+        time_attrs.update(
+            units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
+        )
     else:
         time_attrs.update(units=time_units or "1", long_name="model time")
     value_attrs = {"long_name": f"observed {variable}"}
@@ -701,22 +752,335 @@ def observations_to_dataset(
     pos_attrs = {"units": length_units or "1"}
     coords = {
         TIME_DIM: xr.DataArray(t, dims=(TIME_DIM,), attrs=time_attrs),
-        STATION_DIM: xr.DataArray(np.arange(pos.shape[0]), dims=(STATION_DIM,),
-                                  attrs={"long_name": "sensor index"}),
+        STATION_DIM: xr.DataArray(
+            np.arange(pos.shape[0]),
+            dims=(STATION_DIM,),
+            attrs={"long_name": "sensor index"},
+        ),
     }
     for axis, name in enumerate(spatial_dims(ndim)):
         coords[name] = xr.DataArray(
-            pos[:, axis], dims=(STATION_DIM,),
+            pos[:, axis],
+            dims=(STATION_DIM,),
             attrs={**pos_attrs, "long_name": f"sensor {name} position"},
         )
     data = {
-        variable: xr.DataArray(np.asarray(obs.values), dims=(TIME_DIM, STATION_DIM),
-                               attrs=value_attrs),
+        variable: xr.DataArray(
+            np.asarray(obs.values), dims=(TIME_DIM, STATION_DIM), attrs=value_attrs
+        ),
         SIGMA_NAME: xr.DataArray(
-            np.asarray(obs.sigma), dims=(STATION_DIM,),
-            attrs={"long_name": "observation error standard deviation",
-                   **({"units": units} if units is not None else {})},
+            np.asarray(obs.sigma),
+            dims=(STATION_DIM,),
+            attrs={
+                "long_name": "observation error standard deviation",
+                **({"units": units} if units is not None else {}),
+            },
         ),
     }
-    return xr.Dataset(data, coords=coords,
-                      attrs={"Conventions": "CF-1.8", **(attrs or {})})
+    return xr.Dataset(
+        data, coords=coords, attrs={"Conventions": "CF-1.8", **(attrs or {})}
+    )
+
+
+# -- analysis output -------------------------------------------------------------------
+ITERATION_DIM = "iteration"
+PARAMETER_DIM = "parameter"
+
+
+def _state_vars(prefix, state, grid, units, long_name):
+    """One variable per state field: ``prefix`` (single array) or ``prefix_<field>``."""
+    from dphys.io import to_dataset
+
+    ds = to_dataset(state, grid, name=prefix, units=units)
+    out = {}
+    for name in ds.data_vars:
+        new = name if name == prefix else f"{prefix}_{name}"
+        da = ds[name].drop_vars(list(ds[name].coords))
+        da.attrs["long_name"] = long_name + ("" if name == prefix else f" ({name})")
+        out[new] = da
+    return out
+
+
+def _time_coordinate(times, time_units, reference, calendar):
+    attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
+    unit = _canonical(time_units) if time_units else None
+    if reference is not None and unit in ("s", "min", "h", "d"):
+        word = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days"}[unit]
+        ref = _reference_date(reference, calendar)
+        attrs.update(
+            units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
+        )
+    else:
+        attrs.update(units=time_units or "1", long_name="model time")
+    return xr.DataArray(
+        np.asarray(times, dtype=np.float64), dims=(TIME_DIM,), attrs=attrs
+    )
+
+
+def analysis_to_dataset(
+    analysis,
+    grid: dphys.Grid,
+    obs: Observations,
+    *,
+    units: str | None = None,
+    length_units: str | None = None,
+    time_units: str | None = None,
+    reference=None,
+    calendar: str = "standard",
+    truth: Mapping[str, Any] | None = None,
+    scores: Mapping[str, Any] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    parameter_units: Mapping[str, str] | None = None,
+) -> xr.Dataset:
+    r"""An :class:`assimilation.Analysis` as a CF-1.8 dataset.
+
+    Variables (single-field states; a multi-field state gets one variable per field,
+    ``analysis_eta``, ``analysis_u``, ...):
+
+    * ``analysis``, ``background``, ``increment`` ($x_a - x_b$) at the window start;
+      ``analysis_std`` (posterior std, when available); ``analysis_final``,
+      ``background_final`` (forecasts at the window end); ``truth``,
+      ``truth_final`` for twin experiments;
+    * per calibrated parameter ``p``: ``p`` (analysis), ``p_background``,
+      ``p_increment``, ``p_std`` and ``p_std_unconstrained`` (Laplace posterior),
+      ``p_truth`` (twin), ``p_history(iteration, ...)``;
+      ``parameter_correlation(parameter, parameter2)`` between all scalar entries;
+    * convergence ``cost``, ``background_cost``, ``obs_cost``, ``grad_norm``,
+      ``step_norm``, ``inner_iterations``, ``elapsed`` on ``iteration``;
+    * the observations ``obs(time, station)``, ``sigma(station)``, sensor positions
+      ``station_x`` (``station_y``), and the residuals ``obs_minus_background`` and
+      ``obs_minus_analysis`` (NaN where missing).
+
+    Global attributes: the grid (as :func:`dphys.io.grid_attrs`), the method,
+    termination reason and message, costs, twin scores, and whatever ``attrs``
+    holds (the CLI adds ``history``, ``source`` and the full configuration).
+    """
+    from dphys.io import grid_attrs, grid_coords
+
+    data: dict[str, xr.DataArray] = {}
+    data.update(
+        _state_vars(
+            "analysis", analysis.initial_state, grid, units, "analysis initial state"
+        )
+    )
+    data.update(
+        _state_vars(
+            "background",
+            analysis.background_state,
+            grid,
+            units,
+            "background initial state",
+        )
+    )
+    if "initial_state" in analysis.increments:
+        data.update(
+            _state_vars(
+                "increment",
+                analysis.increments["initial_state"],
+                grid,
+                units,
+                "analysis increment of the initial state",
+            )
+        )
+    if analysis.initial_state_std is not None:
+        data.update(
+            _state_vars(
+                "analysis_std",
+                analysis.initial_state_std,
+                grid,
+                units,
+                "posterior standard deviation of the initial state",
+            )
+        )
+    data.update(
+        _state_vars(
+            "analysis_final",
+            analysis.final_state,
+            grid,
+            units,
+            "forecast from the analysis at the window end",
+        )
+    )
+    data.update(
+        _state_vars(
+            "background_final",
+            analysis.background_final_state,
+            grid,
+            units,
+            "forecast from the background at the window end",
+        )
+    )
+    if truth is not None:
+        data.update(
+            _state_vars("truth", truth["state0"], grid, units, "true initial state")
+        )
+        data.update(
+            _state_vars(
+                "truth_final",
+                truth["final"],
+                grid,
+                units,
+                "true state at the window end",
+            )
+        )
+
+    sdims = spatial_dims(grid.ndim)
+
+    def param_dims(value, lead=()):
+        shape = np.shape(value)[len(lead) :]
+        if shape == ():
+            return lead
+        if shape == grid.shape:
+            return (*lead, *sdims)
+        raise ValueError(f"parameter of shape {shape} is neither scalar nor a field")
+
+    for name, value in analysis.parameters.items():
+        value = np.asarray(value)
+        pu = (parameter_units or {}).get(name)
+        pu = {"units": pu} if pu else {}
+        data[name] = xr.DataArray(
+            value,
+            dims=param_dims(value),
+            attrs={"long_name": f"analysis of parameter {name}", **pu},
+        )
+        bg = np.asarray(analysis.background_parameters[name])
+        data[f"{name}_background"] = xr.DataArray(
+            bg, dims=param_dims(bg), attrs={"long_name": f"background {name}", **pu}
+        )
+        inc = np.asarray(analysis.increments.get(name, value - bg))
+        data[f"{name}_increment"] = xr.DataArray(
+            inc,
+            dims=param_dims(inc),
+            attrs={"long_name": f"analysis increment of {name}", **pu},
+        )
+        if analysis.parameter_std is not None:
+            s = np.asarray(analysis.parameter_std[name])
+            data[f"{name}_std"] = xr.DataArray(
+                s,
+                dims=param_dims(s),
+                attrs={
+                    "long_name": f"posterior standard deviation of {name} (Laplace, "
+                    "delta method)",
+                    **pu,
+                },
+            )
+            su = np.asarray(analysis.parameter_std_unconstrained[name])
+            data[f"{name}_std_unconstrained"] = xr.DataArray(
+                su,
+                dims=param_dims(su),
+                attrs={
+                    "long_name": f"posterior standard deviation of the "
+                    f"transformed (unconstrained) {name}"
+                },
+            )
+        if truth is not None and name in truth.get("parameters", {}):
+            tv = np.asarray(truth["parameters"][name])
+            data[f"{name}_truth"] = xr.DataArray(
+                tv, dims=param_dims(tv), attrs={"long_name": f"true {name}", **pu}
+            )
+        hist = np.asarray(analysis.history.parameters[name])
+        data[f"{name}_history"] = xr.DataArray(
+            hist,
+            dims=param_dims(hist, (ITERATION_DIM,)),
+            attrs={"long_name": f"{name} at each iteration", **pu},
+        )
+    if analysis.parameter_correlation is not None and analysis.parameter_labels:
+        data["parameter_correlation"] = xr.DataArray(
+            np.asarray(analysis.parameter_correlation),
+            dims=(PARAMETER_DIM, PARAMETER_DIM + "2"),
+            coords={
+                PARAMETER_DIM: list(analysis.parameter_labels),
+                PARAMETER_DIM + "2": list(analysis.parameter_labels),
+            },
+            attrs={
+                "long_name": "posterior correlation between parameter entries",
+                "units": "1",
+            },
+        )
+
+    hist = analysis.history
+    for key, long_name, u in (
+        ("cost", "4D-Var cost J = Jb + Jo", "1"),
+        ("background_cost", "background term Jb", "1"),
+        ("obs_cost", "observation term Jo", "1"),
+        ("grad_norm", "norm of the gradient in the whitened control space", "1"),
+        ("step_norm", "norm of the control step", "1"),
+        ("inner_iterations", "inner (CG or line-search) iterations", "1"),
+        ("elapsed", "wall-clock time since the start", "s"),
+    ):
+        data[key] = xr.DataArray(
+            np.asarray(getattr(hist, key)),
+            dims=(ITERATION_DIM,),
+            attrs={"long_name": long_name, "units": u},
+        )
+
+    pos = np.asarray(obs.positions)
+    station = {
+        STATION_DIM: xr.DataArray(
+            np.arange(pos.shape[0]),
+            dims=(STATION_DIM,),
+            attrs={"long_name": "sensor index"},
+        )
+    }
+    for axis, dim in enumerate(sdims):
+        data[f"station_{dim}"] = xr.DataArray(
+            pos[:, axis],
+            dims=(STATION_DIM,),
+            attrs={"long_name": f"sensor {dim} position", "units": length_units or "1"},
+        )
+    value_attrs = {"units": units} if units is not None else {}
+    for key, values, long_name in (
+        ("obs", obs.values, "observed values (NaN: missing)"),
+        (
+            "obs_minus_background",
+            analysis.obs_minus_background,
+            "observation minus background forecast",
+        ),
+        (
+            "obs_minus_analysis",
+            analysis.obs_minus_analysis,
+            "observation minus analysis forecast",
+        ),
+    ):
+        data[key] = xr.DataArray(
+            np.asarray(values),
+            dims=(TIME_DIM, STATION_DIM),
+            attrs={"long_name": long_name, **value_attrs},
+        )
+    data["sigma"] = xr.DataArray(
+        np.asarray(obs.sigma),
+        dims=(STATION_DIM,),
+        attrs={"long_name": "observation error standard deviation", **value_attrs},
+    )
+
+    coords = {
+        **grid_coords(grid, length_units=length_units),
+        **station,
+        TIME_DIM: _time_coordinate(obs.times, time_units, reference, calendar),
+        ITERATION_DIM: xr.DataArray(
+            np.arange(hist.n_iterations + 1),
+            dims=(ITERATION_DIM,),
+            attrs={"long_name": "iteration (0: start)"},
+        ),
+    }
+    gattrs: dict[str, Any] = {
+        "Conventions": "CF-1.8",
+        "title": "dphys 4D-Var analysis",
+        **grid_attrs(grid),
+        "method": analysis.method,
+        "termination": analysis.termination,
+        "converged": int(bool(analysis.converged)),
+        "n_iterations": int(analysis.n_iterations),
+        "cost_background": float(analysis.cost_background),
+        "cost_analysis": float(analysis.cost_analysis),
+        "message": analysis.message,
+    }
+    for key, value in (scores or {}).items():
+        if isinstance(value, Mapping):
+            for name, v in value.items():
+                gattrs[f"{key}_{name}"] = float(v)
+        else:
+            gattrs[key] = float(value)
+    if attrs:
+        gattrs.update(attrs)
+    return xr.Dataset(data, coords=coords, attrs=gattrs)

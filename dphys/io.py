@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ __all__ = [
     "TimeAxisError",
     "UnitsError",
     "X_DIM",
+    "atomic_write",
     "Y_DIM",
     "check_grid_coords",
     "from_dataset",
@@ -81,6 +83,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: changing the umask to read it is not thread-safe, and files
+# are written from worker threads in batch runs.
+_UMASK = _read_umask()
 
 # -- names: every xarray name used by dphys lives here ---------------------------------
 TIME_DIM = "time"
@@ -118,7 +131,7 @@ class GridMismatchError(DataError):
 
 
 class UnitsError(DataError):
-    """A ``units`` attribute does not match the model's units and cannot be converted."""
+    """A ``units`` attribute differs from the model's and cannot be converted."""
 
 
 class TimeAxisError(DataError):
@@ -170,16 +183,21 @@ def grid_from_attrs(attrs: Mapping[str, Any], *, source: str = "dataset") -> Gri
     boundary = tuple(str(attrs[GRID_BOUNDARY_ATTR]).split())
     if not len(shape) == len(lengths) == len(origin) == len(boundary):
         raise GridMismatchError(
-            f"{source}'s grid attributes disagree on the number of axes: shape={shape}, "
+            f"{source}'s grid attributes disagree on the number of axes: "
+            f"shape={shape}, "
             f"lengths={lengths}, origin={origin}, boundary={boundary}."
         )
     try:
         return Grid(shape, lengths=lengths, boundary=boundary, origin=origin)
     except ValueError as err:
-        raise GridMismatchError(f"{source}'s grid attributes are invalid: {err}") from err
+        raise GridMismatchError(
+            f"{source}'s grid attributes are invalid: {err}"
+        ) from err
 
 
-def grid_coords(grid: Grid, *, length_units: str | None = None) -> dict[str, xr.DataArray]:
+def grid_coords(
+    grid: Grid, *, length_units: str | None = None
+) -> dict[str, xr.DataArray]:
     """Coordinate variables of ``grid``: ``{"x": ...}`` or ``{"y": ..., "x": ...}``."""
     coords = {}
     for axis, dim in enumerate(spatial_dims(grid.ndim)):
@@ -197,7 +215,7 @@ def grid_coords(grid: Grid, *, length_units: str | None = None) -> dict[str, xr.
 
 
 def grid_from_dataset(ds: xr.Dataset) -> Grid:
-    """The :class:`dphys.Grid` stored in ``ds``'s attributes, checked against its coords.
+    """The :class:`dphys.Grid` stored in ``ds``'s attributes, checked against coords.
 
     Raises:
         MissingVariableError: no grid attributes.
@@ -293,7 +311,7 @@ def _to_numpy(leaf) -> np.ndarray:
 
 def _data_vars(tree, names, dims_for, units, long_name_suffix=""):
     out = {}
-    for name, leaf in zip(names, jtu.tree_leaves(tree)):
+    for name, leaf in zip(names, jtu.tree_leaves(tree), strict=True):
         arr = _to_numpy(leaf)
         attrs = {"long_name": f"{name}{long_name_suffix}"}
         u = _units_for(units, name)
@@ -350,8 +368,12 @@ def to_dataset(
     sdims = spatial_dims(grid.ndim)
     gattrs: dict[str, Any] = {"Conventions": CONVENTIONS, **grid_attrs(grid)}
     coords: dict[str, Any] = dict(grid_coords(grid, length_units=length_units))
-    time_attrs = {"units": time_units or "1", "long_name": "model time",
-                  "axis": "T", "standard_name": "time"}
+    time_attrs = {
+        "units": time_units or "1",
+        "long_name": "model time",
+        "axis": "T",
+        "standard_name": "time",
+    }
 
     def check_leaf(label, arr, lead):
         if arr.shape[lead:] != grid.shape or arr.ndim != lead + grid.ndim:
@@ -367,12 +389,16 @@ def to_dataset(
             if n in sdims or n == TIME_DIM:
                 raise ValueError(f"state field `{n}` clashes with a dimension name.")
         data = {}
-        for n, leaf in zip(names, jtu.tree_leaves(final)):
+        for n, leaf in zip(names, jtu.tree_leaves(final), strict=True):
             check_leaf(f"traj.final ({n})", _to_numpy(leaf), 0)
         data.update(
-            _data_vars(final, [n + FINAL_SUFFIX for n in names],
-                       lambda n, a: sdims, _prefixless(units, FINAL_SUFFIX),
-                       " (final state)")
+            _data_vars(
+                final,
+                [n + FINAL_SUFFIX for n in names],
+                lambda n, a: sdims,
+                _prefixless(units, FINAL_SUFFIX),
+                " (final state)",
+            )
         )
         if obj.ys is not None:
             ts_arr = _to_numpy(obj.ts)
@@ -405,7 +431,7 @@ def to_dataset(
             if n in sdims or n == TIME_DIM:
                 raise ValueError(f"state field `{n}` clashes with a dimension name.")
         lead = 0 if ts is None else 1
-        for n, leaf in zip(names, jtu.tree_leaves(obj)):
+        for n, leaf in zip(names, jtu.tree_leaves(obj), strict=True):
             check_leaf(n if n == name else f"state field {n}", _to_numpy(leaf), lead)
         dims = sdims if ts is None else (TIME_DIM, *sdims)
         data = _data_vars(obj, names, lambda n, a: dims, units)
@@ -511,7 +537,9 @@ def _assemble(arrays: dict[str, Any], fields: list[str], like, qualname):
             pass
     logger.info(
         "state type %r not available (import its package or pass `like=`); "
-        "returning a dict of fields %s", qualname, fields,
+        "returning a dict of fields %s",
+        qualname,
+        fields,
     )
     return {f: arrays[f] for f in fields}
 
@@ -558,9 +586,12 @@ def from_dataset(ds: xr.Dataset, *, like=None):
     finals = {f: finals[f + FINAL_SUFFIX] for f in final_fields}
     final = _assemble(finals, final_fields, like, ds.attrs.get("dphys_final_type"))
     if fields:
-        ys = _assemble(arrays_of(fields), fields,
-                       like if fields == final_fields else None,
-                       ds.attrs.get(STATE_TYPE_ATTR))
+        ys = _assemble(
+            arrays_of(fields),
+            fields,
+            like if fields == final_fields else None,
+            ds.attrs.get(STATE_TYPE_ATTR),
+        )
         ts = jnp.asarray(np.asarray(ds[TIME_DIM].values))
     else:
         ys = None
@@ -571,8 +602,34 @@ def from_dataset(ds: xr.Dataset, *, like=None):
 
 
 # -- files -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike):
+    """Context manager giving a temporary path that becomes ``path`` on success.
+
+    The temporary file is created in the same directory (so the final
+    :func:`os.replace` is an atomic rename on POSIX file systems) and removed if
+    the block raises: a reader never sees a partial file under the final name.
+
+    Example:
+        >>> with atomic_write("out.txt") as tmp:  # doctest: +SKIP
+        ...     tmp.write_text("done")
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = pathlib.Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; use the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> pathlib.Path:
-    """Write ``ds`` to ``path`` atomically.
+    """Write ``ds`` to ``path`` atomically (see :func:`atomic_write`).
 
     The file is written to a temporary name in the same directory and renamed with
     :func:`os.replace`, so a reader (or a resumed batch) never sees a partial file
@@ -582,15 +639,8 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> pathlib.Path:
         The final path.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4")
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

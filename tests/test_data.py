@@ -31,34 +31,52 @@ GRID = dphys.Grid(20, lengths=1000.0, boundary="neumann")  # metres
 PERIODIC = dphys.Grid((8, 10), lengths=(2.0, 5.0), boundary="periodic")
 
 
-def obs_dataset(times=(0.0, 1.0, 2.0), positions=(100.0, 500.0, 900.0),
-                calendar=None, time_units="h", values=None, **kw):
+def obs_dataset(
+    times=(0.0, 1.0, 2.0),
+    positions=(100.0, 500.0, 900.0),
+    calendar=None,
+    time_units="h",
+    values=None,
+    **kw,
+):
     n_t, n_s = len(times), len(positions)
     if values is None:
         values = np.arange(n_t * n_s, dtype=float).reshape(n_t, n_s)
     # Observations refuses unsorted times, so files with bad time axes are made by
     # writing sorted ones and overwriting the coordinate afterwards.
-    obs = Observations(times=jnp.arange(n_t, dtype=float),
-                       values=jnp.asarray(values),
-                       positions=jnp.asarray(positions, dtype=float)[:, None],
-                       sigma=jnp.full((n_s,), 0.5))
+    obs = Observations(
+        times=jnp.arange(n_t, dtype=float),
+        values=jnp.asarray(values),
+        positions=jnp.asarray(positions, dtype=float)[:, None],
+        sigma=jnp.full((n_s,), 0.5),
+    )
     kw.setdefault("units", "K")
     kw.setdefault("length_units", "m")
-    ds = observations_to_dataset(obs, time_units=time_units, calendar=calendar or
-                                 "standard", **kw)
+    ds = observations_to_dataset(
+        obs, time_units=time_units, calendar=calendar or "standard", **kw
+    )
     return ds.assign_coords(time=ds.time.copy(data=np.asarray(times, dtype=float)))
 
 
 def test_observation_netcdf_round_trip(tmp_path):
     values = np.array([[1.0, np.nan, 3.0], [4.0, 5.0, 6.0]])
-    ds = obs_dataset(times=(0.5, 1.5), values=values, reference="2000-01-01T00:00",
-                     calendar="noleap")
+    ds = obs_dataset(
+        times=(0.5, 1.5), values=values, reference="2000-01-01T00:00", calendar="noleap"
+    )
     dio.write_netcdf(ds, tmp_path / "obs.nc")
-    obs = read_observations(tmp_path / "obs.nc", GRID, units="K", length_units="m",
-                            time_units="h", reference="2000-01-01")
+    obs = read_observations(
+        tmp_path / "obs.nc",
+        GRID,
+        units="K",
+        length_units="m",
+        time_units="h",
+        reference="2000-01-01",
+    )
     np.testing.assert_allclose(obs.times, [0.5, 1.5], rtol=0, atol=1e-12)
     np.testing.assert_array_equal(np.asarray(obs.values), values)  # NaN kept
-    np.testing.assert_array_equal(np.asarray(obs.positions)[:, 0], [100.0, 500.0, 900.0])
+    np.testing.assert_array_equal(
+        np.asarray(obs.positions)[:, 0], [100.0, 500.0, 900.0]
+    )
     np.testing.assert_array_equal(np.asarray(obs.sigma), [0.5, 0.5, 0.5])
     np.testing.assert_array_equal(obs.mask, ~np.isnan(values))
 
@@ -70,21 +88,32 @@ def test_observation_netcdf_round_trip(tmp_path):
     [("standard", [-1.0, 0.0]), ("noleap", [0.0, 1.0]), ("360_day", [-1.0, 0.0])],
 )
 def test_cf_calendars_convert_to_model_time(calendar, expected_days):
-    time = xr.DataArray([59.0, 60.0], dims="time",
-                        attrs={"units": "days since 2000-01-01", "calendar": calendar})
+    time = xr.DataArray(
+        [59.0, 60.0],
+        dims="time",
+        attrs={"units": "days since 2000-01-01", "calendar": calendar},
+    )
     t = model_times(time, time_units="s", reference="2000-03-01T00:00:00")
     np.testing.assert_allclose(t, np.asarray(expected_days) * 86400.0)
 
 
 def test_decoded_datetimes_and_cftime_objects():
-    dates = xr.DataArray(np.array(["2001-01-01T06", "2001-01-02T06"],
-                                  dtype="datetime64[ns]"), dims="time")
-    np.testing.assert_allclose(model_times(dates, time_units="h",
-                                           reference="2001-01-01"), [6.0, 30.0])
-    cf = xr.DataArray(np.array([cftime.Datetime360Day(2001, 2, 30),
-                                cftime.Datetime360Day(2001, 3, 1)]), dims="time")
-    np.testing.assert_allclose(model_times(cf, time_units="d", reference="2001-02-29"),
-                               [1.0, 2.0])
+    dates = xr.DataArray(
+        np.array(["2001-01-01T06", "2001-01-02T06"], dtype="datetime64[ns]"),
+        dims="time",
+    )
+    np.testing.assert_allclose(
+        model_times(dates, time_units="h", reference="2001-01-01"), [6.0, 30.0]
+    )
+    cf = xr.DataArray(
+        np.array(
+            [cftime.Datetime360Day(2001, 2, 30), cftime.Datetime360Day(2001, 3, 1)]
+        ),
+        dims="time",
+    )
+    np.testing.assert_allclose(
+        model_times(cf, time_units="d", reference="2001-02-29"), [1.0, 2.0]
+    )
     with pytest.raises(TimeAxisError, match="pass `reference`"):
         model_times(dates, time_units="h")
     with pytest.raises(TimeAxisError, match="not a valid date in the 'standard'"):
@@ -97,8 +126,9 @@ def test_plain_time_units_are_converted():
     time = xr.DataArray([1.0, 2.0], dims="time", attrs={"units": "days"})
     np.testing.assert_allclose(model_times(time, time_units="h"), [24.0, 48.0])
     with pytest.raises(UnitsError, match="`time` has units 'K'"):
-        model_times(xr.DataArray([1.0], dims="time", attrs={"units": "K"}),
-                    time_units="s")
+        model_times(
+            xr.DataArray([1.0], dims="time", attrs={"units": "K"}), time_units="s"
+        )
     dated = xr.DataArray([1.0], dims="time", attrs={"units": "days since 2000-01-01"})
     with pytest.raises(UnitsError, match="not a time unit; set `time_units`"):
         model_times(dated, time_units=None)
@@ -109,8 +139,11 @@ def test_time_axis_errors():
         read_observations(obs_dataset(times=(0.0, 2.0, 1.0)), GRID, time_units="h")
     with pytest.raises(TimeAxisError, match="duplicate times: entries 0 and 1"):
         read_observations(obs_dataset(times=(1.0, 1.0, 2.0)), GRID, time_units="h")
-    with pytest.raises(TimeAxisError, match=r"1 of 3 times outside the assimilation "
-                       r"window \[0, 1.5\]"):
+    with pytest.raises(
+        TimeAxisError,
+        match=r"1 of 3 times outside the assimilation "
+        r"window \[0, 1.5\]",
+    ):
         read_observations(obs_dataset(), GRID, time_units="h", window=(0.0, 1.5))
     with pytest.raises(TimeAxisError, match="2 non-finite"):
         model_times(xr.DataArray([np.nan, 1.0, np.inf], dims="time"), time_units="s")
@@ -118,28 +151,39 @@ def test_time_axis_errors():
 
 def test_outside_window_dropped_with_count(caplog):
     with caplog.at_level(logging.WARNING, logger="assimilation._data"):
-        obs = read_observations(obs_dataset(), GRID, time_units="h",
-                                window=(0.5, 2.0), outside="drop")
+        obs = read_observations(
+            obs_dataset(), GRID, time_units="h", window=(0.5, 2.0), outside="drop"
+        )
     np.testing.assert_array_equal(np.asarray(obs.times), [1.0, 2.0])
     np.testing.assert_array_equal(np.asarray(obs.values)[0], [3.0, 4.0, 5.0])
     assert "dropped 1 of 3 times" in caplog.text
 
 
 def test_sensors_outside_domain():
-    with pytest.raises(DomainError, match=r"1 sensor\(s\) lie outside the neumann "
-                       r"domain \[0, 1000\] along `x`: station\(s\) \[2\]"):
-        read_observations(obs_dataset(positions=(10.0, 500.0, 1000.5)), GRID,
-                          time_units="h")
+    with pytest.raises(
+        DomainError,
+        match=r"1 sensor\(s\) lie outside the neumann "
+        r"domain \[0, 1000\] along `x`: station\(s\) \[2\]",
+    ):
+        read_observations(
+            obs_dataset(positions=(10.0, 500.0, 1000.5)), GRID, time_units="h"
+        )
     # wrong length units are the usual cause: km read as m would fail the same way
     with pytest.raises(DomainError, match="positions' units"):
-        read_observations(obs_dataset(length_units="m", positions=(0.1, 0.5, 1.5e3)),
-                          GRID, time_units="h")
+        read_observations(
+            obs_dataset(length_units="m", positions=(0.1, 0.5, 1.5e3)),
+            GRID,
+            time_units="h",
+        )
 
 
 def test_periodic_positions_are_wrapped(caplog):
-    obs = Observations(times=jnp.asarray([0.0]), values=jnp.ones((1, 2)),
-                       positions=jnp.asarray([[2.5, -1.0], [1.0, 2.0]]),
-                       sigma=jnp.ones(2))
+    obs = Observations(
+        times=jnp.asarray([0.0]),
+        values=jnp.ones((1, 2)),
+        positions=jnp.asarray([[2.5, -1.0], [1.0, 2.0]]),
+        sigma=jnp.ones(2),
+    )
     ds = observations_to_dataset(obs)
     with caplog.at_level(logging.WARNING, logger="assimilation._data"):
         back = read_observations(ds, PERIODIC)
@@ -155,8 +199,11 @@ def test_units_conversion_and_refusal(caplog):
     np.testing.assert_allclose(np.asarray(obs.positions)[:, 0], [100.0, 500.0, 900.0])
     np.testing.assert_allclose(np.asarray(obs.times), [0.0, 3600.0, 7200.0])
     np.testing.assert_allclose(np.asarray(obs.sigma), 0.5)  # a std: no offset
-    with pytest.raises(UnitsError, match=r"`u` has units 'm s-1' but the model uses "
-                       r"'K'.*Convert the data"):
+    with pytest.raises(
+        UnitsError,
+        match=r"`u` has units 'm s-1' but the model uses "
+        r"'K'.*Convert the data",
+    ):
         read_observations(obs_dataset(units="m s-1"), GRID, units="K", time_units="h")
     # no units attribute: assumed to be the model's, and said so
     bare = obs_dataset()
@@ -173,13 +220,19 @@ def test_units_conversion_and_refusal(caplog):
 
 def test_missing_variables_and_sigma():
     ds = obs_dataset()
-    with pytest.raises(MissingVariableError, match=r"no variable `temp`.*data variables "
-                       r"\['sigma', 'u'\]"):
+    with pytest.raises(
+        MissingVariableError,
+        match=r"no variable `temp`.*data variables "
+        r"\['sigma', 'u'\]",
+    ):
         read_observations(ds, GRID, variable="temp", time_units="h")
     with pytest.raises(MissingVariableError, match="no sensor position variable `x`"):
         read_observations(ds.drop_vars("x"), GRID, time_units="h")
-    with pytest.raises(MissingVariableError, match=r"must have dims \('time', "
-                       r"'station'\)"):
+    with pytest.raises(
+        MissingVariableError,
+        match=r"must have dims \('time', "
+        r"'station'\)",
+    ):
         read_observations(ds.rename(station="site"), GRID, time_units="h")
     with pytest.raises(MissingVariableError, match="no error standard deviation"):
         read_observations(ds.drop_vars("sigma"), GRID, time_units="h")
@@ -194,20 +247,33 @@ def test_missing_variables_and_sigma():
 
 
 def test_every_io_error_is_a_value_error():
-    for cls in (DataError, DomainError, GridMismatchError, MissingVariableError,
-                TimeAxisError, UnitsError):
+    for cls in (
+        DataError,
+        DomainError,
+        GridMismatchError,
+        MissingVariableError,
+        TimeAxisError,
+        UnitsError,
+    ):
         assert issubclass(cls, ValueError)
 
 
 # -- gridded fields --------------------------------------------------------------------
 def field_dataset(grid, n_t=3, length_scale=1.0, order=None, units="K"):
-    coords = {d: grid.axis_coords(a) * length_scale
-              for a, d in enumerate(dio.spatial_dims(grid.ndim))}
+    coords = {
+        d: grid.axis_coords(a) * length_scale
+        for a, d in enumerate(dio.spatial_dims(grid.ndim))
+    }
     values = np.random.default_rng(0).normal(size=(n_t, *grid.shape))
-    da = xr.DataArray(values, dims=("time", *dio.spatial_dims(grid.ndim)),
-                      coords={"time": ("time", np.arange(n_t, dtype=float),
-                                       {"units": "s"}), **coords},
-                      attrs={"units": units})
+    da = xr.DataArray(
+        values,
+        dims=("time", *dio.spatial_dims(grid.ndim)),
+        coords={
+            "time": ("time", np.arange(n_t, dtype=float), {"units": "s"}),
+            **coords,
+        },
+        attrs={"units": units},
+    )
     if order:
         da = da.transpose(*order)
     return xr.Dataset({"u": da}), values
@@ -231,13 +297,17 @@ def test_read_field_never_aligns_mismatched_grids():
     shifted = dphys.Grid(20, lengths=1000.0, boundary="neumann", origin=10.0)
     ds, _ = field_dataset(shifted)
     # xarray alignment would inner-join these to an empty overlap; we refuse instead
-    with pytest.raises(GridMismatchError, match="`x` coordinate does not match the "
-                       r"model grid: got \[35"):
+    with pytest.raises(
+        GridMismatchError,
+        match="`x` coordinate does not match the "
+        r"model grid: got \[35",
+    ):
         read_field(ds, "u", GRID)
     coarse = dphys.Grid(10, lengths=1000.0, boundary="neumann")
     ds, _ = field_dataset(coarse)
-    with pytest.raises(GridMismatchError, match="`x` has 10 points but the model grid "
-                       "has 20"):
+    with pytest.raises(
+        GridMismatchError, match="`x` has 10 points but the model grid has 20"
+    ):
         read_field(ds, "u", GRID)
     ds, _ = field_dataset(GRID)
     with pytest.raises(MissingVariableError, match=r"unexpected \['member'\]"):

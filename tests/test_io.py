@@ -23,14 +23,21 @@ class Fields(eqx.Module):
 GRIDS = [
     dphys.Grid(12, lengths=2.0, boundary="periodic", origin=-1.0),
     dphys.Grid(9, lengths=1.0, boundary="dirichlet"),
-    dphys.Grid((6, 10), lengths=(1.0, 3.0), boundary=("neumann", "periodic"),
-               origin=(0.25, -0.5)),
+    dphys.Grid(
+        (6, 10),
+        lengths=(1.0, 3.0),
+        boundary=("neumann", "periodic"),
+        origin=(0.25, -0.5),
+    ),
 ]
 
 
 def _assert_traj_equal(a, b):
-    for la, lb in zip(jax.tree_util.tree_leaves((a.ts, a.ys, a.final)),
-                      jax.tree_util.tree_leaves((b.ts, b.ys, b.final)), strict=True):
+    for la, lb in zip(
+        jax.tree_util.tree_leaves((a.ts, a.ys, a.final)),
+        jax.tree_util.tree_leaves((b.ts, b.ys, b.final)),
+        strict=True,
+    ):
         assert la.dtype == lb.dtype
         np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
     assert jax.tree_util.tree_structure(a.ys) == jax.tree_util.tree_structure(b.ys)
@@ -52,8 +59,14 @@ def test_trajectory_netcdf_round_trip_is_exact(grid, dtype, tmp_path):
     model = pdes.Heat(grid, kappa=jnp.asarray(0.05, dtype))
     coords = grid.coords
     u0 = jnp.sin(3.0 * coords[-1]) + (coords[0] ** 2 if grid.ndim == 2 else 0.0)
-    traj = dphys.simulate(model, dphys.CrankNicolson(), u0.astype(dtype), dt=0.01,
-                          n_steps=6, saveat=dphys.SaveAt(t0=True, every=3))
+    traj = dphys.simulate(
+        model,
+        dphys.CrankNicolson(),
+        u0.astype(dtype),
+        dt=0.01,
+        n_steps=6,
+        saveat=dphys.SaveAt(t0=True, every=3),
+    )
     ds = dio.to_dataset(traj, grid, units="K", time_units="s", length_units="m")
     path = dio.write_netcdf(ds, tmp_path / "traj.nc")
     back_ds = dio.read_netcdf(path)
@@ -68,8 +81,9 @@ def test_trajectory_netcdf_round_trip_is_exact(grid, dtype, tmp_path):
     assert back_ds[dio.X_DIM].attrs["axis"] == "X"
     assert back_ds[dio.X_DIM].attrs["units"] == "m"
     assert back_ds[dio.X_DIM].attrs["boundary"] == grid.boundary[-1]
-    np.testing.assert_array_equal(back_ds[dio.X_DIM].values,
-                                  grid.axis_coords(grid.ndim - 1))
+    np.testing.assert_array_equal(
+        back_ds[dio.X_DIM].values, grid.axis_coords(grid.ndim - 1)
+    )
 
 
 def test_multi_field_state_one_variable_per_field(tmp_path):
@@ -86,11 +100,15 @@ def test_multi_field_state_one_variable_per_field(tmp_path):
     back = dio.from_dataset(dio.read_netcdf(tmp_path / "f.nc"))
     # the class is importable (this module is loaded), so it is rebuilt by name
     assert isinstance(back, Fields)
-    for a, b in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(back)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(back), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # with `like` the structure comes from the example; without a known class, a dict
     back_like = dio.from_dataset(ds, like=state)
-    assert jax.tree_util.tree_structure(back_like) == jax.tree_util.tree_structure(state)
+    assert jax.tree_util.tree_structure(back_like) == jax.tree_util.tree_structure(
+        state
+    )
     anon = ds.assign_attrs({dio.STATE_TYPE_ATTR: "not_imported_module.Thing"})
     assert set(dio.from_dataset(anon)) == {"eta", "u", "v"}
 
@@ -101,9 +119,13 @@ def test_multi_field_trajectory_round_trip(tmp_path):
     (x,) = grid.coords
     final = Fields(eta=jnp.sin(x), u=jnp.cos(x), v=x)
     ys = jax.tree_util.tree_map(lambda a: jnp.stack([a, -a]), final)
-    traj = dphys.Trajectory(ts=jnp.asarray([0.5, 1.0]), ys=ys, final=final,
-                            result=dphys.RESULTS.successful,
-                            stats={"n_steps": 4, "fast_forward": True})
+    traj = dphys.Trajectory(
+        ts=jnp.asarray([0.5, 1.0]),
+        ys=ys,
+        final=final,
+        result=dphys.RESULTS.successful,
+        stats={"n_steps": 4, "fast_forward": True},
+    )
     ds = dio.to_dataset(traj, grid)
     assert {"eta", "u", "v", "eta_final", "u_final", "v_final"} == set(ds.data_vars)
     dio.write_netcdf(ds, tmp_path / "t.nc")
@@ -115,14 +137,26 @@ def test_trajectory_without_saves_and_with_observation_hook(tmp_path):
     model = pdes.Heat(grid, kappa=0.1)
     (x,) = grid.coords
     u0 = jnp.sin(jnp.pi * x)
-    none = dphys.simulate(model, dphys.BackwardEuler(), u0, dt=0.01, n_steps=3,
-                          saveat=dphys.SaveAt(t1=False))
+    none = dphys.simulate(
+        model,
+        dphys.BackwardEuler(),
+        u0,
+        dt=0.01,
+        n_steps=3,
+        saveat=dphys.SaveAt(t1=False),
+    )
     assert none.ys is None
     dio.write_netcdf(dio.to_dataset(none, grid), tmp_path / "a.nc")
     _assert_traj_equal(none, dio.from_dataset(dio.read_netcdf(tmp_path / "a.nc")))
 
-    hook = dphys.simulate(model, dphys.BackwardEuler(), u0, dt=0.01, n_steps=4,
-                          saveat=dphys.SaveAt(every=2, fn=lambda t, u: u[:3]))
+    hook = dphys.simulate(
+        model,
+        dphys.BackwardEuler(),
+        u0,
+        dt=0.01,
+        n_steps=4,
+        saveat=dphys.SaveAt(every=2, fn=lambda t, u: u[:3]),
+    )
     ds = dio.to_dataset(hook, grid, name="sensors")
     assert ds["sensors"].dims == ("time", "sensors_dim0")
     dio.write_netcdf(ds, tmp_path / "b.nc")
@@ -141,7 +175,9 @@ def test_to_dataset_rejects_wrong_shapes():
     grid = GRIDS[0]
     with pytest.raises(ValueError, match=r"has shape \(5,\); expected \(12,\)"):
         dio.to_dataset(jnp.zeros(5), grid)
-    with pytest.raises(ValueError, match=r"`ts` has shape \(3,\) but the states have 2"):
+    with pytest.raises(
+        ValueError, match=r"`ts` has shape \(3,\) but the states have 2"
+    ):
         dio.to_dataset(jnp.zeros((2, 12)), grid, ts=jnp.zeros(3))
     with pytest.raises(TypeError, match="`grid` must be a dphys.Grid"):
         dio.to_dataset(jnp.zeros(12), "grid")
@@ -150,12 +186,20 @@ def test_to_dataset_rejects_wrong_shapes():
 def test_grid_mismatch_is_detected_explicitly():
     grid = GRIDS[2]
     ds = dio.to_dataset(jnp.zeros(grid.shape), grid)
-    other = dphys.Grid((6, 10), lengths=(1.0, 3.0), boundary=("neumann", "periodic"),
-                       origin=(0.25, 0.0))
+    other = dphys.Grid(
+        (6, 10),
+        lengths=(1.0, 3.0),
+        boundary=("neumann", "periodic"),
+        origin=(0.25, 0.0),
+    )
     with pytest.raises(dio.GridMismatchError, match="`x` coordinate does not match"):
         dio.check_grid_coords(ds, other)
-    smaller = dphys.Grid((6, 8), lengths=(1.0, 3.0), boundary=("neumann", "periodic"),
-                         origin=(0.25, -0.5))
+    smaller = dphys.Grid(
+        (6, 8),
+        lengths=(1.0, 3.0),
+        boundary=("neumann", "periodic"),
+        origin=(0.25, -0.5),
+    )
     with pytest.raises(dio.GridMismatchError, match="`x` has 10 points but the model"):
         dio.check_grid_coords(ds, smaller)
     with pytest.raises(dio.MissingVariableError, match="no dimension `y`"):

@@ -1,0 +1,200 @@
+"""Figures of an analysis (matplotlib, imported only here and only when plotting).
+
+:func:`plot_analysis` draws one summary figure: the initial state (truth when known,
+background, analysis with its posterior ±2σ band, sensor positions), the state at
+the end of the window with the observations, the cost convergence and the
+parameter convergence (with the truth and the posterior ±2σ interval).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax.tree_util as jtu
+import numpy as np
+
+from dphys.io import atomic_write
+
+
+__all__ = ["plot_analysis"]
+
+
+def _first_field(state, field: str | None = None):
+    """The array to draw of a state: the observed field of a multi-field state."""
+    if state is None:
+        return None
+    if field is not None and hasattr(state, field):
+        return np.asarray(getattr(state, field))
+    return np.asarray(jtu.tree_leaves(state)[0])
+
+
+def _savefig(fig, path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def plot_analysis(
+    analysis, grid, obs, path, *, truth: dict | None = None, title: str | None = None
+) -> pathlib.Path:
+    """Write a PNG summary of ``analysis`` to ``path`` (atomically).
+
+    Args:
+        analysis: an :class:`assimilation.Analysis`.
+        grid: the model grid.
+        obs: the :class:`assimilation.Observations` assimilated.
+        path: the output file (``.png``).
+        truth: for twin experiments, ``{"state0", "final", "parameters"}``.
+        title: the figure title.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    field = getattr(obs, "field", None)
+    params = list(analysis.parameters)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), layout="constrained")
+    (ax_x0, ax_x1), (ax_cost, ax_par) = axes
+    pos = np.asarray(obs.positions)
+    truth = truth or {}
+    states0 = [
+        ("truth", _first_field(truth.get("state0"), field), "k-"),
+        ("background", _first_field(analysis.background_state, field), "C0--"),
+        ("analysis", _first_field(analysis.initial_state, field), "C3-"),
+    ]
+    finals = [
+        ("truth", _first_field(truth.get("final"), field), "k-"),
+        (
+            "background forecast",
+            _first_field(analysis.background_final_state, field),
+            "C0--",
+        ),
+        ("analysis forecast", _first_field(analysis.final_state, field), "C3-"),
+    ]
+    if grid.ndim == 1:
+        (x,) = [grid.axis_coords(0)]
+        for ax, states, when in (
+            (ax_x0, states0, "window start"),
+            (ax_x1, finals, "window end"),
+        ):
+            for label, u, style in states:
+                if u is not None:
+                    ax.plot(x, u, style, label=label, lw=1.5)
+            ax.set_xlabel("x")
+            ax.set_title(f"state at the {when}")
+        if analysis.initial_state_std is not None and field is None:
+            ua = _first_field(analysis.initial_state)
+            s = np.asarray(analysis.initial_state_std)
+            ax_x0.fill_between(
+                x, ua - 2 * s, ua + 2 * s, color="C3", alpha=0.2, label="analysis ±2σ"
+            )
+        for ax in (ax_x0, ax_x1):
+            for p in pos[:, 0]:
+                ax.axvline(p, color="0.6", lw=0.8, zorder=0)
+        last = np.asarray(obs.values)[-1]
+        ax_x1.plot(
+            pos[:, 0],
+            last,
+            "o",
+            color="C2",
+            ms=5,
+            label=f"observations at t={float(np.asarray(obs.times)[-1]):.3g}",
+        )
+        ax_x0.plot([], [], color="0.6", lw=0.8, label="sensors")
+        ax_x0.legend(fontsize=8)
+        ax_x1.legend(fontsize=8)
+    else:
+        y, x = grid.axis_coords(0), grid.axis_coords(1)
+        ua = _first_field(analysis.initial_state, field)
+        ut = _first_field(truth.get("state0"), field)
+        lo, hi = np.nanmin(ua), np.nanmax(ua)
+        if ut is not None:
+            lo, hi = min(lo, np.nanmin(ut)), max(hi, np.nanmax(ut))
+        for ax, u, name in (
+            (
+                ax_x0,
+                ut
+                if ut is not None
+                else _first_field(analysis.background_state, field),
+                "truth" if ut is not None else "background",
+            ),
+            (ax_x1, ua, "analysis"),
+        ):
+            im = ax.pcolormesh(x, y, u, vmin=lo, vmax=hi, shading="nearest")
+            ax.plot(pos[:, 1], pos[:, 0], "w^", ms=5, mec="k", label="sensors")
+            ax.set_title(f"{name}, window start")
+            ax.set_aspect("equal")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        ax_x0.legend(fontsize=8, loc="upper right")
+
+    hist = analysis.history
+    it = np.arange(hist.n_iterations + 1)
+    for key, style in (
+        ("cost", "k-o"),
+        ("background_cost", "C0--"),
+        ("obs_cost", "C3--"),
+    ):
+        values = np.asarray(getattr(hist, key), dtype=float)
+        values = np.where(values > 0, values, np.nan)  # J_b = 0 at the background
+        ax_cost.semilogy(it, values, style, label=key.replace("_", " "), ms=3)
+    ax_cost.set_xlabel("iteration")
+    ax_cost.set_title("cost convergence")
+    ax_cost.legend(fontsize=8)
+
+    if params:
+        name = params[0]
+        h = np.asarray(hist.parameters[name])
+        t = truth.get("parameters", {}).get(name)
+        if h.ndim == 1:
+            ax_par.plot(it, h, "C3-o", ms=3, label=f"{name} (analysis)")
+            if analysis.parameter_std is not None:
+                m = float(np.asarray(analysis.parameters[name]))
+                s = float(np.asarray(analysis.parameter_std[name]))
+                ax_par.axhspan(
+                    m - 2 * s, m + 2 * s, color="C3", alpha=0.15, label="posterior ±2σ"
+                )
+            if t is not None:
+                ax_par.axhline(float(np.asarray(t)), color="k", lw=1.2, label="truth")
+            ax_par.set_xlabel("iteration")
+            ax_par.set_title(f"{name} convergence")
+        elif grid.ndim == 1:
+            xg = grid.axis_coords(0)
+            ax_par.plot(
+                xg,
+                np.asarray(analysis.background_parameters[name]),
+                "C0--",
+                label="background",
+            )
+            a = np.asarray(analysis.parameters[name])
+            ax_par.plot(xg, a, "C3-", label="analysis")
+            if analysis.parameter_std is not None:
+                s = np.asarray(analysis.parameter_std[name])
+                ax_par.fill_between(
+                    xg, a - 2 * s, a + 2 * s, color="C3", alpha=0.2, label="±2σ"
+                )
+            if t is not None:
+                ax_par.plot(xg, np.asarray(t), "k-", label="truth")
+            ax_par.set_xlabel("x")
+            ax_par.set_title(f"{name} field")
+        else:
+            im = ax_par.pcolormesh(
+                grid.axis_coords(1),
+                grid.axis_coords(0),
+                np.asarray(analysis.parameters[name]),
+                shading="nearest",
+            )
+            fig.colorbar(im, ax=ax_par, shrink=0.8)
+            ax_par.set_title(f"{name} field (analysis)")
+        ax_par.legend(fontsize=8)
+    else:
+        ax_par.axis("off")
+    fig.suptitle(title or analysis.message, fontsize=9)
+    try:
+        return _savefig(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,318 @@
+"""The `dphys` command: demo end to end, config validation, one-line errors."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import xarray as xr
+
+import dphys
+import dphys.io as dio
+from assimilation import Observations
+from assimilation._config import ConfigError, load_config, validate_config
+from assimilation._data import observations_to_dataset
+from assimilation.cli import demo_config, main
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, match):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dphys: error: ")
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+
+
+# -- the demo ------------------------------------------------------------------------
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    code, out, err = run_cli(capsys, "demo", "--quick", "--out", str(out_dir))
+    assert code == 0, err
+    # progress on stderr, one line per iteration; summary on stdout
+    assert "iteration   0/" in err and "iteration   1/" in err
+    assert "truth within ±2σ" in out and "initial-state RMSE" in out
+    nc, png = out_dir / "analysis.nc", out_dir / "demo.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ds = xr.open_dataset(nc)  # CF-decoded: dated time axis
+    try:
+        assert ds.attrs["Conventions"] == "CF-1.8"
+        assert ds.attrs["history"].endswith(
+            f"dphys demo --quick --out {out_dir} (dphys {dphys.__version__})"
+        )
+        assert '"twin"' in ds.attrs["dphys_config"]
+        assert np.issubdtype(ds["time"].dtype, np.datetime64)
+        for name in (
+            "analysis",
+            "background",
+            "increment",
+            "analysis_std",
+            "truth",
+            "kappa",
+            "kappa_std",
+            "kappa_history",
+            "cost",
+            "obs",
+            "obs_minus_analysis",
+            "obs_minus_background",
+            "parameter_correlation",
+        ):
+            assert name in ds, name
+        assert ds["kappa"].attrs["units"] == "m2 s-1"
+        kappa, std = float(ds["kappa"]), float(ds["kappa_std"])
+        truth = float(ds["kappa_truth"])
+        # the estimate is close to the truth (2e-3, background 1e-3): within 2 sigma
+        # and much nearer than the background
+        assert abs(kappa - truth) <= 2 * std
+        assert abs(kappa - truth) < 0.25 * abs(1e-3 - truth)
+        rmse_b = ds.attrs["rmse_initial_background"]
+        rmse_a = ds.attrs["rmse_initial_analysis"]
+        assert rmse_a < 0.5 * rmse_b
+        # residuals shrink: the analysis fits the observations better
+        oma = np.nanstd(ds["obs_minus_analysis"].values)
+        omb = np.nanstd(ds["obs_minus_background"].values)
+        assert oma < 0.2 * omb
+        assert float(ds["cost"][-1]) < float(ds["cost"][0])
+        np.testing.assert_allclose(ds["increment"], ds["analysis"] - ds["background"])
+    finally:
+        ds.close()
+    assert f"{kappa:.5g}"[:4] in out  # the printed estimate is the stored one
+
+
+def test_version_and_help(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"dphys {dphys.__version__}"
+    code, out, _ = run_cli(capsys, "demo", "--help")
+    assert code == 0 and "--quick" in out
+
+
+def test_usage_errors_are_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys)
+    assert_one_line_error(code, err, "the following arguments are required: COMMAND")
+    code, _, err = run_cli(capsys, "demo", "--seed", "x")
+    assert_one_line_error(code, err, "argument --seed: invalid int value: 'x'")
+    code, _, err = run_cli(capsys, "assimilate", str(tmp_path / "nope.toml"))
+    assert_one_line_error(code, err, "no such configuration file")
+
+
+# -- configurations --------------------------------------------------------------------
+HEAT_TOML = """
+[model]
+name = "heat"
+units = "K"
+length_units = "m"
+time_units = "s"
+grid = {{ shape = [24], lengths = 1.0, boundary = "neumann" }}
+parameters = {{ kappa = 0.01 }}
+
+[time]
+dt = 0.05
+n_steps = 8
+reference = "2000-01-01T00:00:00"
+calendar = "noleap"
+
+[observations]
+path = "obs.nc"
+variable = "u"
+
+[background]
+value = 273.15
+std = 0.5
+length_scale = 0.2
+
+[control]
+initial_state = true
+[control.parameters.kappa]
+transform = "log"
+sigma = 0.5
+
+[solver]
+# the cheapest run that still exercises the whole path (the demo test covers
+# Gauss-Newton and the posterior)
+method = "lbfgs"
+max_iterations = 2
+uncertainty = false
+{extra}
+[output]
+path = "out/analysis.nc"
+"""
+
+
+def write_obs(
+    path,
+    *,
+    units="degC",
+    positions=(0.2, 0.5, 0.8),
+    times=(0.1, 0.2, 0.4),
+    reference="2000-01-01T00:00:00",
+):
+    obs = Observations(
+        times=jnp.asarray(times),
+        values=jnp.full((len(times), len(positions)), 0.05),
+        positions=jnp.asarray(positions),
+        sigma=0.05,
+    )
+    ds = observations_to_dataset(
+        obs,
+        units=units,
+        length_units="m",
+        time_units="s",
+        reference=reference,
+        calendar="noleap",
+    )
+    dio.write_netcdf(ds, path)
+
+
+def test_assimilate_config_file(tmp_path, capsys):
+    write_obs(tmp_path / "obs.nc")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(HEAT_TOML.format(extra=""))
+    code, out, err = run_cli(capsys, "assimilate", str(cfg), "-q")
+    assert code == 0, err
+    ds = dio.read_netcdf(tmp_path / "out" / "analysis.nc")
+    # degC observations were converted to the model's K: 0.05 degC = 273.2 K
+    np.testing.assert_allclose(ds["obs"].values, 273.2)
+    assert ds["time"].attrs["calendar"] == "noleap"
+    np.testing.assert_allclose(ds["time"].values, [0.1, 0.2, 0.4])
+    assert ds["analysis"].attrs["units"] == "K"
+    assert ds.attrs["n_iterations"] <= 2
+    assert "kappa" in out
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            ("[solver]", "[solver]\nmax_iteration = 3"),
+            "unknown key `max_iteration` in [solver]. Did you mean `max_iterations`?",
+        ),
+        (
+            ("n_steps = 8", 'n_steps = "8"'),
+            "`time.n_steps` must be an integer, got str",
+        ),
+        (("dt = 0.05", "dt = -0.05"), "`time.dt` must be positive and finite"),
+        (('name = "heat"', 'name = "hheat"'), "`model.name` must be one of"),
+        (('boundary = "neumann"', 'boundary = "nuemann"'), "Did you mean `neumann`?"),
+        (
+            ("parameters = { kappa = 0.01 }", "parameters = { kapa = 0.01 }"),
+            "unknown key `kapa` in [model.parameters]",
+        ),
+        (
+            ('transform = "log"', 'transform = "bounded"'),
+            "transform 'bounded' needs `lower` < `upper`",
+        ),
+        (
+            ("[observations]", "[twin]\n[observations]"),
+            "give exactly one of [observations]",
+        ),
+        (("[time]\n", "[tyme]\n"), "unknown key `tyme` in the top level"),
+        (("shape = [24]", "shape = [2]"), "each >= 3"),
+        (
+            ("sigma = 0.5", "sigma = 0.5\nlower = 0.0"),
+            "`lower`/`upper` apply only to transform = 'bounded'",
+        ),
+        (("dt = 0.05", "dt = 0.05\ndt = 0.1"), "is not valid TOML"),
+    ],
+)
+def test_config_errors(tmp_path, capsys, edit, message):
+    text = HEAT_TOML.format(extra="")
+    assert edit[0] in text
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert message in str(info.value)
+    assert info.value.args[0].startswith("bad.toml")
+    code, _, err = run_cli(capsys, "assimilate", str(cfg))
+    assert_one_line_error(code, err, message)
+
+
+def test_missing_section_and_key():
+    base = demo_config()
+    del base["time"]
+    with pytest.raises(ConfigError, match=r"missing section \[time\]"):
+        validate_config(base)
+    base = demo_config()
+    del base["time"]["dt"]
+    with pytest.raises(ConfigError, match=r"missing key `dt` in \[time\]"):
+        validate_config(base)
+    base = demo_config()
+    del base["model"]["parameters"]["kappa"]
+    with pytest.raises(
+        ConfigError, match=r"missing key `kappa` in \[model.parameters\]"
+    ):
+        validate_config(base)
+    base = demo_config()
+    base["control"]["parameters"]["depth"] = {"sigma": 1.0}
+    with pytest.raises(ConfigError, match="has no calibratable parameter `depth`"):
+        validate_config(base)
+
+
+@pytest.mark.parametrize(
+    "obs_kwargs, message",
+    [
+        ({"units": "m s-1"}, "`u` has units 'm s-1' but the model uses 'K'"),
+        ({"positions": (0.2, 0.5, 1.3)}, "lie outside the neumann domain [0, 1]"),
+        ({"times": (0.1, 0.2, 0.6)}, "outside the assimilation window [0, 0.4]"),
+        ({"reference": "2000-01-01T00:00:01"}, "outside the assimilation window"),
+    ],
+)
+def test_bad_data_through_the_cli(tmp_path, capsys, obs_kwargs, message):
+    write_obs(tmp_path / "obs.nc", **obs_kwargs)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(HEAT_TOML.format(extra=""))
+    code, _, err = run_cli(capsys, "assimilate", str(cfg))
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_background_grid_through_the_cli(tmp_path, capsys):
+    write_obs(tmp_path / "obs.nc")
+    other = dphys.Grid(24, lengths=1.0, boundary="neumann", origin=0.1)
+    dio.write_netcdf(
+        dio.to_dataset(jnp.zeros(24), other, units="K", length_units="m"),
+        tmp_path / "bg.nc",
+    )
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        HEAT_TOML.format(extra="").replace(
+            "value = 273.15", 'path = "bg.nc"\nvariable = "u"'
+        )
+    )
+    code, _, err = run_cli(capsys, "assimilate", str(cfg))
+    assert_one_line_error(code, err, "field `u`'s `x` coordinate does not match")
+    assert not (tmp_path / "out").exists()
+
+
+def test_subprocess_error_exit_code_and_no_output(tmp_path):
+    """The installed entry point's behaviour, in a fresh interpreter."""
+    write_obs(tmp_path / "obs.nc", units="m s-1")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(HEAT_TOML.format(extra=""))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "assimilation.cli", "assimilate", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "libtpu" not in ln and "TPU" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("dphys: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "analysis.nc").exists()
