@@ -140,7 +140,7 @@ def test_taylor_roundoff_cannot_hide_a_wrong_gradient():
 
 def test_taylor_quadratic_with_hvp_is_exact_to_roundoff():
     Q = jnp.array([[2.0, 0.5], [0.5, 1.0]])
-    f = lambda x: 0.5 * x @ Q @ x + jnp.sum(x)
+    f = jax.jit(lambda x: 0.5 * x @ Q @ x + jnp.sum(x))
     x = jnp.array([0.3, -1.2])
     res = dt.taylor_test(f, x, hvp=lambda v: Q @ v)
     assert res.passed and res.rate2 == math.inf and 1.9 <= res.rate1 <= 2.2
@@ -196,6 +196,7 @@ def test_taylor_gradient_dominated_by_a_small_parameter():
     # A cost whose gradient is dominated by a tiny parameter (like a diffusivity):
     # large g entries meet small h entries, so |<g, h>| << ||g|| ||h||. A step rule
     # based on ||g|| ||h|| / |f| put every remainder into round-off here.
+    @jax.jit  # for speed only
     def f(p):
         u, kappa = p["u"], p["kappa"]
         return 800.0 + jnp.sum(jnp.sin(u) ** 2) * (1.0 + 3e3 * kappa) + 1e6 * kappa**2
