@@ -14,6 +14,7 @@ Every operator here is linear in ``u`` and differentiable in its coefficients.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from ._grid import Grid
 
@@ -50,7 +51,14 @@ def face_flux(u, grid: Grid, axis: int, kappa=None):
 
     Returns an array one longer than ``u`` along ``axis`` (``n+1`` faces, boundary
     faces included). ``kappa`` is ``None`` (one), a scalar or a field; a field is
-    averaged arithmetically onto faces. Neumann boundary faces carry zero flux.
+    averaged arithmetically onto interior faces. Neumann boundary faces carry zero
+    flux. On a Dirichlet boundary face, half a cell outside the first unknown, the
+    field is extrapolated log-linearly, $\kappa_{-1/2} = \kappa_0\sqrt{\kappa_0 /
+    \kappa_1}$: a second-order face value that stays positive whenever the field is.
+    (Copying $\kappa_0$ would be first order there and leave an $O(1)$ truncation
+    error in the boundary row of :func:`laplacian`; with the extrapolation it is
+    $O(\Delta x)$ in that row, $O(\Delta x^2)$ elsewhere, and solutions converge at
+    second order.)
     """
     ax = u.ndim - grid.ndim + axis
     up = pad_axis(u, grid, axis)
@@ -59,6 +67,14 @@ def face_flux(u, grid: Grid, axis: int, kappa=None):
     if kappa is not None and jnp.ndim(kappa) > 0:
         kp = pad_axis(jnp.broadcast_to(kappa, u.shape), grid, axis, coefficient=True)
         kface = 0.5 * (kp[hi] + kp[lo])
+        if grid.boundary[axis] == "dirichlet":
+            n = kp.shape[ax]
+            at = lambda m: lax.slice_in_dim(kp, m, m + 1, axis=ax)
+            inner = lax.slice_in_dim(kface, 1, kface.shape[ax] - 1, axis=ax)
+            k0, k1, kn, km = at(1), at(2), at(n - 2), at(n - 3)
+            kface = jnp.concatenate(
+                [k0 * jnp.sqrt(k0 / k1), inner, kn * jnp.sqrt(kn / km)], axis=ax
+            )
     else:
         kface = 1.0 if kappa is None else kappa
     return -kface * grad
