@@ -316,3 +316,80 @@ def test_subprocess_error_exit_code_and_no_output(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dphys: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "analysis.nc").exists()
+
+
+# -- other models ----------------------------------------------------------------------
+def model_config(name):
+    cfg = demo_config(quick=True)
+    cfg["background"]["length_scale"] = 0.0  # diagonal B: nothing to compile here
+    if name == "advection":
+        cfg["model"]["name"] = "advection"
+        cfg["model"]["parameters"] = {"velocity": 0.2, "kappa": 1e-3}
+    else:
+        cfg["model"] = {
+            "name": "shallow_water",
+            "units": "m",
+            "length_units": "m",
+            "time_units": "s",
+            "grid": {"shape": [32], "lengths": 1e5, "boundary": "periodic"},
+            "parameters": {"depth": 100.0},
+        }
+        cfg["time"] = {"dt": 30.0, "n_steps": 20}
+        cfg["background"] = {"std": {"eta": 0.1, "u": 0.01, "v": 0.01}}
+        cfg["control"] = {"parameters": {"depth": {"transform": "log", "sigma": 0.3}}}
+        cfg["twin"].update(field="eta", truth={"depth": 120.0})
+    return cfg
+
+
+def test_config_builds_advection_and_shallow_water():
+    import pdes
+    from assimilation._config import build_run
+
+    setup = build_run(validate_config(model_config("advection")))
+    assert isinstance(setup.model, pdes.Advection)
+    assert setup.control.names == ("initial_state", "kappa")
+    assert float(setup.truth_model.kappa) == 2e-3 and float(setup.model.kappa) == 1e-3
+
+    setup = build_run(validate_config(model_config("shallow_water")))
+    assert isinstance(setup.model, pdes.ShallowWater)
+    assert isinstance(setup.state0, pdes.SWState)
+    assert float(setup.truth_model.depth) == 120.0
+    # the truth differs from the background by a draw from B, field by field
+    for field, std in (("eta", 0.1), ("u", 0.01)):
+        diff = getattr(setup.truth_state0, field) - getattr(setup.state0, field)
+        assert 0.3 * std < float(np.std(diff)) < 3 * std
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["twin"].pop("field"), "`twin.field` must name the observed state"),
+        (lambda c: c["background"]["std"].update(h=1.0), r"unknown field\(s\) \['h'\]"),
+        (lambda c: c["model"]["parameters"].update(kappa=1.0), "unknown key `kappa`"),
+        (
+            lambda c: c["control"]["parameters"].update(nonlinear={"sigma": 1.0}),
+            "no calibratable parameter `nonlinear`",
+        ),
+    ],
+)
+def test_shallow_water_config_errors(edit, message):
+    cfg = model_config("shallow_water")
+    edit(cfg)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+@pytest.mark.slow
+def test_shallow_water_twin_end_to_end(tmp_path):
+    from assimilation._config import output_dataset, run
+
+    cfg = model_config("shallow_water")
+    cfg["background"]["length_scale"] = 1e4
+    cfg["twin"].update(n_sensors=6, obs_every=2, sigma=0.01)
+    cfg["solver"]["max_iterations"] = 5
+    out = run(validate_config(cfg))
+    assert out.scores["rmse_initial_analysis"] < out.scores["rmse_initial_background"]
+    ds = output_dataset(out)
+    assert {"analysis_eta", "analysis_u", "analysis_v", "depth_std"} <= set(ds)
+    dio.write_netcdf(ds, tmp_path / "sw.nc")
+    assert dio.read_netcdf(tmp_path / "sw.nc")["analysis_eta"].dims == ("x",)
