@@ -36,3 +36,8 @@ from ._variational import (
     minimize as minimize,
     posterior as posterior,
 )
+from ._twin import (
+    TwinResult as TwinResult,
+    make_observations as make_observations,
+    twin_experiment as twin_experiment,
+)

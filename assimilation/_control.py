@@ -201,7 +201,8 @@ class Parameter(eqx.Module):
             ``model.kappa``; dotted paths such as ``"friction.drag"`` follow
             attributes).
         background: the prior value $p_b$ in physical units (scalar or field);
-            ``None`` takes the model's current value.
+            ``None`` takes the model's current value. A field background for a
+            model leaf that is a scalar turns the parameter into a field.
         transform: the :class:`AbstractTransform` $T$ (``Identity()``, ``Log()``,
             ``Softplus()``, ``Bounded(a, b)``).
         covariance: prior covariance of $z$ (the *unconstrained* value), e.g.
@@ -307,7 +308,9 @@ class Parameter(eqx.Module):
         background = self.background
         if background is None:
             background = jnp.asarray(current)
-        if jnp.shape(background) != jnp.shape(current):
+        # A scalar model value may be calibrated as a field (e.g. a constant kappa
+        # becoming kappa(x)): the model's own constructor accepts both.
+        if jnp.shape(current) != () and jnp.shape(background) != jnp.shape(current):
             raise ValueError(
                 f"Parameter {self.name!r}: `background` has shape "
                 f"{jnp.shape(background)} but the model's value has shape "

@@ -45,12 +45,14 @@ from ._observation import (
 class _Forced(dphys.AbstractModel):
     """``model`` with an extra constant source ``extra`` (model-error forcing)."""
 
+    grid: dphys.Grid
     model: dphys.AbstractModel
     extra: Any
 
-    @property
-    def grid(self):
-        return self.model.grid
+    def __init__(self, model, extra):
+        self.grid = model.grid
+        self.model = model
+        self.extra = extra
 
     def linear(self, t, state):
         return self.model.linear(t, state)

@@ -74,15 +74,11 @@ class AbstractCovariance(eqx.Module):
 
     def to_dense(self):
         """The dense matrix $B$, shape ``(size, size)`` (small problems and tests)."""
-        eye = jnp.eye(self.size, dtype=jnp.result_type(float))
-        cols = jax.vmap(lambda e: self.mv(e.reshape(self.shape)).reshape(-1))(eye)
-        return cols.T
+        return _to_dense(self)
 
     def variance(self):
         """The diagonal of $B$, an array of ``shape``."""
-        eye = jnp.eye(self.size, dtype=jnp.result_type(float))
-        rows = jax.vmap(lambda e: self.sqrt_transpose(e.reshape(self.shape)))(eye)
-        return jnp.sum(rows.reshape(self.size, -1) ** 2, axis=1).reshape(self.shape)
+        return _variance(self)
 
     def sample(self, *, key, dtype=None):
         r"""A draw $U z$, $z\sim\mathcal N(0, I)$: a sample from $\mathcal N(0, B)$."""
@@ -96,6 +92,20 @@ class AbstractCovariance(eqx.Module):
                 f"describes has shape {tuple(jnp.shape(like))}; build the covariance "
                 "on the same grid/shape."
             )
+
+
+@eqx.filter_jit
+def _to_dense(cov):
+    eye = jnp.eye(cov.size, dtype=jnp.result_type(float))
+    cols = jax.vmap(lambda e: cov.mv(e.reshape(cov.shape)).reshape(-1))(eye)
+    return cols.T
+
+
+@eqx.filter_jit
+def _variance(cov):
+    eye = jnp.eye(cov.size, dtype=jnp.result_type(float))
+    rows = jax.vmap(lambda e: cov.sqrt_transpose(e.reshape(cov.shape)))(eye)
+    return jnp.sum(rows.reshape(cov.size, -1) ** 2, axis=1).reshape(cov.shape)
 
 
 def _check_std(std, name="std"):
@@ -279,6 +289,9 @@ class Diffusion(AbstractCovariance):
 
     def _smooth(self, v):
         """$K^m v$, with $K = (I - \\nabla\\cdot\\frac{\\ell^2}{4m}\\nabla)^{-1}$."""
+        return _smooth(self, v)
+
+    def _smooth_impl(self, v):
         kappa = self.length_scale.astype(v.dtype) ** 2 / (4 * self.n_steps)
         model = pdes.Heat(self.grid, kappa)
         solver = dphys.Auto().resolve(model, v)
@@ -298,8 +311,7 @@ class Diffusion(AbstractCovariance):
             e = jnp.zeros(n, dtype).at[i].set(1.0).reshape(self.grid.shape)
             return jnp.sum(self._smooth(e) ** 2)
 
-        var = jax.lax.map(column_norm, jnp.arange(n), batch_size=min(n, 512))
-        return var.reshape(self.grid.shape)
+        return _map_columns(column_norm, n).reshape(self.grid.shape)
 
     def sqrt(self, v):
         w = self._smooth(v)
@@ -309,6 +321,16 @@ class Diffusion(AbstractCovariance):
         return self._smooth((self.std * self.scale).astype(x.dtype) * x)
 
     def variance(self):
-        if self.scale.ndim:
+        if self.scale.ndim:  # exact normalisation: unit correlation on the diagonal
             return jnp.broadcast_to(self.std**2, self.shape)
         return super().variance()
+
+
+@eqx.filter_jit
+def _smooth(cov: Diffusion, v):
+    return cov._smooth_impl(v)
+
+
+@eqx.filter_jit
+def _map_columns(fn, n):
+    return jax.lax.map(fn, jnp.arange(n), batch_size=min(n, 512))

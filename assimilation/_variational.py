@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -159,14 +160,17 @@ class GaussNewton(AbstractMethod):
         zero = jnp.zeros((), jnp.int32)
         return IterationState(v, j, jb, jo, g, _norm(g), zero, jnp.zeros_like(j), None)
 
-    def solve_increment(self, cost, v):
+    def solve_increment(self, cost, v, grad=None):
         """One inner loop: the Gauss-Newton increment $\\delta$ at ``v``.
 
-        Returns ``(delta, grad, cg_steps)``.
+        Solves $(I + J_o^\\top J_o)\\,\\delta = -\\nabla J(v)$ by CG. ``grad`` is
+        $\\nabla J(v)$ when already known. Returns ``(delta, cg_steps)``.
         """
+        # The primal run here is the linearisation point; `vjp_fn` is the adjoint
+        # model J_o^T (checkpointed as the cost is), `jax.jvp` the tangent linear J_o.
         res, vjp_fn = jax.vjp(cost.obs_residual, v)
-        (jt_r,) = vjp_fn(res)
-        grad = _add(v, jt_r)
+        if grad is None:
+            grad = _add(v, vjp_fn(res)[0])
 
         def hvp(p):
             _, jp = jax.jvp(cost.obs_residual, (v,), (p,))
@@ -183,25 +187,27 @@ class GaussNewton(AbstractMethod):
         )
         rhs = jtu.tree_map(jnp.negative, grad)
         sol = lx.linear_solve(op, rhs, solver, throw=False)
-        return sol.value, grad, sol.stats["num_steps"]
+        return sol.value, jnp.asarray(sol.stats["num_steps"], jnp.int32)
 
     def step(self, cost, state):
         v, j = state.v, state.cost
-        delta, _, n_cg = self.solve_increment(cost, v)
+        delta, n_cg = self.solve_increment(cost, v, state.grad)
 
         def trial(k):
             return _add(v, delta, 0.5**k)
 
+        # Backtracking: halve the step while it does not decrease J. The loop starts
+        # at k = -1 so that the cost is traced once, in the body.
         def cond(carry):
             k, j_new = carry
             bad = ~(j_new <= j) | ~jnp.isfinite(j_new)
-            return bad & (k < self.max_backtracks)
+            return (k < 0) | (bad & (k < self.max_backtracks))
 
         def body(carry):
             k, _ = carry
             return k + 1, cost.costs(trial(k + 1))[0]
 
-        k, _ = jax.lax.while_loop(cond, body, (0, cost.costs(trial(0))[0]))
+        k, _ = jax.lax.while_loop(cond, body, (-1, jnp.asarray(jnp.inf, j.dtype)))
         v_new = trial(k)
         j, jb, jo, g = _evaluate(cost, v_new)
         step = _norm(_add(v_new, v, -1.0))
@@ -614,19 +620,50 @@ class Analysis(eqx.Module):
         return "\n".join(lines)
 
 
+def _info(cost, s):
+    return {
+        "cost": s.cost,
+        "background_cost": s.background_cost,
+        "obs_cost": s.obs_cost,
+        "grad_norm": s.grad_norm,
+        "step_norm": s.step_norm,
+        "inner_iterations": s.inner_iterations,
+        "parameters": cost.parameters(s.v),
+    }
+
+
+def _strong(tree):
+    """Drop weak types so that the state of every iteration has one signature."""
+    return jtu.tree_map(lambda x: x.astype(x.dtype) if eqx.is_array(x) else x, tree)
+
+
 @eqx.filter_jit
 def _init_jit(method, cost, v):
-    return method.init(cost, v)
+    s = _strong(method.init(cost, v))
+    return s, _info(cost, s)
 
 
 @eqx.filter_jit
 def _step_jit(method, cost, state):
-    return method.step(cost, state)
+    s = _strong(method.step(cost, state))
+    return s, _info(cost, s)
 
 
 @eqx.filter_jit
 def _forecast_jit(cost, v):
     return cost.forecast(v)
+
+
+_posterior_jit = eqx.filter_jit(posterior)
+
+
+def _step_config(method):
+    """``method`` with the stopping options neutralised: they never enter the
+    jitted iteration, so changing them must not trigger a recompilation."""
+    return dataclasses.replace(method, max_iterations=0, gtol=0.0, ftol=0.0)
+
+
+_SCALARS = ("cost", "background_cost", "obs_cost", "grad_norm", "step_norm")
 
 
 def _np_tree(tree):
@@ -683,27 +720,22 @@ def assimilate(
         )
     v_start = cost.init() if v0 is None else v0
     cost.control.check_control(v_start, cost.state0)
-    params_jit = eqx.filter_jit(lambda c, v: c.parameters(v))
-
     start = time.perf_counter()
-    state = _init_jit(method, cost, v_start)
     rows: list[dict] = []
 
-    def record(s):
-        info = {
-            "cost": float(s.cost),
-            "background_cost": float(s.background_cost),
-            "obs_cost": float(s.obs_cost),
-            "grad_norm": float(s.grad_norm),
-            "step_norm": float(s.step_norm),
-            "inner_iterations": int(s.inner_iterations),
-            "elapsed": time.perf_counter() - start,
-            "parameters": _np_tree(params_jit(cost, s.v)),
-        }
+    def record(raw):
+        # One device-to-host transfer per iteration.
+        raw = jax.device_get(raw)
+        info = {k: float(raw[k]) for k in _SCALARS}
+        info["inner_iterations"] = int(raw["inner_iterations"])
+        info["elapsed"] = time.perf_counter() - start
+        info["parameters"] = {k: np.asarray(x) for k, x in raw["parameters"].items()}
         rows.append(info)
         return info
 
-    info = record(state)
+    core = _step_config(method)
+    state, raw = _init_jit(core, cost, v_start)
+    info = record(raw)
     stop = bool(callback(0, info)) if callback is not None else False
     g0 = info["grad_norm"]
     termination = "callback" if stop else None
@@ -716,14 +748,17 @@ def assimilate(
         if it >= method.max_iterations:
             termination = "max_iterations"
             break
-        new = _step_jit(method, cost, state)
-        if not (math.isfinite(float(new.cost)) and math.isfinite(float(new.grad_norm))):
+        new, raw = _step_jit(core, cost, state)
+        raw = jax.device_get(raw)
+        if not (math.isfinite(float(raw["cost"])) and math.isfinite(
+            float(raw["grad_norm"])
+        )):
             termination = "nonfinite"
             break
-        j_prev = float(state.cost)
+        j_prev = rows[-1]["cost"]
         state = new
         it += 1
-        info = record(state)
+        info = record(raw)
         if callback is not None and callback(it, info):
             termination = "callback"
         elif info["grad_norm"] <= method.gtol * g0:
@@ -771,7 +806,7 @@ def _make_analysis(cost, v_a, history, termination, method, uncertainty):
     p_std = p_std_z = corr = state_std = None
     labels: tuple[str, ...] = ()
     if uncertainty:
-        post = eqx.filter_jit(posterior)(cost, v_a)
+        post = _posterior_jit(cost, v_a)
         labels = post.labels
         if post.names:
             p_std = _np_tree(post.split(post.std))
