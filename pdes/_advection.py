@@ -127,12 +127,19 @@ class Advection(dphys.AbstractModel):
     **Solvers.** On a periodic grid with constant velocity and $\kappa$ the operator
     is translation invariant and :class:`dphys.Auto` picks :class:`dphys.FFT`
     (exact, one FFT pair per step, or one per saved segment with fast-forward).
-    Otherwise it is non-symmetric: use :class:`dphys.Krylov` with ``"gmres"`` or
-    ``"bicgstab"`` (the default picks GMRES); in 1D with non-periodic boundaries
-    :class:`dphys.Tridiagonal` solves the centered and upwind schemes directly. A
-    Krylov solve conserves mass only to its tolerance when a Jacobi preconditioner
-    with a non-constant diagonal is used (the residual is then not orthogonal to
-    constants); without a preconditioner (or with the FFT) to round-off.
+    Otherwise it is non-symmetric and :class:`dphys.Auto` picks
+    :class:`dphys.Krylov` (GMRES), except in 1D with non-periodic boundaries where
+    :class:`dphys.Tridiagonal` solves the centered and upwind schemes directly.
+    ``dphys.Krylov(method="bicgstab")`` is often far cheaper than GMRES here:
+    lineax's GMRES completes a whole restart cycle before it tests convergence.
+
+    Mass and Krylov solves: a Krylov residual is $p(A)r_0$ with $p(0)=1$, and the
+    flux form gives $\mathbf 1^T A = \mathbf 1^T$ and $\mathbf 1^T r_0 = 0$, so the
+    residual sums to zero and mass is conserved to round-off whatever the tolerance,
+    *unless* a Jacobi preconditioner with a non-constant diagonal (upwind with a
+    velocity field) spoils that structure: mass is then conserved to the solver
+    tolerance only. Pass ``preconditioner=None`` where round-off conservation
+    matters.
 
     Attributes:
         grid: the :class:`dphys.Grid`.
