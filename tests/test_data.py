@@ -1,6 +1,7 @@
 """assimilation._data: reading observations and fields, and every validation error."""
 
 import logging
+import pathlib
 
 import cftime
 import jax.numpy as jnp
@@ -316,3 +317,30 @@ def test_read_field_never_aligns_mismatched_grids():
         read_field(ds, "u", PERIODIC)
     with pytest.raises(TimeAxisError, match="not increasing"):
         read_field(ds.isel(time=[0, 2, 1]), "u", GRID)
+
+
+def test_io_exports_are_lazy():
+    """`import assimilation` does not load xarray; the readers are exported lazily."""
+    import subprocess
+    import sys
+
+    import assimilation
+    from assimilation import _data
+
+    assert assimilation.read_observations is _data.read_observations
+    assert issubclass(assimilation.GridMismatchError, ValueError)
+    with pytest.raises(AttributeError, match="no attribute 'read_obs'"):
+        assimilation.read_obs  # noqa: B018
+    code = (
+        "import sys, assimilation; assert 'xarray' not in sys.modules; "
+        "assimilation.read_field; assert 'xarray' in sys.modules"
+    )
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
