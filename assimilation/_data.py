@@ -362,21 +362,36 @@ def _check_time_axis(t: np.ndarray, name: str) -> None:
         )
 
 
-def _apply_window(t: np.ndarray, window, outside: str, name: str) -> np.ndarray:
-    """Boolean mask of times to keep; raise or log for times outside ``window``."""
+# Times and positions within this fraction of the window length / domain length
+# outside it are snapped onto its edge (logged) rather than refused: values stored
+# as float32, or converted between units, miss an edge by a few ulps.
+_EDGE_RTOL = 1e-6
+
+
+def _apply_window(t: np.ndarray, window, outside: str, name: str):
+    """``(keep, t)``: a mask of the times to keep and the times, with those within
+    round-off of an edge snapped onto it; raise or log for times outside."""
     if outside not in ("error", "drop"):
         raise ValueError(f"`outside` must be 'error' or 'drop', got {outside!r}.")
     keep = np.ones(t.shape, dtype=bool)
     if window is None:
-        return keep
+        return keep, t
     t0, t1 = (float(w) for w in window)
     if not t1 >= t0:
         raise ValueError(
             f"`window` must be (start, end) with end >= start, got {window}."
         )
-    # Relative slack: times computed from dates carry round-off of a few ulps.
-    tol = 1e-9 * max(abs(t0), abs(t1), t1 - t0, 1.0)
-    keep = (t >= t0 - tol) & (t <= t1 + tol)
+    tol = _EDGE_RTOL * max(t1 - t0, 1e-3 * max(abs(t0), abs(t1), 1.0))
+    near = ((t < t0) & (t >= t0 - tol)) | ((t > t1) & (t <= t1 + tol))
+    if np.any(near):
+        logger.info(
+            "snapped %d time(s) of `%s` within %.3g of the window edges onto them",
+            int(near.sum()),
+            name,
+            tol,
+        )
+        t = np.where(near, np.clip(t, t0, t1), t)
+    keep = (t >= t0) & (t <= t1)
     n_out = int(np.sum(~keep))
     if n_out and outside == "error":
         first = float(t[~keep][0])
@@ -395,7 +410,7 @@ def _apply_window(t: np.ndarray, window, outside: str, name: str) -> np.ndarray:
             t0,
             t1,
         )
-    return keep
+    return keep, t
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -496,7 +511,7 @@ def read_observations(
         _time_coord(ds, da, variable), time_units=time_units, reference=reference
     )
     _check_time_axis(t, TIME_DIM)
-    keep = _apply_window(t, window, outside, variable)
+    keep, t = _apply_window(t, window, outside, variable)
 
     data_units = _checked_units(da, variable, units)
     values = np.asarray(da.values, dtype=np.float64)
@@ -576,8 +591,16 @@ def _check_positions(pos, grid, axis, name, ds):
                 hi,
             )
         return wrapped
-    tol = 1e-12 * grid.lengths[axis]
-    bad = (pos < lo - tol) | (pos > hi + tol)
+    tol = _EDGE_RTOL * grid.lengths[axis]
+    near = ((pos < lo) & (pos >= lo - tol)) | ((pos > hi) & (pos <= hi + tol))
+    if np.any(near):
+        logger.info(
+            "snapped %d sensor position(s) `%s` onto the domain edge",
+            int(near.sum()),
+            name,
+        )
+        pos = np.where(near, np.clip(pos, lo, hi), pos)
+    bad = (pos < lo) | (pos > hi)
     if np.any(bad):
         idx = np.flatnonzero(bad)
         label = ds[STATION_DIM].values[idx[:3]] if STATION_DIM in ds.coords else idx[:3]
@@ -699,7 +722,7 @@ def read_field(
             _time_coord(ds, da, variable), time_units=time_units, reference=reference
         )
         _check_time_axis(times, TIME_DIM)
-        keep = _apply_window(times, window, outside, variable)
+        keep, times = _apply_window(times, window, outside, variable)
         times, values = times[keep], values[keep]
         times = jnp.asarray(times, dtype=jnp.result_type(float))
     return times, jnp.asarray(values)

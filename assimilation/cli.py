@@ -144,21 +144,22 @@ def _summary(out) -> str:
     lines = []
     truth = (out.truth or {}).get("parameters", {})
     inside = (out.scores or {}).get("within_2sigma", {})
+
+    def cell(v, spec):
+        return f"{'-':>12}" if v is None else f"{float(v):>12{spec}}"
+
     if a.parameters:
-        head = f"  {'parameter':<10} {'truth':>12} {'background':>12} {'analysis':>12}"
-        head += f" {'± σ':>12}  truth within ±2σ" if truth else f" {'± σ':>12}"
-        lines.append(head)
+        head = f"  {'parameter':<10}" + (f" {'truth':>12}" if truth else "")
+        head += f" {'background':>12} {'analysis':>12} {'± σ':>12}"
+        lines.append(head + ("  truth within ±2σ" if inside else ""))
     for name, value in a.parameters.items():
         value = np.asarray(value)
         bg = np.asarray(a.background_parameters[name])
         std = None if a.parameter_std is None else np.asarray(a.parameter_std[name])
         t = truth.get(name)
         if value.ndim == 0:
-            row = (
-                f"  {name:<10} {float(t) if t is not None else float('nan'):>12.5g}"
-                f" {float(bg):>12.5g} {float(value):>12.5g} "
-                f"{float(std) if std is not None else float('nan'):>12.3g}"
-            )
+            row = f"  {name:<10}" + (f" {cell(t, '.5g')}" if truth else "")
+            row += f" {cell(bg, '.5g')} {cell(value, '.5g')} {cell(std, '.3g')}"
             if name in inside:
                 row += f"  {'yes' if inside[name] == 1.0 else 'NO'}"
         else:

@@ -160,6 +160,29 @@ def test_outside_window_dropped_with_count(caplog):
     assert "dropped 1 of 3 times" in caplog.text
 
 
+def test_round_off_at_the_edges_is_snapped(caplog):
+    # float32 storage: 0.4 becomes 0.4000000059604645, just past the window's end
+    t32 = np.float32(0.4).astype(np.float64)
+    assert t32 > 0.4
+    ds = obs_dataset(
+        times=(0.1, 0.2, t32), positions=(0.0, 500.0, 1000.0 + 1e-7), time_units="s"
+    )
+    with caplog.at_level(logging.INFO, logger="assimilation._data"):
+        obs = read_observations(ds, GRID, time_units="s", window=(0.0, 0.4))
+    assert float(obs.times[-1]) == 0.4
+    assert float(obs.positions[-1, 0]) == 1000.0
+    assert "snapped 1 time(s)" in caplog.text
+    assert "snapped 1 sensor position(s)" in caplog.text
+    # a real miss is still refused
+    with pytest.raises(TimeAxisError, match="outside the assimilation window"):
+        read_observations(
+            obs_dataset(times=(0.1, 0.2, 0.401), time_units="s"),
+            GRID,
+            time_units="s",
+            window=(0.0, 0.4),
+        )
+
+
 def test_sensors_outside_domain():
     with pytest.raises(
         DomainError,
