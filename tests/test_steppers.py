@@ -1,0 +1,281 @@
+"""Time steppers and implicit solvers: measured order in time against exact
+semi-discrete solutions, implicit-solve residuals, stiff stability, solver choice."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.linalg
+
+import dphys
+import pdes
+from dphys.operators import laplacian
+
+
+class Reaction(dphys.AbstractModel):
+    """Reaction-diffusion: L u = div(kappa grad u) implicit, N explicit.
+
+    ``cubic=False``: N(u) = -rate u (linear, so expm gives the exact solution);
+    ``cubic=True``: N(u) = rate (u - u^3) (Allen-Cahn reaction, nonlinear).
+    """
+
+    grid: dphys.Grid
+    kappa: jax.Array
+    rate: jax.Array
+    cubic: bool = eqx.field(static=True, default=False)
+
+    def linear(self, t, state):
+        return laplacian(state, self.grid, self.kappa)
+
+    def explicit(self, t, state):
+        if self.cubic:
+            return self.rate * (state - state**3)
+        return -self.rate * state
+
+    @property
+    def symmetric(self):
+        return True
+
+    @property
+    def translation_invariant(self):
+        return jnp.ndim(self.kappa) == 0
+
+
+class Unsteady(dphys.AbstractModel):
+    """Non-autonomous: kappa(t) = kappa (1 + sin(2 pi t) / 2) and a forcing f(t)."""
+
+    grid: dphys.Grid
+    kappa: jax.Array
+
+    def linear(self, t, state):
+        return laplacian(state, self.grid, self.kappa * (1 + 0.5 * jnp.sin(2 * jnp.pi * t)))
+
+    def forcing(self, t):
+        x = jnp.asarray(self.grid.axis_coords(0))
+        return jnp.sin(3.0 * t) * jnp.cos(2 * jnp.pi * x)
+
+    @property
+    def autonomous(self):
+        return False
+
+    @property
+    def symmetric(self):
+        return True
+
+    @property
+    def translation_invariant(self):
+        return True
+
+
+GRID = dphys.Grid(16, lengths=1.0)
+X = GRID.axis_coords(0)
+U0 = jnp.asarray(1.0 + 0.5 * np.cos(2 * np.pi * X) + 0.3 * np.sin(4 * np.pi * X))
+T1 = 1.0
+
+
+def _dense(model):
+    return np.asarray(jax.jacfwd(lambda v: model.vector_field(0.0, v))(U0))
+
+
+def _reference(model):
+    """Exact solution of the semi-discrete ODE at T1: expm for autonomous linear
+    models, otherwise DOP853 at tolerance 1e-13 (an independent integrator)."""
+    if isinstance(model, pdes.Heat) or (
+        isinstance(model, Reaction) and not model.cubic
+    ):
+        return scipy.linalg.expm(_dense(model) * T1) @ np.asarray(U0)
+    f = jax.jit(lambda t, v: model.vector_field(t, v))
+    sol = scipy.integrate.solve_ivp(
+        lambda t, v: np.asarray(f(t, v)),
+        (0.0, T1),
+        np.asarray(U0),
+        method="DOP853",
+        rtol=1e-13,
+        atol=1e-13,
+    )
+    return sol.y[:, -1]
+
+
+MODELS = {
+    "heat": pdes.Heat(GRID, 0.05),
+    "linear-reaction": Reaction(GRID, jnp.asarray(0.05), jnp.asarray(1.0)),
+    "cubic-reaction": Reaction(GRID, jnp.asarray(0.05), jnp.asarray(2.0), cubic=True),
+    "unsteady": Unsteady(GRID, jnp.asarray(0.05)),
+}
+
+# (model, stepper, expected order, step counts). CN/Theta are only first order once
+# there is an explicit part (forward Euler on N); IMEX/SBDF2 keep second order.
+ORDER_CASES = [
+    ("heat", dphys.BackwardEuler(), 1, (20, 40, 80)),
+    ("heat", dphys.CrankNicolson(), 2, (20, 40, 80)),
+    ("heat", dphys.Theta(0.7), 1, (20, 40, 80)),
+    ("heat", dphys.BDF2(), 2, (20, 40, 80)),
+    ("linear-reaction", dphys.IMEX(), 2, (20, 40, 80)),
+    ("linear-reaction", dphys.BackwardEuler(), 1, (20, 40, 80)),
+    ("linear-reaction", dphys.CrankNicolson(), 1, (20, 40, 80)),
+    ("cubic-reaction", dphys.IMEX(), 2, (20, 40, 80)),
+    ("cubic-reaction", dphys.BDF2(), 2, (20, 40, 80)),
+    ("cubic-reaction", dphys.FullyImplicit(theta=1.0), 1, (20, 40)),
+    ("cubic-reaction", dphys.FullyImplicit(theta=0.5), 2, (20, 40)),
+    ("unsteady", dphys.BackwardEuler(), 1, (20, 40, 80)),
+    ("unsteady", dphys.CrankNicolson(), 2, (20, 40, 80)),
+    ("unsteady", dphys.BDF2(), 2, (20, 40, 80)),
+]
+
+
+def _case_id(case):
+    name, stepper, _, _ = case
+    theta = getattr(stepper, "theta", None)
+    suffix = "" if theta is None or isinstance(stepper, dphys.CrankNicolson) else theta
+    return f"{name}-{type(stepper).__name__}{suffix}"
+
+
+def measured_order(model, stepper, steps):
+    ref = _reference(model)
+    errors = []
+    for n in steps:
+        final = jax.jit(
+            lambda m, u, n=n: dphys.simulate(
+                m, stepper, u, dt=T1 / n, n_steps=n, adjoint=dphys.Unrolled()
+            ).final
+        )(model, U0)
+        errors.append(float(np.max(np.abs(np.asarray(final) - ref))))
+    errors = np.asarray(errors)
+    return errors, np.log2(errors[:-1] / errors[1:])
+
+
+@pytest.mark.parametrize("case", ORDER_CASES, ids=[_case_id(c) for c in ORDER_CASES])
+def test_measured_order_in_time(case):
+    name, stepper, order, steps = case
+    errors, p = measured_order(MODELS[name], stepper, steps)
+    assert abs(p[-1] - order) <= 0.3, (errors, p)
+    assert order == stepper.order or name != "heat"
+
+
+def test_reference_solutions_agree():
+    """The two references (expm and DOP853) agree, so either can be trusted."""
+    model = MODELS["heat"]
+    expm = _reference(model)
+    f = jax.jit(lambda t, v: model.vector_field(t, v))
+    ivp = scipy.integrate.solve_ivp(
+        lambda t, v: np.asarray(f(t, v)), (0.0, T1), np.asarray(U0),
+        method="DOP853", rtol=1e-13, atol=1e-13,
+    ).y[:, -1]
+    np.testing.assert_allclose(ivp, expm, atol=1e-11)
+
+
+# ---------------------------------------------------------------- implicit solves
+
+
+def _field(grid):
+    k = 1.0
+    for a in range(grid.ndim):
+        x = np.meshgrid(*[grid.axis_coords(b) for b in range(grid.ndim)], indexing="ij")[a]
+        k = k * (1.0 + 0.5 * np.sin(2 * np.pi * x + 0.7 * a))
+    return jnp.asarray(0.1 * k)
+
+
+SOLVE_CASES = [
+    ("fft-1d", dphys.Grid(24), "scalar", dphys.FFT(), 1e-13),
+    ("fft-2d", dphys.Grid((8, 12), lengths=(1.0, 2.0)), "scalar", dphys.FFT(), 1e-13),
+    ("tridiagonal-dirichlet", dphys.Grid(24, boundary="dirichlet"), "field", dphys.Tridiagonal(), 1e-13),
+    ("tridiagonal-neumann", dphys.Grid(24, boundary="neumann"), "field", dphys.Tridiagonal(), 1e-13),
+    ("cg-2d", dphys.Grid((8, 12), boundary="neumann"), "field", dphys.Krylov(method="cg"), 1e-9),
+    ("gmres-2d", dphys.Grid((8, 12), boundary="dirichlet"), "field", dphys.Krylov(method="gmres"), 1e-9),
+    ("bicgstab-1d", dphys.Grid(24), "field", dphys.Krylov(method="bicgstab"), 1e-9),
+    ("cg-no-preconditioner", dphys.Grid(24), "field", dphys.Krylov(preconditioner=None), 1e-9),
+]
+
+
+@pytest.mark.parametrize("case", SOLVE_CASES, ids=[c[0] for c in SOLVE_CASES])
+def test_implicit_solve_residual(case, getkey):
+    _, grid, kind, solver, tol = case
+    model = pdes.Heat(grid, 0.1 if kind == "scalar" else _field(grid))
+    rhs = jax.random.normal(getkey(), grid.shape)
+    gamma = 0.37
+
+    @jax.jit
+    def solve(model, rhs):
+        structure = solver.init(model, 0.0, rhs)
+        return solver.solve(model, 0.0, gamma, rhs, structure)
+
+    x, result, _ = solve(model, rhs)
+    assert result == dphys.RESULTS.successful
+    n = grid.size
+    apply_l = jax.jit(
+        jax.vmap(lambda v: model.linear(0.0, v.reshape(grid.shape)).ravel())
+    )
+    residual = np.asarray(x).ravel() - gamma * apply_l(x.reshape(1, n))[0] - rhs.ravel()
+    assert np.linalg.norm(residual) / float(jnp.linalg.norm(rhs)) < tol
+    # ... and it is the solution of the dense system.
+    A = np.eye(n) - gamma * np.asarray(apply_l(jnp.eye(n))).T
+    exact = np.linalg.solve(A, np.asarray(rhs).ravel())
+    np.testing.assert_allclose(np.asarray(x).ravel(), exact, atol=100 * tol * np.abs(exact).max())
+
+
+def test_auto_picks_the_structured_solver():
+    like1, like2 = jnp.zeros(16), jnp.zeros((8, 8))
+    resolve = lambda model, like: type(dphys.Auto().resolve(model, like))
+    assert resolve(pdes.Heat(dphys.Grid(16), 0.1), like1) is dphys.FFT
+    assert resolve(pdes.Heat(dphys.Grid(16), jnp.ones(16)), like1) is dphys.Krylov
+    assert resolve(pdes.Heat(dphys.Grid(16, boundary="neumann"), 0.1), like1) is dphys.Tridiagonal
+    assert resolve(pdes.Heat(dphys.Grid((8, 8), boundary="dirichlet"), 0.1), like2) is dphys.Krylov
+    assert resolve(pdes.Heat(dphys.Grid((8, 8)), 0.1), like2) is dphys.FFT
+
+
+# ----------------------------------------------------------------- stiff decay
+
+
+@pytest.mark.parametrize(
+    "stepper, l_stable",
+    [
+        (dphys.BackwardEuler(), True),
+        (dphys.BDF2(), True),
+        (dphys.CrankNicolson(), False),
+        (dphys.Theta(0.75), False),
+    ],
+    ids=["BE", "BDF2", "CN", "Theta0.75"],
+)
+def test_stiff_mode_stability(stepper, l_stable):
+    """The grid-scale mode with kappa lam dt = -4e4: L-stable schemes kill it in a
+    step or two, CN keeps |G| -> 1 (bounded, oscillating); none blows up."""
+    grid = dphys.Grid(32)
+    u0 = jnp.asarray(np.cos(np.pi * np.arange(32)))  # Nyquist mode, lam = -4/dx^2
+    lam = -4.0 * 32**2
+    dt = 4e4 / (-lam)
+    traj = jax.jit(
+        lambda u: dphys.simulate(
+            pdes.Heat(grid, 1.0), stepper, u, dt=dt, n_steps=6,
+            saveat=dphys.SaveAt(every=1), fast_forward=False,
+        )
+    )(u0)
+    amp = np.asarray(jnp.max(jnp.abs(traj.ys), axis=1))
+    assert np.all(amp <= 1.0 + 1e-12)
+    if l_stable:
+        assert amp[-1] < 1e-6
+    elif isinstance(stepper, dphys.CrankNicolson):
+        assert amp[-1] > 0.99  # not L-stable: G -> -1
+        signs = np.sign(np.asarray(traj.ys[:, 0]))
+        assert np.all(signs[1:] == -signs[:-1])
+    else:
+        theta = stepper.theta
+        g = (1 + (1 - theta) * dt * lam) / (1 - theta * dt * lam)
+        np.testing.assert_allclose(amp[-1], abs(g) ** 6, rtol=1e-10)
+
+
+def test_fast_forward_equals_stepping_and_is_used():
+    grid = dphys.Grid((8, 12), lengths=(1.0, 1.5))
+    y, x = np.meshgrid(grid.axis_coords(0), grid.axis_coords(1), indexing="ij")
+    u0 = jnp.asarray(np.exp(-((x - 0.7) ** 2 + (y - 0.4) ** 2) / 0.05))
+    model = pdes.Heat(grid, 0.03)
+    kw = dict(dt=0.01, n_steps=60, saveat=dphys.SaveAt(every=20))
+    for stepper in (dphys.CrankNicolson(), dphys.BackwardEuler(), dphys.Theta(0.6)):
+        fast = dphys.simulate(model, stepper, u0, **kw)
+        slow = dphys.simulate(model, stepper, u0, fast_forward=False, **kw)
+        assert bool(fast.stats["fast_forward"]) and not bool(slow.stats["fast_forward"])
+        np.testing.assert_allclose(fast.ys, slow.ys, rtol=0, atol=1e-13)
+    # BDF2 and IMEX (multistep, explicit part) cannot propagate.
+    assert not dphys.BDF2().can_propagate(model, u0)
+    assert not dphys.CrankNicolson().can_propagate(MODELS["linear-reaction"], U0)
