@@ -130,8 +130,11 @@ class Advection(dphys.AbstractModel):
     Otherwise it is non-symmetric and :class:`dphys.Auto` picks
     :class:`dphys.Krylov` (GMRES), except in 1D with non-periodic boundaries where
     :class:`dphys.Tridiagonal` solves the centered and upwind schemes directly.
-    ``dphys.Krylov(method="bicgstab")`` is often far cheaper than GMRES here:
-    lineax's GMRES completes a whole restart cycle before it tests convergence.
+    lineax's GMRES completes a whole restart cycle before it tests convergence, so a
+    short cycle (``dphys.Krylov(restart=10)``) is much cheaper than a long one.
+    BiCGStab is cheaper per iteration and fine for upwinding or Courant numbers
+    below about one, but can stagnate or break down on the centered scheme at large
+    Courant numbers, whose eigenvalues lie far from the real axis.
 
     Mass and Krylov solves: a Krylov residual is $p(A)r_0$ with $p(0)=1$, and the
     flux form gives $\mathbf 1^T A = \mathbf 1^T$ and $\mathbf 1^T r_0 = 0$, so the
