@@ -88,6 +88,15 @@ class AbstractModel(eqx.Module):
         """
         return state, jnp.asarray(True)
 
+    @property
+    def invalid_state_message(self) -> str | None:
+        """What :func:`dphys.simulate` reports when :meth:`validate` fails.
+
+        ``None`` (default) uses the generic ``RESULTS.invalid_state`` message; models
+        with a run-time invariant say which one was violated.
+        """
+        return None
+
     def vector_field(self, t, state):
         """The full right-hand side $L u + N(u) + f$."""
         out = self.linear(t, state)

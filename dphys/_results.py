@@ -19,6 +19,11 @@ class RESULTS(eqx.Enumeration):
         "A nonlinear implicit step (Newton-Krylov) did not converge. Reduce `dt`, "
         "increase `max_steps`, or loosen `rtol`/`atol`."
     )
+    invalid_state = (
+        "The state failed the model's run-time validity check (`model.validate`), "
+        "e.g. a non-positive water depth. Reduce `dt`, check the parameters and the "
+        "initial state."
+    )
     nonfinite_state = (
         "The state became non-finite (NaN or Inf). The run diverged: reduce `dt`, check "
         "the parameters (e.g. negative diffusivity or depth) and the initial state."

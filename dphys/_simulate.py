@@ -153,10 +153,14 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
 
     def record(carry, step_index, res, ok, iters):
         state, ss, result, failed_at, total_iters = carry
+        finite, valid = ok
         newly = (result == RESULTS.successful) & (
-            (res != RESULTS.successful) | ~ok
+            (res != RESULTS.successful) | ~(finite & valid)
         )
-        res = RESULTS.where(res == RESULTS.successful, RESULTS.nonfinite_state, res)
+        bad_state = RESULTS.where(
+            finite, RESULTS.invalid_state, RESULTS.nonfinite_state
+        )
+        res = RESULTS.where(res == RESULTS.successful, bad_state, res)
         result = RESULTS.where(newly, res, result)
         failed_at = jnp.where(newly, step_index, failed_at)
         return result, failed_at, total_iters + iters.astype(int_dtype)
@@ -167,7 +171,7 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
         t = t0 + k * dt
         new, ss, res, iters = stepper.step(model, t, dt, state, ss)
         new, valid = model.validate(new)
-        ok = _all_finite(new) & valid
+        ok = (_all_finite(new), valid)
         result, failed_at, total_iters = record(carry, k + 1, res, ok, iters)
         return ((new, ss, result, failed_at, total_iters), k + 1), None
 
@@ -178,7 +182,7 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
             t = t0 + k * dt
             new = stepper.propagate(model, t, dt, state, ss, seg)
             new, valid = model.validate(new)
-            ok = _all_finite(new) & valid
+            ok = (_all_finite(new), valid)
             result, failed_at, total_iters = record(
                 carry, k + seg, RESULTS.successful, ok, jnp.asarray(0)
             )
@@ -192,8 +196,14 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
         (state0, sstate, RESULTS.successful, jnp.asarray(-1), jnp.asarray(0)),
         jnp.asarray(0),
     )
-    if n_seg > 0:
+    if n_seg > 0 and fast_forward:
         (carry, _), seg_ys = adjoint.loop(segment, init, n_seg)
+    elif n_seg > 0:
+        # Steps and segments share one checkpointing hierarchy, so each step is
+        # recomputed levels-1 times, not twice that (see `segmented_scan`).
+        (carry, _), seg_ys = adjoint.segments(
+            step, lambda ck: observe(t0 + ck[1] * dt, ck[0][0]), init, n_seg, seg
+        )
     else:
         (carry, _), seg_ys = init, None
     final, _, result, failed_at, total_iters = carry
@@ -310,8 +320,11 @@ def simulate(
     if result != RESULTS.successful:
         step = int(traj.stats["first_failed_step"])
         t_fail = float(t0 + step * np.asarray(dt))
+        message = RESULTS[result]
+        if result == RESULTS.invalid_state and model.invalid_state_message:
+            message = model.invalid_state_message
         raise SimulationError(
             f"simulate failed at step {step} of {n_steps} (t = {t_fail:.6g}): "
-            f"{RESULTS[result]}"
+            f"{message}"
         )
     return traj
