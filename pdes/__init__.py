@@ -2,3 +2,8 @@
 
 from ._advection import Advection as Advection
 from ._heat import Heat as Heat, check_positive as check_positive
+from ._shallow_water import (
+    HelmholtzKrylov as HelmholtzKrylov,
+    ShallowWater as ShallowWater,
+    SWState as SWState,
+)
