@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from typing import Literal
 
 import equinox as eqx
@@ -55,7 +57,20 @@ class Grid(eqx.Module):
         boundary: str | tuple[str, ...] = "periodic",
         origin: float | tuple[float, ...] = 0.0,
     ):
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+            shape = (shape,)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+            raise TypeError(
+                f"`shape` must be an int or a tuple of ints (points per axis), got "
+                f"{type(shape).__name__} {shape!r}."
+            )
+        shape = tuple(shape)
+        for n in shape:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+                raise TypeError(
+                    f"`shape` entries must be integers (numbers of points), got "
+                    f"{shape!r}; a fractional size would be silently truncated."
+                )
         ndim = len(shape)
 
         def per_axis(value, name):
@@ -68,10 +83,18 @@ class Grid(eqx.Module):
                 return tuple(value)
             return (value,) * ndim
 
+        def real(values, name):
+            try:
+                return tuple(float(v) for v in values)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"`{name}` must be a real number or one per axis, got {values!r}."
+                ) from None
+
         self.shape = tuple(int(n) for n in shape)
-        self.lengths = tuple(float(v) for v in per_axis(lengths, "lengths"))
+        self.lengths = real(per_axis(lengths, "lengths"), "lengths")
         self.boundary = tuple(str(b) for b in per_axis(boundary, "boundary"))
-        self.origin = tuple(float(v) for v in per_axis(origin, "origin"))
+        self.origin = real(per_axis(origin, "origin"), "origin")
 
     def __check_init__(self):
         if len(self.shape) not in (1, 2):
@@ -87,6 +110,8 @@ class Grid(eqx.Module):
         for length in self.lengths:
             if not (length > 0 and math.isfinite(length)):
                 raise ValueError(f"`lengths` must be positive and finite, got {self.lengths}.")
+        if not all(math.isfinite(x0) for x0 in self.origin):
+            raise ValueError(f"`origin` must be finite, got {self.origin}.")
         for b in self.boundary:
             if b not in BOUNDARY_KINDS:
                 raise ValueError(

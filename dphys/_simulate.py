@@ -125,8 +125,21 @@ def _check_static(model, stepper, state0, dt, n_steps, adjoint):
         raise ValueError(f"`n_steps` must be >= 0, got {n_steps}.")
     if not isinstance(dt, jax.core.Tracer):
         dt_value = np.asarray(dt)
-        if dt_value.shape != () or not (np.isfinite(dt_value) and dt_value > 0):
+        if (
+            dt_value.shape != ()
+            or dt_value.dtype.kind not in "iuf"
+            or not (np.isfinite(dt_value) and dt_value > 0)
+        ):
             raise ValueError(f"`dt` must be a positive finite scalar, got {dt!r}.")
+    for leaf in jtu.tree_leaves(state0):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            # dt and t0 are cast to the state's dtype: an integer state would turn
+            # dt = 0.1 into 0 and silently return the initial state.
+            raise TypeError(
+                f"`state0` must hold real floating-point arrays, got a leaf of dtype "
+                f"{dtype}; cast it, e.g. `jnp.asarray(state0, dtype=float)`."
+            )
     model.check_state(state0)
     stepper.check(model, state0)
     model.check_run(state0, dt)
@@ -289,6 +302,9 @@ def simulate(
         (64,)
     """
     _check_static(model, stepper, state0, dt, n_steps, adjoint)
+    # A NumPy integer would reach the jitted loop as a traced array; the loop length
+    # must be a static Python int.
+    n_steps = int(n_steps)
     saveat.indices(n_steps)  # validates
     can_ff = stepper.can_propagate(model, state0)
     if fast_forward is None:
