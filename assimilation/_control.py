@@ -213,7 +213,8 @@ class Parameter(eqx.Module):
             ``eqx.tree_at``) when it is not an attribute path named by ``name``.
 
     Example:
-        >>> Parameter("kappa", transform=Log(), sigma=0.5).name
+        >>> import assimilation as da
+        >>> da.Parameter("kappa", transform=da.Log(), sigma=0.5).name
         'kappa'
     """
 
@@ -405,10 +406,11 @@ class Control(eqx.Module):
     (n_windows, *state shape)}`` with only the declared entries.
 
     Example:
+        >>> import assimilation as da, dphys
         >>> grid = dphys.Grid(16, boundary="periodic")
-        >>> control = Control(
-        ...     initial_state=InitialState(Diagonal(0.1, shape=grid.shape)),
-        ...     parameters=[Parameter("kappa", transform=Log(), sigma=0.5)],
+        >>> control = da.Control(
+        ...     initial_state=da.InitialState(da.Diagonal(0.1, shape=grid.shape)),
+        ...     parameters=[da.Parameter("kappa", transform=da.Log(), sigma=0.5)],
         ... )
         >>> control.names
         ('initial_state', 'kappa')

@@ -126,15 +126,18 @@ class FourDVar(eqx.Module):
             window, mismatched shapes, ``n_steps`` not divisible by ``n_windows``.
 
     Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import assimilation as da, dphys, pdes
         >>> grid = dphys.Grid(32, lengths=1.0, boundary="periodic")
         >>> model = pdes.Heat(grid, kappa=0.01)
         >>> x, = grid.coords
-        >>> obs = Observations([0.5, 1.0], jnp.zeros((2, 3)), [0.1, 0.5, 0.9], 0.1)
-        >>> control = Control(parameters=[Parameter("kappa", transform=Log(), sigma=1.0)])
-        >>> cost = FourDVar(model, dphys.CrankNicolson(), jnp.sin(2 * jnp.pi * x),
-        ...                 obs, control, dt=0.1, n_steps=10)
-        >>> v = cost.init()
-        >>> J, g = jax.value_and_grad(cost)(v)
+        >>> obs = da.Observations([0.5, 1.0], jnp.zeros((2, 3)), [0.1, 0.5, 0.9], 0.1)
+        >>> kappa = da.Parameter("kappa", transform=da.Log(), sigma=1.0)
+        >>> cost = da.FourDVar(model, dphys.CrankNicolson(), jnp.sin(2 * jnp.pi * x),
+        ...                    obs, da.Control(parameters=[kappa]), dt=0.1, n_steps=10)
+        >>> J, g = jax.value_and_grad(cost)(cost.init())
+        >>> sorted(g)
+        ['kappa']
     """
 
     model: dphys.AbstractModel

@@ -73,8 +73,10 @@ class Observations(eqx.Module):
             ``jit``/``vmap``).
 
     Example:
-        >>> obs = Observations(times=[0.1, 0.2], values=[[1.0, 2.0], [1.5, jnp.nan]],
-        ...                    positions=[0.25, 0.75], sigma=0.1)
+        >>> import jax.numpy as jnp
+        >>> import assimilation as da
+        >>> obs = da.Observations(times=[0.1, 0.2], positions=[0.25, 0.75], sigma=0.1,
+        ...                       values=[[1.0, 2.0], [1.5, jnp.nan]])
         >>> obs.values.shape, obs.positions.shape, obs.sigma.shape
         ((2, 2), (2, 1), (2,))
         >>> obs.mask.tolist()
@@ -283,10 +285,12 @@ class Interpolation(AbstractObservationOperator):
         field: name of the observed field for multi-field states, or ``None``.
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> import assimilation as da, dphys
         >>> grid = dphys.Grid(4, lengths=1.0, boundary="periodic")
-        >>> H = Interpolation(grid, [[0.125], [0.9]])
-        >>> H(jnp.arange(4.0)).tolist()
-        [0.5, 2.4]
+        >>> H = da.Interpolation(grid, [[0.125], [0.6], [0.9]])  # 0.9 wraps to 0
+        >>> [round(float(v), 12) for v in H(jnp.arange(4.0))]
+        [0.5, 2.4, 1.2]
     """
 
     grid: dphys.Grid

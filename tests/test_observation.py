@@ -153,3 +153,15 @@ def test_multi_field_state_needs_field_name():
     np.testing.assert_allclose(H(s), [2.4])
     with pytest.raises(TypeError, match="field"):
         da.Interpolation(grid, [0.3])({"h": jnp.zeros(8)})
+
+
+@pytest.mark.parametrize(
+    "module", ["_observation", "_covariance", "_control", "_cost"]
+)
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"assimilation.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
