@@ -28,7 +28,7 @@ def check_positive(value, name: str, *, allow_zero: bool = False):
         where = f" ({int(bad.sum())} of {arr.size} values)" if arr.ndim else ""
         raise ValueError(
             f"`{name}` must be {what} and finite everywhere, got min "
-            f"{np.nanmin(arr) if arr.size else arr}{where}. Pass a {what} value; to "
+            f"{np.min(arr) if arr.size else arr}{where}. Pass a {what} value; to "
             "optimise it unconstrained, parameterise it as exp(log_value)."
         )
 
