@@ -1,0 +1,334 @@
+"""Gradients of simulate: Taylor tests for every stepper and solver, dot tests of one
+step's tangent/adjoint pair, agreement between adjoint modes, and memory that does
+not grow with Krylov iterations or (much) with the number of steps."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dphys
+import dphys.testing as dt
+import pdes
+from dphys.operators import laplacian
+
+
+class Reaction(dphys.AbstractModel):
+    """Heat plus an explicit Allen-Cahn reaction rate (u - u^3), so that IMEX, SBDF2
+    and Newton actually see a nonlinear explicit part."""
+
+    grid: dphys.Grid
+    kappa: jax.Array
+    rate: float = eqx.field(static=True, default=1.0)
+
+    def linear(self, t, state):
+        return laplacian(state, self.grid, self.kappa)
+
+    def explicit(self, t, state):
+        return self.rate * (state - state**3)
+
+    @property
+    def symmetric(self):
+        return True
+
+    @property
+    def translation_invariant(self):
+        return jnp.ndim(self.kappa) == 0
+
+
+def coords(grid):
+    axes = [grid.axis_coords(a) for a in range(grid.ndim)]
+    return np.meshgrid(*axes, indexing="ij")
+
+
+def kappa_field(grid):
+    k = 0.02
+    for a, x in enumerate(coords(grid)):
+        k = k * (1.0 + 0.5 * np.sin(2 * np.pi * x + a))
+    return jnp.asarray(k)
+
+
+def blob(grid):
+    r2 = sum((x - 0.4 - 0.1 * a) ** 2 for a, x in enumerate(coords(grid)))
+    return jnp.asarray(0.2 + np.exp(-r2 / 0.02))
+
+
+# Solver set-ups: grid, solver, whether kappa is a scalar (FFT needs one).
+SOLVERS = {
+    "fft": (dphys.Grid(32), dphys.FFT(), True),
+    "tridiagonal": (dphys.Grid(32, boundary="neumann"), dphys.Tridiagonal(), False),
+    "cg": (dphys.Grid(32, boundary="dirichlet"), dphys.Krylov(method="cg"), False),
+    "gmres": (dphys.Grid(32), dphys.Krylov(method="gmres"), False),
+    "bicgstab": (
+        dphys.Grid((16, 16), boundary="neumann"),
+        dphys.Krylov(method="bicgstab"),
+        False,
+    ),
+}
+STEPPERS = {
+    "BE": dphys.BackwardEuler,
+    "CN": dphys.CrankNicolson,
+    "Theta0.7": lambda solver: dphys.Theta(0.7, solver=solver),
+    "BDF2": dphys.BDF2,
+    "IMEX": dphys.IMEX,
+}
+N_STEPS, EVERY, DT = 50, 5, 0.02
+
+
+def sensor_cost(grid, stepper, model_cls, *, adjoint=dphys.Unrolled(), fast_forward=None):
+    """0.5 * sum of squared misfits at 4 sensors, every EVERY steps over N_STEPS."""
+    flat = np.linspace(3, grid.size - 4, 4).astype(int)
+    sensors = np.unravel_index(flat, grid.shape)
+    obs = 0.3 + 0.1 * np.arange(N_STEPS // EVERY * 4).reshape(-1, 4) / 40
+
+    def cost(params):
+        model = model_cls(grid, params["kappa"])
+        traj = dphys.simulate(
+            model,
+            stepper,
+            params["state0"],
+            dt=DT,
+            n_steps=N_STEPS,
+            saveat=dphys.SaveAt(every=EVERY, fn=lambda t, u: u[sensors]),
+            adjoint=adjoint,
+            fast_forward=fast_forward,
+        )
+        return 0.5 * jnp.sum((traj.ys - obs) ** 2)
+
+    return cost
+
+
+def check_taylor(cost, params, key):
+    """Taylor tests along the state, along kappa and along both, plus the negative
+    control; all from one compiled value-and-gradient."""
+    value_and_grad = jax.jit(jax.value_and_grad(cost))
+    f = lambda p: value_and_grad(p)[0]
+    grad = value_and_grad(params)[1]
+    h = dt.tree_random_like(key, params)
+    scale = {k: jnp.sqrt(jnp.mean(v**2)) for k, v in params.items()}
+    h = {k: v * scale[k] for k, v in h.items()}
+    rates = {}
+    for name, keep in (("state0", ("state0",)), ("kappa", ("kappa",)), ("both", tuple(h))):
+        d = {k: (v if k in keep else jnp.zeros_like(v)) for k, v in h.items()}
+        res = dt.taylor_test(f, params, grad=grad, direction=d)
+        assert res.passed and res.rate1 > 1.9, (name, str(res))
+        rates[name] = res.rate1
+    wrong = jax.tree_util.tree_map(lambda g: g * (1 + 1e-3), grad)
+    bad = dt.taylor_test(f, params, grad=wrong, direction=h)
+    assert not bad.passed and bad.rate1 < 1.5, str(bad)
+    return rates
+
+
+# The full stepper x solver matrix runs with `-m slow`; the default run covers every
+# stepper and every solver at least once.
+DEFAULT = {
+    ("BE", "fft"),
+    ("CN", "tridiagonal"),
+    ("Theta0.7", "cg"),
+    ("BDF2", "gmres"),
+    ("IMEX", "bicgstab"),
+}
+MATRIX = [
+    pytest.param(
+        s, v, id=f"{s}-{v}", marks=() if (s, v) in DEFAULT else pytest.mark.slow
+    )
+    for s in STEPPERS
+    for v in SOLVERS
+]
+
+
+@pytest.mark.parametrize("stepper_name, solver_name", MATRIX)
+def test_taylor_every_stepper_and_solver(stepper_name, solver_name, getkey):
+    grid, solver, scalar = SOLVERS[solver_name]
+    stepper = STEPPERS[stepper_name](solver=solver)
+    # IMEX and BDF2 extrapolate the explicit part: give them one.
+    model_cls = Reaction if stepper_name in ("IMEX", "BDF2") else pdes.Heat
+    params = {
+        "state0": blob(grid),
+        "kappa": jnp.asarray(0.02) if scalar else kappa_field(grid),
+    }
+    check_taylor(sensor_cost(grid, stepper, model_cls), params, getkey())
+
+
+@pytest.mark.parametrize(
+    "theta", [1.0, pytest.param(0.5, marks=pytest.mark.slow)], ids=["theta1", "theta0.5"]
+)
+def test_taylor_fully_implicit(theta, getkey):
+    grid = dphys.Grid(32, boundary="neumann")
+    stepper = dphys.FullyImplicit(theta=theta)
+    params = {"state0": blob(grid), "kappa": kappa_field(grid)}
+    check_taylor(sensor_cost(grid, stepper, Reaction), params, getkey())
+
+
+def test_taylor_scalar_kappa_tridiagonal(getkey):
+    """A scalar kappa off the FFT path (the band solve's derivative in kappa)."""
+    grid = dphys.Grid(32, boundary="dirichlet")
+    cost = sensor_cost(grid, dphys.CrankNicolson(), pdes.Heat)
+    check_taylor(cost, {"state0": blob(grid), "kappa": jnp.asarray(0.03)}, getkey())
+
+
+# --------------------------------------------------------- one-step dot tests
+
+
+def _tight(solver):
+    # Tangent and adjoint Krylov solves are separate iterations: each must be
+    # accurate well below the 1e-12 dot-test tolerance.
+    if isinstance(solver, dphys.Krylov):
+        return dphys.Krylov(method=solver.method, rtol=1e-13, atol=1e-15)
+    return solver
+
+
+# BDF2 uses the same solves as CN; its Krylov variants only run with `-m slow`.
+DOT_CASES = [
+    pytest.param(
+        v,
+        s,
+        id=f"{v}-{s}",
+        marks=pytest.mark.slow if s == "BDF2" and v in ("cg", "gmres", "bicgstab") else (),
+    )
+    for v in SOLVERS
+    for s in ("CN", "BDF2")
+] + [pytest.param("newton", "FullyImplicit", id="newton-FullyImplicit")]
+
+
+@pytest.mark.parametrize("solver_name, stepper_name", DOT_CASES)
+def test_one_step_tangent_adjoint_dot(solver_name, stepper_name):
+    if stepper_name == "FullyImplicit":
+        grid, scalar = dphys.Grid(32, boundary="neumann"), False
+        stepper = dphys.FullyImplicit(theta=0.5, linear_rtol=1e-14)
+        model_cls = Reaction
+    else:
+        grid, solver, scalar = SOLVERS[solver_name]
+        stepper = STEPPERS[stepper_name](solver=_tight(solver))
+        model_cls = Reaction if stepper_name == "BDF2" else pdes.Heat
+
+    def step(p):
+        model = model_cls(grid, p["kappa"])
+        ss = stepper.init(model, 0.0, 0.1, p["state0"])
+        new, ss, _, _ = stepper.step(model, 0.0, 0.1, p["state0"], ss)
+        if stepper_name == "BDF2":  # the second step is the true two-step formula
+            new, ss, _, _ = stepper.step(model, 0.1, 0.1, new, ss)
+        return new
+
+    x = {"state0": blob(grid), "kappa": jnp.asarray(0.02) if scalar else kappa_field(grid)}
+    res = dt.dot_test_vjp(jax.jit(step), x)
+    assert res.passed and res.rel_error < 1e-12, str(res)
+
+
+# --------------------------------------------------- agreement between modes
+
+
+def _grad(cost, params):
+    return jax.jit(jax.grad(cost))(params)
+
+
+def _assert_tree_close(a, b, rtol):
+    for k in a:
+        err = float(jnp.max(jnp.abs(a[k] - b[k])) / jnp.max(jnp.abs(b[k])))
+        assert err < rtol, (k, err)
+
+
+def test_checkpointed_equals_unrolled():
+    grid, solver, _ = SOLVERS["tridiagonal"]
+    stepper = dphys.CrankNicolson(solver=solver)
+    params = {"state0": blob(grid), "kappa": kappa_field(grid)}
+    ref = _grad(sensor_cost(grid, stepper, pdes.Heat, adjoint=dphys.Unrolled()), params)
+    for levels in (1, 2, 3):
+        adjoint = dphys.Checkpointed(levels=levels)
+        g = _grad(sensor_cost(grid, stepper, pdes.Heat, adjoint=adjoint), params)
+        # Same arithmetic, replayed: agreement to round-off.
+        _assert_tree_close(g, ref, 1e-12)
+
+
+def test_fast_forward_gradient_equals_stepping():
+    grid = dphys.Grid(32)
+    params = {"state0": blob(grid), "kappa": jnp.asarray(0.02)}
+    for stepper in (dphys.CrankNicolson(), dphys.BackwardEuler()):
+        fast = _grad(sensor_cost(grid, stepper, pdes.Heat, fast_forward=True), params)
+        slow = _grad(sensor_cost(grid, stepper, pdes.Heat, fast_forward=False), params)
+        _assert_tree_close(fast, slow, 1e-11)
+
+
+@pytest.mark.parametrize("direct", ["fft", "tridiagonal"])
+def test_krylov_gradient_equals_direct_solver_gradient(direct):
+    grid, solver, scalar = SOLVERS[direct]
+    params = {
+        "state0": blob(grid),
+        "kappa": jnp.asarray(0.02) if scalar else kappa_field(grid),
+    }
+    ref = _grad(sensor_cost(grid, dphys.BDF2(solver=solver), pdes.Heat), params)
+    krylov = dphys.BDF2(solver=dphys.Krylov(method="gmres" if scalar else "cg"))
+    g = _grad(sensor_cost(grid, krylov, pdes.Heat), params)
+    # Krylov solves stop at rtol=1e-10 per step: agreement to ~1e-8, checked at 1e-6.
+    _assert_tree_close(g, ref, 1e-6)
+    assert not all(bool(jnp.all(g[k] == ref[k])) for k in g)  # really different paths
+
+
+# ------------------------------------------------------------------- memory
+
+
+def _temp_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["cg", pytest.param("gmres", marks=pytest.mark.slow), pytest.param("bicgstab", marks=pytest.mark.slow)],
+)
+def test_krylov_gradient_memory_independent_of_iterations(method):
+    """lineax differentiates the solve implicitly (one transposed solve), so the
+    backward pass stores nothing per Krylov iteration."""
+    grid = dphys.Grid((16, 16), boundary="neumann")
+    kappa, rhs = kappa_field(grid), blob(grid)
+
+    def make(rtol, max_steps):
+        solver = dphys.Krylov(method=method, rtol=rtol, atol=rtol * 1e-2, max_steps=max_steps)
+
+        def f(kappa, rhs):
+            model = pdes.Heat(grid, kappa)
+            structure = solver.init(model, 0.0, rhs)
+            x, _, iterations = solver.solve(model, 0.0, 0.5, rhs, structure)
+            return jnp.sum(x**2), iterations
+
+        return f
+
+    loose, tight = make(1e-3, 20), make(1e-12, 2000)
+    it_loose = int(jax.jit(loose)(kappa, rhs)[1])
+    it_tight = int(jax.jit(tight)(kappa, rhs)[1])
+    assert it_tight > it_loose  # the tight solve really iterates more
+    grad = lambda f: jax.grad(f, argnums=(0, 1), has_aux=True)
+    mem_loose = _temp_bytes(grad(loose), kappa, rhs)
+    mem_tight = _temp_bytes(grad(tight), kappa, rhs)
+    assert abs(mem_tight - mem_loose) <= 0.05 * mem_loose, (mem_loose, mem_tight)
+
+
+def test_checkpointed_memory_grows_sublinearly():
+    grid = dphys.Grid((16, 16), lengths=1.0)
+    params = {"state0": blob(grid), "kappa": jnp.asarray(0.01)}
+
+    def memory(adjoint, n_steps):
+        def cost(p):
+            traj = dphys.simulate(
+                pdes.Heat(grid, p["kappa"]),
+                dphys.CrankNicolson(),
+                p["state0"],
+                dt=1e-4,
+                n_steps=n_steps,
+                saveat=dphys.SaveAt(fn=lambda t, u: u[3, 4]),
+                adjoint=adjoint,
+                fast_forward=False,
+            )
+            return jnp.sum(traj.ys**2)
+
+        return _temp_bytes(jax.grad(cost), params)
+
+    unrolled = [memory(dphys.Unrolled(), n) for n in (250, 4000)]
+    two = [memory(dphys.Checkpointed(levels=2), n) for n in (250, 4000)]
+    three = [memory(dphys.Checkpointed(levels=3), n) for n in (250, 4000)]
+    # Unrolled stores every step: 16x the steps, about 16x the memory.
+    assert unrolled[1] > 10 * unrolled[0], unrolled
+    # sqrt(16) = 4 for two levels, 16^(1/3) = 2.5 for three.
+    assert two[1] <= 4 * two[0], two
+    assert three[1] <= 4 * three[0], three
+    assert two[1] < unrolled[1] / 10 and three[1] <= two[1]
