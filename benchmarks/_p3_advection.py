@@ -130,8 +130,8 @@ def rel_l2(a, b) -> float:
 # ---------------------------------------------------------------- implementations
 def _cost_from_segments(run_segment, every, y, H):
     """J = sum_k ||H u(t_k) - y_k||^2 with ``run_segment(u, c, every) -> u``."""
-    from jax import lax
     import jax.numpy as jnp
+    from jax import lax
 
     def cost(u0, c):
         def body(u, _):
@@ -169,13 +169,18 @@ def _dphys_fns(p: P3, steps, grad_steps, y, H, *, fast_forward, fields=None):
         return pdes.Advection(grid, (vy, vx))
 
     def forward(u0, c):
-        traj = dphys.simulate(model(c), stepper, u0, dt=p.dt, n_steps=steps,
-                              fast_forward=fast_forward)
+        traj = dphys.simulate(
+            model(c), stepper, u0, dt=p.dt, n_steps=steps, fast_forward=fast_forward
+        )
         return traj.final
 
     def cost(u0, c):
         traj = dphys.simulate(
-            model(c), stepper, u0, dt=p.dt, n_steps=every * N_OBS,
+            model(c),
+            stepper,
+            u0,
+            dt=p.dt,
+            n_steps=every * N_OBS,
             saveat=dphys.SaveAt(t1=False, every=every, fn=lambda t, u: H(u)),
             fast_forward=fast_forward,
         )
@@ -239,7 +244,11 @@ def _exponax_fns(p: P3, steps, grad_steps, y, H):
 
     def step_fn(c):
         stepper = exponax.stepper.Advection(
-            2, 1.0, p.n, p.dt, velocity=jnp.stack([c[1], c[0]])  # array-axis order
+            2,
+            1.0,
+            p.n,
+            p.dt,
+            velocity=jnp.stack([c[1], c[0]]),  # array-axis order
         )
         return lambda u: stepper(u[None])[0]
 
@@ -286,7 +295,13 @@ def _diffrax_fns(p: P3, steps):
 
     def forward(u0, c):
         return diffrax.diffeqsolve(
-            term, solver, t0=0.0, t1=steps * p.dt, dt0=p.dt, y0=u0, args=c,
+            term,
+            solver,
+            t0=0.0,
+            t1=steps * p.dt,
+            dt0=p.dt,
+            y0=u0,
+            args=c,
             saveat=diffrax.SaveAt(t1=True),
             stepsize_controller=diffrax.ConstantStepSize(),
             max_steps=steps + 1,
@@ -312,8 +327,9 @@ def _device() -> str:
     return f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
 
 
-def run_p3(quick: bool, *, n: int = 256, repeats: int | None = None,
-           slow_s: float = 20.0) -> list[dict[str, Any]]:
+def run_p3(
+    quick: bool, *, n: int = 256, repeats: int | None = None, slow_s: float = 20.0
+) -> list[dict[str, Any]]:
     """Run P3 (and its gradient) for dphys and the peers; return one row each.
 
     Args:
@@ -363,8 +379,15 @@ def run_p3(quick: bool, *, n: int = 256, repeats: int | None = None,
     specs.append(("dphys", full, full, f, c, "discrete", nt))
     f, c, nt = _dphys_fns(p, full, full, obs(full), H, fast_forward=False)
     specs.append(("dphys-stepwise", full, full, f, c, "discrete", nt))
-    f, c, nt = _dphys_fns(p, slow_steps, slow_steps, obs(slow_steps), H,
-                          fast_forward=False, fields="gmres")
+    f, c, nt = _dphys_fns(
+        p,
+        slow_steps,
+        slow_steps,
+        obs(slow_steps),
+        H,
+        fast_forward=False,
+        fields="gmres",
+    )
     specs.append(("dphys-krylov", slow_steps, slow_steps, f, c, "discrete", nt))
     f, c, nt = _bicgstab_fns(p, slow_steps, slow_steps, obs(slow_steps), H)
     specs.append(("jax-bicgstab", slow_steps, slow_steps, f, c, "discrete", nt))
@@ -373,8 +396,14 @@ def run_p3(quick: bool, *, n: int = 256, repeats: int | None = None,
     f, nt = _diffrax_fns(p, diffrax_steps)
     specs.append(("diffrax", diffrax_steps, None, f, None, "discrete", nt))
 
-    base = {"problem": "P3", "ndim": 2, "n": n, "steps": full, "dtype": "float64",
-            "device": _device()}
+    base = {
+        "problem": "P3",
+        "ndim": 2,
+        "n": n,
+        "steps": full,
+        "dtype": "float64",
+        "device": _device(),
+    }
     rows: list[dict[str, Any]] = []
     jobs = []
     for name, steps, gsteps, fwd, cost, ref, notes in specs:
@@ -387,8 +416,11 @@ def run_p3(quick: bool, *, n: int = 256, repeats: int | None = None,
                 vg = jax.value_and_grad(cost, argnums=(0, 1))
                 fns["grad"] = _measure.Compiled(vg, (u0_eval, c_eval))
         except Exception as err:  # noqa: BLE001 - a peer failing is a result
-            rows.append(base | {"impl": name, "failed": f"{type(err).__name__}: "
-                                f"{str(err)[:300]}"} | notes)
+            rows.append(
+                base
+                | {"impl": name, "failed": f"{type(err).__name__}: {str(err)[:300]}"}
+                | notes
+            )
             continue
         jobs.append((name, steps, gsteps, cost, ref, notes, fns))
 
@@ -403,8 +435,15 @@ def run_p3(quick: bool, *, n: int = 256, repeats: int | None = None,
                 fn.warm()
         except Exception as err:  # noqa: BLE001 - a failing run is a result
             msg = str(err).strip().splitlines()
-            rows.append(base | {"impl": name, "failed": f"{type(err).__name__} in "
-                                f"{label}: {' '.join(msg[-3:])[:300]}"} | notes)
+            rows.append(
+                base
+                | {
+                    "impl": name,
+                    "failed": f"{type(err).__name__} in "
+                    f"{label}: {' '.join(msg[-3:])[:300]}",
+                }
+                | notes
+            )
             continue
         kept.append(job)
     jobs = kept
@@ -423,7 +462,7 @@ def run_p3(quick: bool, *, n: int = 256, repeats: int | None = None,
         jnp.asarray([0.3, -0.2]),
     )
     ref_grad = None
-    for name, steps, gsteps, cost, ref, notes, fns in jobs:
+    for name, steps, gsteps, _cost, ref, notes, fns in jobs:
         row = dict(base, impl=name)
         fw = fns["forward"]
         scale = full / steps
@@ -504,13 +543,20 @@ def _summary(rows, limits) -> dict[str, Any]:
     """dphys's speed-up over the fastest peer, forward and gradient."""
     ok = [r for r in rows if "failed" not in r]
     peers = [r for r in ok if not r["impl"].startswith("dphys")]
-    out: dict[str, Any] = {"problem": "P3", "impl": "summary",
-                           "fft_pair_s": limits["fft_pair_s"],
-                           "axpy_s": limits["axpy_s"]}
-    best_f = min((r for r in peers if r.get("forward_s")),
-                 key=lambda r: r["forward_s"], default=None)
-    best_g = min((r for r in peers if r.get("grad_s")),
-                 key=lambda r: r["grad_s"], default=None)
+    out: dict[str, Any] = {
+        "problem": "P3",
+        "impl": "summary",
+        "fft_pair_s": limits["fft_pair_s"],
+        "axpy_s": limits["axpy_s"],
+    }
+    best_f = min(
+        (r for r in peers if r.get("forward_s")),
+        key=lambda r: r["forward_s"],
+        default=None,
+    )
+    best_g = min(
+        (r for r in peers if r.get("grad_s")), key=lambda r: r["grad_s"], default=None
+    )
     if best_f:
         out["fastest_peer_forward"] = [best_f["impl"], best_f["forward_s"]]
     if best_g:
@@ -518,8 +564,12 @@ def _summary(rows, limits) -> dict[str, Any]:
     for r in ok:
         if not r["impl"].startswith("dphys"):
             continue
-        e = {"forward_s": r["forward_s"], "grad_s": r.get("grad_s"),
-             "grad_ratio": r.get("grad_ratio"), "error": r["error"]}
+        e = {
+            "forward_s": r["forward_s"],
+            "grad_s": r.get("grad_s"),
+            "grad_ratio": r.get("grad_ratio"),
+            "error": r["error"],
+        }
         if best_f:
             e["forward_speedup"] = best_f["forward_s"] / r["forward_s"]
         if best_g and r.get("grad_s"):

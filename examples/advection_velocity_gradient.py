@@ -26,22 +26,17 @@ import os
 import pathlib
 
 import jax
-
-
-jax.config.update("jax_enable_x64", True)  # gradient checks need float64
-
 import jax.numpy as jnp
-import matplotlib
-import numpy as np
-
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 import dphys
 import dphys.testing as dtest
 import pdes
 
+
+jax.config.update("jax_enable_x64", True)  # gradient checks need float64
+plt.switch_backend("Agg")  # files only, no display
 
 OUT = pathlib.Path(os.environ.get("DPHYS_EXAMPLE_OUT", os.getcwd()))
 OUT.mkdir(parents=True, exist_ok=True)
@@ -91,16 +86,19 @@ saveat = dphys.SaveAt(every=obs_every, fn=observe)
 # ## The true run: observations and mass conservation
 
 # %%
-truth = dphys.simulate(model_for(true_velocity), stepper, u0, dt=dt,
-                       n_steps=n_steps, saveat=saveat)
+truth = dphys.simulate(
+    model_for(true_velocity), stepper, u0, dt=dt, n_steps=n_steps, saveat=saveat
+)
 obs = truth.ys
 ones = jnp.ones(grid.shape)
 free_stream = float(jnp.max(jnp.abs(model_for(true_velocity).linear(0.0, ones))))
 mass0, mass1 = float(grid.integrate(u0)), float(grid.integrate(truth.final))
 mass_error = abs(mass1 - mass0) / mass0
 max_courant = max(float(jnp.max(jnp.abs(v))) for v in true_velocity) * dt / dx
-print(f"max Courant number {max_courant:.2f}; GMRES iterations "
-      f"{int(truth.stats['linear_iterations'])} over {n_steps} steps")
+print(
+    f"max Courant number {max_courant:.2f}; GMRES iterations "
+    f"{int(truth.stats['linear_iterations'])} over {n_steps} steps"
+)
 print(f"relative mass change over the run: {mass_error:.2e}")
 print(f"max |L 1| (discrete divergence of the flow): {free_stream:.2e}")
 assert mass_error < 1e-12
@@ -113,14 +111,17 @@ assert free_stream < 1e-10
 # %%
 @jax.jit
 def misfit(velocity):
-    traj = dphys.simulate(model_for(velocity), stepper, u0, dt=dt, n_steps=n_steps,
-                          saveat=saveat)
+    traj = dphys.simulate(
+        model_for(velocity), stepper, u0, dt=dt, n_steps=n_steps, saveat=saveat
+    )
     return 0.5 * jnp.sum((traj.ys - obs) ** 2)
 
 
 value, grad = jax.jit(jax.value_and_grad(misfit))(guess_velocity)
-print(f"misfit at the first guess {float(value):.4e}, at the truth "
-      f"{float(misfit(true_velocity)):.1e}")
+print(
+    f"misfit at the first guess {float(value):.4e}, at the truth "
+    f"{float(misfit(true_velocity)):.1e}"
+)
 
 # %% [markdown]
 # ## Verify the gradient: Taylor remainder test and a negative control
@@ -130,8 +131,10 @@ result = dtest.taylor_test(misfit, guess_velocity, grad=grad)
 print(result)
 wrong = jax.tree_util.tree_map(lambda g: g * (1 + 1e-3), grad)
 control = dtest.taylor_test(misfit, guess_velocity, grad=wrong, direction=grad)
-print(f"negative control (gradient x 1.001): rate {control.rate:.2f}, "
-      f"passed={control.passed}")
+print(
+    f"negative control (gradient x 1.001): rate {control.rate:.2f}, "
+    f"passed={control.passed}"
+)
 assert result.passed and result.rate > 1.9
 assert not control.passed
 
@@ -155,8 +158,13 @@ gx = 0.5 * (grad[1] + jnp.roll(grad[1], -1, axis=1))
 mag = jnp.hypot(gx, gy)
 im = axes[2].imshow(mag, origin="lower", extent=extent, cmap="magma")
 step = 2
-axes[2].quiver(x[::step, ::step], y[::step, ::step], -gx[::step, ::step],
-               -gy[::step, ::step], color="w")
+axes[2].quiver(
+    x[::step, ::step],
+    y[::step, ::step],
+    -gx[::step, ::step],
+    -gy[::step, ::step],
+    color="w",
+)
 axes[2].set_title(r"$-\partial J/\partial \mathbf{v}$ at the first guess")
 fig.colorbar(im, ax=axes[2])
 for ax in axes:

@@ -334,8 +334,9 @@ class Advection(dphys.AbstractModel):
                 f"{self.grid.shape}, got {type(state).__name__}."
             )
         if not jnp.issubdtype(state.dtype, jnp.floating):
-            raise ValueError(
-                f"`state0` must be a floating-point array, got dtype {state.dtype}."
+            raise TypeError(
+                f"`state0` must be a floating-point array, got dtype {state.dtype}; "
+                "cast it, e.g. `state0.astype(float)`."
             )
         super().check_state(state)
 
@@ -489,7 +490,7 @@ class Advection(dphys.AbstractModel):
             )
         shape = self.grid.shape
         lam = 0.0
-        for a, (n, dx) in enumerate(zip(shape, self.grid.spacing)):
+        for a, (n, dx) in enumerate(zip(shape, self.grid.spacing, strict=True)):
             k = np.fft.rfftfreq(n) * n if a == len(shape) - 1 else np.fft.fftfreq(n) * n
             e = np.exp(1j * 2 * np.pi * k / n)
             bshape = [1] * len(shape)

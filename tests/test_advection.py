@@ -140,8 +140,9 @@ def test_2d_mode_krylov_and_fft_agree_with_dispersion_relation():
     )
     predicted = _amplification(s, dt, 0.5) ** n_steps
     expect = jnp.real(predicted * jnp.exp(1j * TWO_PI * (kx * x + ky * y)))
-    fft = dphys.simulate(model, dphys.CrankNicolson(), u0, dt=dt, n_steps=n_steps,
-                         fast_forward=False)
+    fft = dphys.simulate(
+        model, dphys.CrankNicolson(), u0, dt=dt, n_steps=n_steps, fast_forward=False
+    )
     np.testing.assert_allclose(fft.final, expect, atol=1e-12)
     krylov = dphys.CrankNicolson(solver=dphys.Krylov(method="bicgstab", rtol=1e-13))
     kry = dphys.simulate(model, krylov, u0, dt=dt, n_steps=n_steps)
@@ -161,8 +162,9 @@ def test_2d_mode_krylov_and_fft_agree_with_dispersion_relation():
         ("upwind3", dphys.CrankNicolson(), (64, 128, 256), 1.5, 3.0),
     ],
 )
-def test_convergence_order_against_exact_shift(scheme, stepper, sizes, dt_power,
-                                               expected):
+def test_convergence_order_against_exact_shift(
+    scheme, stepper, sizes, dt_power, expected
+):
     errors = []
     for n in sizes:
         grid = dphys.Grid(n, lengths=1.0, boundary="periodic")
@@ -218,12 +220,14 @@ def test_mass_conserved_over_ten_thousand_fft_steps(scheme):
     model = pdes.Advection(grid, (0.5, -1.0), kappa=1e-4, scheme=scheme)
     stepper = dphys.BackwardEuler() if scheme == "upwind" else dphys.CrankNicolson()
     n_steps = 10_000
-    stepped = dphys.simulate(model, stepper, u0, dt=0.1, n_steps=n_steps,
-                             fast_forward=False)
+    stepped = dphys.simulate(
+        model, stepper, u0, dt=0.1, n_steps=n_steps, fast_forward=False
+    )
     assert not stepped.stats["fast_forward"]
     assert _relative_mass_change(grid, u0, stepped.final) <= 1e-12
-    fast = dphys.simulate(model, stepper, u0, dt=0.1, n_steps=n_steps,
-                          saveat=dphys.SaveAt(every=1000))
+    fast = dphys.simulate(
+        model, stepper, u0, dt=0.1, n_steps=n_steps, saveat=dphys.SaveAt(every=1000)
+    )
     assert fast.stats["fast_forward"]
     for state in fast.ys:
         assert _relative_mass_change(grid, u0, state) <= 1e-12
@@ -239,22 +243,36 @@ def test_mass_conserved_over_ten_thousand_fft_steps(scheme):
         # polynomial structure below: mass is then conserved to the solver
         # tolerance only (1.2e-11 measured over 300 steps), as documented.
         ("upwind", dphys.BackwardEuler, "bicgstab", "jacobi", 1e-8),
-        pytest.param("centered", dphys.CrankNicolson, "bicgstab", None, 1e-12,
-                     marks=pytest.mark.slow),
-        pytest.param("upwind", dphys.BackwardEuler, "gmres", None, 1e-12,
-                     marks=pytest.mark.slow),
+        pytest.param(
+            "centered",
+            dphys.CrankNicolson,
+            "bicgstab",
+            None,
+            1e-12,
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "upwind", dphys.BackwardEuler, "gmres", None, 1e-12, marks=pytest.mark.slow
+        ),
     ],
 )
-def test_mass_conserved_with_velocity_field_krylov(scheme, stepper, method,
-                                                   preconditioner, bound):
+def test_mass_conserved_with_velocity_field_krylov(
+    scheme, stepper, method, preconditioner, bound
+):
     """A Krylov residual is p(A) r0 with p(0) = 1, and 1^T A = 1^T (flux form), so
     1^T r = p(1) 1^T r0 = 0: the solve conserves mass to round-off."""
     grid = _periodic_2d()
     u0, velocity = _smooth_fields(grid)  # a divergent velocity field
     model = pdes.Advection(grid, velocity, kappa=1e-3, scheme=scheme)
     solver = dphys.Krylov(method=method, preconditioner=preconditioner)
-    traj = dphys.simulate(model, stepper(solver=solver), u0, dt=0.05, n_steps=300,
-                          saveat=dphys.SaveAt(every=100))
+    traj = dphys.simulate(
+        model,
+        stepper(solver=solver),
+        u0,
+        dt=0.05,
+        n_steps=300,
+        saveat=dphys.SaveAt(every=100),
+    )
     for state in traj.ys:
         assert _relative_mass_change(grid, u0, state) <= bound
     assert _rms(traj.final - u0) > 1e-2  # something did move
@@ -276,8 +294,9 @@ def test_time_dependent_velocity_conserves_mass_and_converges():
     exact = np.fft.irfft(np.exp(s * displacement) * np.fft.rfft(np.asarray(u0)), n)
     errors = []
     for n_steps in (10, 20):
-        traj = dphys.simulate(model, dphys.CrankNicolson(), u0, dt=1.0 / n_steps,
-                              n_steps=n_steps)
+        traj = dphys.simulate(
+            model, dphys.CrankNicolson(), u0, dt=1.0 / n_steps, n_steps=n_steps
+        )
         assert not traj.stats["fast_forward"]
         assert _relative_mass_change(grid, u0, traj.final) <= 1e-13
         errors.append(_rms(traj.final - exact))
@@ -318,10 +337,12 @@ def test_inflow_outflow_mass_budget_and_steady_state():
     # A pulse leaves through the outflow boundary: once it is out, nothing is left
     # (no reflection); the Tridiagonal and Krylov paths agree.
     model = pdes.Advection(grid, -v, scheme="centered", kappa=1e-3)
-    tri = dphys.simulate(model, dphys.CrankNicolson(solver=dphys.Tridiagonal()), u0,
-                         dt=0.01, n_steps=150)
-    kry = dphys.simulate(model, dphys.CrankNicolson(solver=dphys.Krylov()), u0,
-                         dt=0.01, n_steps=150)
+    tri = dphys.simulate(
+        model, dphys.CrankNicolson(solver=dphys.Tridiagonal()), u0, dt=0.01, n_steps=150
+    )
+    kry = dphys.simulate(
+        model, dphys.CrankNicolson(solver=dphys.Krylov()), u0, dt=0.01, n_steps=150
+    )
     np.testing.assert_allclose(tri.final, kry.final, atol=1e-10)
     assert float(jnp.max(jnp.abs(tri.final))) < 1e-2 * float(jnp.max(u0))
 
@@ -350,8 +371,9 @@ def test_face_velocity_from_stream_function_preserves_a_constant():
     psi = np.sin(TWO_PI * ix / nx) * np.cos(TWO_PI * iy / ny) + 0.3 * iy * dy
     vx = -(psi[1:, :-1] - psi[:-1, :-1]) / dy  # left x-faces of the cells
     vy = (psi[:-1, 1:] - psi[:-1, :-1]) / dx  # lower y-faces of the cells
-    model = pdes.Advection(grid, (jnp.asarray(vy), jnp.asarray(vx)),
-                           velocity_at_faces=True)
+    model = pdes.Advection(
+        grid, (jnp.asarray(vy), jnp.asarray(vx)), velocity_at_faces=True
+    )
     ones = jnp.ones(grid.shape)
     assert float(jnp.max(jnp.abs(model.linear(0.0, ones)))) < 1e-12
     # The same field averaged from the unknowns is not discretely divergence-free.
@@ -377,19 +399,26 @@ def test_courant_well_above_one_is_stable():
     u0 = jnp.cos(TWO_PI * (2 * x + y)) + 0.5 * jnp.sin(TWO_PI * (x - 3 * y))
     dt = 3.2 / 64
     centred = pdes.Advection(grid, (0.5, 1.0))
-    traj = dphys.simulate(centred, dphys.CrankNicolson(), u0, dt=dt, n_steps=200,
-                          fast_forward=False)
+    traj = dphys.simulate(
+        centred, dphys.CrankNicolson(), u0, dt=dt, n_steps=200, fast_forward=False
+    )
     # CN on a skew-symmetric operator conserves the discrete L2 norm exactly.
     np.testing.assert_allclose(_rms(traj.final), _rms(u0), rtol=1e-12)
     # Implicit upwind at Courant 3.2 is monotone: positivity and max bound hold.
     upwind = pdes.Advection(grid, (0.5, 1.0), scheme="upwind")
     p0 = 1.0 + u0
-    traj = dphys.simulate(upwind, dphys.BackwardEuler(), p0, dt=dt, n_steps=200,
-                          saveat=dphys.SaveAt(every=20))
+    traj = dphys.simulate(
+        upwind,
+        dphys.BackwardEuler(),
+        p0,
+        dt=dt,
+        n_steps=200,
+        saveat=dphys.SaveAt(every=20),
+    )
     assert float(jnp.min(traj.ys)) >= float(jnp.min(p0)) - 1e-12
     assert float(jnp.max(traj.ys)) <= float(jnp.max(p0)) + 1e-12
     norms = [_rms(s) for s in traj.ys]
-    assert all(b <= a + 1e-12 for a, b in zip(norms[:-1], norms[1:]))
+    assert all(b <= a + 1e-12 for a, b in zip(norms[:-1], norms[1:], strict=True))
 
 
 def test_float32_run():
@@ -399,12 +428,14 @@ def test_float32_run():
     const = pdes.Advection(grid, (0.5, 1.0), kappa=1e-3)
     ref = dphys.simulate(const, dphys.CrankNicolson(), u0, dt=0.05, n_steps=10).final
     # The same uniform flow given as fields takes the GMRES path.
-    field = pdes.Advection(grid, (jnp.full(grid.shape, 0.5), jnp.full(grid.shape, 1.0)),
-                           kappa=1e-3)
+    field = pdes.Advection(
+        grid, (jnp.full(grid.shape, 0.5), jnp.full(grid.shape, 1.0)), kappa=1e-3
+    )
     krylov = dphys.CrankNicolson(solver=dphys.Krylov(rtol=1e-6, atol=1e-7))
     for model, stepper in [(const, dphys.CrankNicolson()), (field, krylov)]:
-        t32 = dphys.simulate(model, stepper, u0.astype(jnp.float32), dt=0.05,
-                             n_steps=10)
+        t32 = dphys.simulate(
+            model, stepper, u0.astype(jnp.float32), dt=0.05, n_steps=10
+        )
         assert t32.final.dtype == jnp.float32
         # float32 round-off (and the solver tolerance) over 10 steps.
         np.testing.assert_allclose(t32.final, ref, rtol=1e-4, atol=1e-4)
@@ -468,8 +499,9 @@ def test_centred_field_operator_hand_adjoint(getkey):
 
 def _one_step(grid, model_fn, stepper):
     def step(p):
-        return dphys.simulate(model_fn(p["velocity"]), stepper, p["u0"], dt=0.1,
-                              n_steps=1).final
+        return dphys.simulate(
+            model_fn(p["velocity"]), stepper, p["u0"], dt=0.1, n_steps=1
+        ).final
 
     return step
 
@@ -504,8 +536,14 @@ def _sensor_cost(grid, model_fn, stepper, n_steps, dt, obs_every):
 
     def cost(params):
         model, state0 = model_fn(params)
-        traj = dphys.simulate(model, stepper, state0, dt=dt, n_steps=n_steps,
-                              saveat=dphys.SaveAt(every=obs_every, fn=observe))
+        traj = dphys.simulate(
+            model,
+            stepper,
+            state0,
+            dt=dt,
+            n_steps=n_steps,
+            saveat=dphys.SaveAt(every=obs_every, fn=observe),
+        )
         return jnp.sum((traj.ys - y) ** 2)
 
     return jax.jit(cost)
@@ -514,8 +552,10 @@ def _sensor_cost(grid, model_fn, stepper, n_steps, dt, obs_every):
 def _only(x, name, key):
     """A random direction, scaled like ``x``, that moves only ``x[name]``."""
     h = dtest.tree_random_like(key, x)
-    return {k: jax.tree_util.tree_map(
-        (lambda a: a) if k == name else jnp.zeros_like, v) for k, v in h.items()}
+    return {
+        k: jax.tree_util.tree_map((lambda a: a) if k == name else jnp.zeros_like, v)
+        for k, v in h.items()
+    }
 
 
 def _taylor_each(cost, x, key):
@@ -534,7 +574,8 @@ def _taylor_each(cost, x, key):
         assert good.passed and good.rate > 1.9, (name, good)
         along = {
             k: jax.tree_util.tree_map(
-                (lambda g, xi: g * _rms(xi) / _rms(g)) if k == name
+                (lambda g, xi: g * _rms(xi) / _rms(g))
+                if k == name
                 else (lambda g, xi: jnp.zeros_like(g)),
                 v,
                 x[k],
@@ -556,8 +597,11 @@ def test_taylor_initial_state_constant_velocity_and_kappa(getkey):
         return pdes.Advection(grid, p["velocity"], kappa=p["kappa"]), p["u0"]
 
     cost = _sensor_cost(grid, model_fn, dphys.CrankNicolson(), 30, 0.08, 5)
-    x = {"u0": u0, "velocity": (jnp.asarray(0.4), jnp.asarray(1.1)),
-         "kappa": jnp.asarray(2e-3)}
+    x = {
+        "u0": u0,
+        "velocity": (jnp.asarray(0.4), jnp.asarray(1.1)),
+        "kappa": jnp.asarray(2e-3),
+    }
     _taylor_each(cost, x, getkey())
 
 
@@ -637,8 +681,11 @@ def test_bad_input_errors():
     g1 = dphys.Grid(10, boundary="periodic")
     with pytest.raises(ValueError, match="`kappa` must be non-negative"):
         pdes.Advection(g1, 1.0, kappa=-1e-3)
-    with pytest.raises(ValueError, match=r"`velocity\[1\]` must be a scalar or a field "
-                       r"of shape \(12, 16\).*got shape \(12, 15\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`velocity\[1\]` must be a scalar or a field "
+        r"of shape \(12, 16\).*got shape \(12, 15\)",
+    ):
         pdes.Advection(g2, (0.1, jnp.zeros((12, 15))))
     with pytest.raises(ValueError, match="`velocity` has 3 components but the grid"):
         pdes.Advection(g2, (0.1, 0.2, 0.3))
@@ -668,12 +715,22 @@ def test_bad_input_errors():
     model = pdes.Advection(g1, 1.0)
     with pytest.raises(ValueError, match="`state0` has a leaf of shape"):
         dphys.simulate(model, dphys.CrankNicolson(), jnp.zeros(9), dt=0.1, n_steps=1)
-    with pytest.raises(ValueError, match="`state0` must be a floating-point array"):
-        dphys.simulate(model, dphys.CrankNicolson(), jnp.zeros(10, int), dt=0.1,
-                       n_steps=1)
+    with pytest.raises(TypeError, match="`state0` must"):
+        dphys.simulate(
+            model, dphys.CrankNicolson(), jnp.zeros(10, int), dt=0.1, n_steps=1
+        )
+    with pytest.raises(TypeError, match="`state0` must be a floating-point array"):
+        model.check_state(jnp.zeros(10, int))
+    with pytest.raises(ValueError, match="must be one array of the grid's shape"):
+        model.check_state({"u": jnp.zeros(10)})
     field = pdes.Advection(g1, (jnp.ones(10),))
     with pytest.raises(ValueError, match="`solver=FFT\\(\\)` needs"):
-        dphys.simulate(field, dphys.CrankNicolson(solver=dphys.FFT()), jnp.zeros(10),
-                       dt=0.1, n_steps=1)
+        dphys.simulate(
+            field,
+            dphys.CrankNicolson(solver=dphys.FFT()),
+            jnp.zeros(10),
+            dt=0.1,
+            n_steps=1,
+        )
     with pytest.raises(ValueError, match="`symbol` needs a periodic grid"):
         field.symbol()
