@@ -64,18 +64,38 @@ def probe_symbol(model: AbstractModel, t, like):
     return jnp.stack(cols, axis=1)  # (n_out, n_in, *modes)
 
 
+def _comb_strides(model: AbstractModel, shape, stride: int) -> list[int]:
+    # On a periodic axis of length n the comb i = r (mod s) has two probes n mod s
+    # apart across the wrap; unless the comb tiles the axis (n mod s = 0) they must be
+    # >= stride apart, or their stencils overlap and the probed diagonal is wrong
+    # there (e.g. n = 4096, s = 3). A Jacobi preconditioner wrong at two points costs
+    # 5x the CG iterations on smooth data (benchmarks/run.py P1, dphys-krylov).
+    strides = []
+    lead = len(shape) - model.grid.ndim
+    for axis, n in enumerate(shape):
+        s = stride
+        if axis >= lead and model.grid.boundary[axis - lead] == "periodic":
+            while 0 < n % s < stride:
+                s += 1
+        strides.append(s)
+    return strides
+
+
 def probe_diagonal(model: AbstractModel, t, like, stride: int = 3):
-    """Diagonal of $L$ (pytree like ``like``) from ``stride**ndim`` comb probes.
+    """Diagonal of $L$ (pytree like ``like``) from about ``stride**ndim`` comb probes.
 
     Exact for stencils that reach at most ``stride - 1`` points along each axis; the
-    default of 3 covers every 3-point-per-axis stencil (5- and 9-point in 2D).
+    default of 3 covers every 3-point-per-axis stencil (5- and 9-point in 2D). On a
+    periodic axis whose length is not a multiple of ``stride`` the comb spacing grows
+    until probes stay ``stride`` apart across the wrap too.
     """
     leaves, treedef = jtu.tree_flatten(like)
     diag = [jnp.zeros_like(leaf) for leaf in leaves]
     for b, leaf in enumerate(leaves):
-        for offset in np.ndindex(*((stride,) * leaf.ndim)):
+        strides = _comb_strides(model, leaf.shape, stride)
+        for offset in np.ndindex(*strides):
             comb = np.zeros(leaf.shape, dtype=bool)
-            comb[tuple(slice(o, None, stride) for o in offset)] = True
+            comb[tuple(slice(o, None, s) for o, s in zip(offset, strides))] = True
             comb = jnp.asarray(comb)
             probe = [jnp.zeros_like(v) for v in leaves]
             probe[b] = comb.astype(leaf.dtype)
