@@ -273,8 +273,10 @@ def _cmd_assimilate(args, argv) -> int:
     cfg = load_config(args.config)
     if args.out is not None:
         cfg["output"]["path"] = str(pathlib.Path(args.out).resolve())
-    if args.figure is not None:
-        cfg["output"]["figure"] = str(pathlib.Path(args.figure).resolve()) or None
+    if args.figure is not None:  # an empty string means no figure
+        cfg["output"]["figure"] = (
+            str(pathlib.Path(args.figure).resolve()) if args.figure else None
+        )
     print(f"dphys assimilate: {args.config} ({cfg['model']['name']} model)")
     return _run_and_report(cfg, argv, quiet=args.quiet, figure=not args.no_figure)
 
