@@ -31,24 +31,20 @@ import pathlib
 import time
 
 import jax
-
-
-jax.config.update("jax_enable_x64", True)
-
 import jax.numpy as jnp
 import matplotlib
 import matplotlib.colors
+import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
-
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 import dphys
 import dphys.testing
 import pdes
 
+
+jax.config.update("jax_enable_x64", True)  # float64, before creating any array
+matplotlib.use("Agg")  # write files, no window
 
 OUT = pathlib.Path(os.environ.get("DPHYS_EXAMPLE_OUT", os.getcwd()))
 OUT.mkdir(parents=True, exist_ok=True)
@@ -85,8 +81,10 @@ traj = dphys.simulate(
     n_steps=n_steps,
     saveat=dphys.SaveAt(t0=True, every=25),
 )
-print(f"forward run: {time.perf_counter() - start:.1f} s (compilation included), "
-      f"{int(traj.stats['linear_iterations'])} CG iterations in {n_steps} steps")
+print(
+    f"forward run: {time.perf_counter() - start:.1f} s (compilation included), "
+    f"{int(traj.stats['linear_iterations'])} CG iterations in {n_steps} steps"
+)
 
 heat = grid.integrate(traj.ys)  # total heat at each saved time
 drift = float(jnp.max(jnp.abs(heat - heat[0])) / heat[0])
@@ -132,8 +130,10 @@ def misfit(kappa):
 
 start = time.perf_counter()
 value, grad = jax.jit(jax.value_and_grad(misfit))(kappa)
-print(f"J = {float(value):.4e}; gradient of J w.r.t. the kappa field in "
-      f"{time.perf_counter() - start:.1f} s (compilation included)")
+print(
+    f"J = {float(value):.4e}; gradient of J w.r.t. the kappa field in "
+    f"{time.perf_counter() - start:.1f} s (compilation included)"
+)
 
 # %% [markdown]
 # ## Verify the gradient: a Taylor test in three lines
@@ -153,7 +153,7 @@ assert result.passed
 # %%
 fig, axes = plt.subplots(2, 3, figsize=(11, 7), constrained_layout=True)
 extent = (0, 1, 0, 1)
-for ax, k in zip(axes[0], (0, 2, 4)):
+for ax, k in zip(axes[0], (0, 2, 4), strict=True):
     im = ax.imshow(traj.ys[k], origin="lower", extent=extent, cmap="inferno")
     ax.set_title(f"u at t = {float(traj.ts[k]):.1f}")
     fig.colorbar(im, ax=ax, shrink=0.8)
@@ -169,10 +169,16 @@ im = axes[1, 1].imshow(grad, origin="lower", extent=extent, cmap="RdBu_r", norm=
 axes[1, 1].plot(xs, ys_, "k^", ms=7)
 axes[1, 1].set_title(r"$\partial J / \partial \kappa$ (symmetric log scale)")
 fig.colorbar(im, ax=axes[1, 1], shrink=0.8)
-axes[1, 2].loglog(result.eps, result.remainder0, "o-", label=r"$|J(\kappa+\epsilon h)-J|$")
+axes[1, 2].loglog(
+    result.eps, result.remainder0, "o-", label=r"$|J(\kappa+\epsilon h)-J|$"
+)
 axes[1, 2].loglog(result.eps, result.remainder1, "s-", label="minus first-order term")
-axes[1, 2].loglog(result.eps, result.remainder1[0] * (result.eps / result.eps[0]) ** 2,
-                  "k--", label=r"$\epsilon^2$")
+axes[1, 2].loglog(
+    result.eps,
+    result.remainder1[0] * (result.eps / result.eps[0]) ** 2,
+    "k--",
+    label=r"$\epsilon^2$",
+)
 axes[1, 2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 axes[1, 2].set_xlabel(r"$\epsilon$")
 axes[1, 2].set_title(f"Taylor test: rate {result.rate1:.2f}")

@@ -76,8 +76,10 @@ STEPPERS = {
 N_STEPS, EVERY, DT = 50, 5, 0.02
 
 
-def sensor_cost(grid, stepper, model_cls, *, adjoint=dphys.Unrolled(), fast_forward=None):
-    """0.5 * sum of squared misfits at 4 sensors, every EVERY steps over N_STEPS."""
+def sensor_cost(grid, stepper, model_cls, *, adjoint=None, fast_forward=None):
+    """0.5 * sum of squared misfits at 4 sensors, every EVERY steps over N_STEPS
+    (adjoint: default Unrolled, the fastest to compile)."""
+    adjoint = dphys.Unrolled() if adjoint is None else adjoint
     flat = np.linspace(3, grid.size - 4, 4).astype(int)
     sensors = np.unravel_index(flat, grid.shape)
     obs = 0.3 + 0.1 * np.arange(N_STEPS // EVERY * 4).reshape(-1, 4) / 40
@@ -109,7 +111,11 @@ def check_taylor(cost, params, key):
     scale = {k: jnp.sqrt(jnp.mean(v**2)) for k, v in params.items()}
     h = {k: v * scale[k] for k, v in h.items()}
     rates = {}
-    for name, keep in (("state0", ("state0",)), ("kappa", ("kappa",)), ("both", tuple(h))):
+    for name, keep in (
+        ("state0", ("state0",)),
+        ("kappa", ("kappa",)),
+        ("both", tuple(h)),
+    ):
         d = {k: (v if k in keep else jnp.zeros_like(v)) for k, v in h.items()}
         res = dt.taylor_test(f, params, grad=grad, direction=d)
         assert res.passed and res.rate1 > 1.9, (name, str(res))
@@ -152,7 +158,9 @@ def test_taylor_every_stepper_and_solver(stepper_name, solver_name, getkey):
 
 
 @pytest.mark.parametrize(
-    "theta", [1.0, pytest.param(0.5, marks=pytest.mark.slow)], ids=["theta1", "theta0.5"]
+    "theta",
+    [1.0, pytest.param(0.5, marks=pytest.mark.slow)],
+    ids=["theta1", "theta0.5"],
 )
 def test_taylor_fully_implicit(theta, getkey):
     grid = dphys.Grid(32, boundary="neumann")
@@ -185,7 +193,9 @@ DOT_CASES = [
         v,
         s,
         id=f"{v}-{s}",
-        marks=pytest.mark.slow if s == "BDF2" and v in ("cg", "gmres", "bicgstab") else (),
+        marks=pytest.mark.slow
+        if s == "BDF2" and v in ("cg", "gmres", "bicgstab")
+        else (),
     )
     for v in SOLVERS
     for s in ("CN", "BDF2")
@@ -211,7 +221,10 @@ def test_one_step_tangent_adjoint_dot(solver_name, stepper_name):
             new, ss, _, _ = stepper.step(model, 0.1, 0.1, new, ss)
         return new
 
-    x = {"state0": blob(grid), "kappa": jnp.asarray(0.02) if scalar else kappa_field(grid)}
+    x = {
+        "state0": blob(grid),
+        "kappa": jnp.asarray(0.02) if scalar else kappa_field(grid),
+    }
     res = dt.dot_test_vjp(jax.jit(step), x)
     assert res.passed and res.rel_error < 1e-12, str(res)
 
@@ -274,7 +287,11 @@ def _temp_bytes(fn, *args):
 
 @pytest.mark.parametrize(
     "method",
-    ["cg", pytest.param("gmres", marks=pytest.mark.slow), pytest.param("bicgstab", marks=pytest.mark.slow)],
+    [
+        "cg",
+        pytest.param("gmres", marks=pytest.mark.slow),
+        pytest.param("bicgstab", marks=pytest.mark.slow),
+    ],
 )
 def test_krylov_gradient_memory_independent_of_iterations(method):
     """lineax differentiates the solve implicitly (one transposed solve), so the
@@ -283,7 +300,9 @@ def test_krylov_gradient_memory_independent_of_iterations(method):
     kappa, rhs = kappa_field(grid), blob(grid)
 
     def make(rtol, max_steps):
-        solver = dphys.Krylov(method=method, rtol=rtol, atol=rtol * 1e-2, max_steps=max_steps)
+        solver = dphys.Krylov(
+            method=method, rtol=rtol, atol=rtol * 1e-2, max_steps=max_steps
+        )
 
         def f(kappa, rhs):
             model = pdes.Heat(grid, kappa)

@@ -48,7 +48,11 @@ def dense(fn, grid):
 
 @pytest.mark.parametrize(
     "boundary, spacing, first",
-    [("periodic", 2.0 / 8, 0.0), ("dirichlet", 2.0 / 9, 2.0 / 9), ("neumann", 0.25, 0.125)],
+    [
+        ("periodic", 2.0 / 8, 0.0),
+        ("dirichlet", 2.0 / 9, 2.0 / 9),
+        ("neumann", 0.25, 0.125),
+    ],
 )
 def test_coordinates_per_boundary_kind(boundary, spacing, first):
     g = dphys.Grid(8, lengths=2.0, boundary=boundary, origin=-1.0)
@@ -90,11 +94,11 @@ def test_grid_is_static_and_hashable():
 
 # ------------------------------------------------------------------- adjoint checks
 
-GRIDS = [
-    dphys.Grid(11, lengths=1.3, boundary=b) for b in BOUNDARIES
-] + [
-    dphys.Grid((6, 9), lengths=(1.0, 2.0), boundary=b) for b in BOUNDARIES
-] + [dphys.Grid((7, 8), lengths=1.0, boundary=("dirichlet", "neumann"))]
+GRIDS = (
+    [dphys.Grid(11, lengths=1.3, boundary=b) for b in BOUNDARIES]
+    + [dphys.Grid((6, 9), lengths=(1.0, 2.0), boundary=b) for b in BOUNDARIES]
+    + [dphys.Grid((7, 8), lengths=1.0, boundary=("dirichlet", "neumann"))]
+)
 GRID_IDS = [f"{len(g.shape)}d-{'-'.join(g.boundary)}" for g in GRIDS]
 
 
@@ -178,7 +182,7 @@ def test_laplacian_exact_eigenvectors(boundary, ndim):
     u = np.ones(shape)
     lam = 0.0
     for axis, (x, k, length, dx, n) in enumerate(
-        zip(coords(g), modes, lengths, g.spacing, shape)
+        zip(coords(g), modes, lengths, g.spacing, shape, strict=True)
     ):
         if boundary == "periodic":
             # A shifted cosine = combination of the two Fourier modes of index +-k.
@@ -196,7 +200,7 @@ def test_laplacian_exact_eigenvectors(boundary, ndim):
     # The eigenvalue is the discrete one, not the continuous -kappa |k|^2 (which
     # differs at O(dx^2)); the check above would fail for it.
     cont = 0.0
-    for k, length in zip(modes, lengths):
+    for k, length in zip(modes, lengths, strict=True):
         cont -= (np.pi * k / length * (2 if boundary == "periodic" else 1)) ** 2
     assert abs(cont - lam) / abs(lam) > 1e-3
 

@@ -100,7 +100,9 @@ def test_sine_and_cosine_modes_exact_amplification(boundary, solver_kind, ndim, 
     modes = (3,) if ndim == 1 else (2, 3)
     grid = dphys.Grid(shape, lengths=lengths, boundary=boundary)
     u0, lam = np.ones(shape), 0.0
-    for x, k, n, length, dx in zip(coords(grid), modes, shape, lengths, grid.spacing):
+    for x, k, n, length, dx in zip(
+        coords(grid), modes, shape, lengths, grid.spacing, strict=True
+    ):
         if boundary == "dirichlet":
             u0 = u0 * np.sin(np.pi * k * x / length)
             lam -= (4 / dx**2) * np.sin(np.pi * k / (2 * (n + 1))) ** 2
@@ -114,7 +116,9 @@ def test_sine_and_cosine_modes_exact_amplification(boundary, solver_kind, ndim, 
         if solver_kind == "tridiagonal"
         else dphys.Krylov(rtol=1e-12, atol=1e-14)
     )
-    traj = run(pdes.Heat(grid, kappa), make(solver), jnp.asarray(u0), dt=dt, n_steps=n_steps)
+    traj = run(
+        pdes.Heat(grid, kappa), make(solver), jnp.asarray(u0), dt=dt, n_steps=n_steps
+    )
     g = amplification(kappa * lam, dt, theta)
     assert rel_max(traj.final, g**n_steps * u0) < 1e-10
     if solver_kind == "krylov":
@@ -135,9 +139,17 @@ def _manufactured_problem(boundary, n):
             -((2 * np.pi) ** 2) * np.sin(2 * np.pi * x),
         )
     elif boundary == "dirichlet":
-        g, dg, d2g = np.sin(np.pi * x), np.pi * np.cos(np.pi * x), -(np.pi**2) * np.sin(np.pi * x)
+        g, dg, d2g = (
+            np.sin(np.pi * x),
+            np.pi * np.cos(np.pi * x),
+            -(np.pi**2) * np.sin(np.pi * x),
+        )
     else:
-        g, dg, d2g = np.cos(np.pi * x), -np.pi * np.sin(np.pi * x), -(np.pi**2) * np.cos(np.pi * x)
+        g, dg, d2g = (
+            np.cos(np.pi * x),
+            -np.pi * np.sin(np.pi * x),
+            -(np.pi**2) * np.cos(np.pi * x),
+        )
     kappa = 0.1 * (1.0 + 0.5 * np.sin(2 * np.pi * x + 0.3))
     dkappa = 0.1 * np.pi * np.cos(2 * np.pi * x + 0.3)
     # f = u_t - (kappa u_x)_x with u = exp(-t) g.
@@ -171,8 +183,18 @@ def _blob(grid):
 
 CONSERVATIVE = [
     ("periodic-1d-fft", dphys.Grid(32, lengths=1.0), "scalar", dphys.FFT()),
-    ("periodic-1d-krylov", dphys.Grid(32, lengths=1.0), "field", dphys.Krylov(rtol=1e-12, atol=1e-14)),
-    ("neumann-1d-tridiagonal", dphys.Grid(32, boundary="neumann"), "field", dphys.Tridiagonal()),
+    (
+        "periodic-1d-krylov",
+        dphys.Grid(32, lengths=1.0),
+        "field",
+        dphys.Krylov(rtol=1e-12, atol=1e-14),
+    ),
+    (
+        "neumann-1d-tridiagonal",
+        dphys.Grid(32, boundary="neumann"),
+        "field",
+        dphys.Tridiagonal(),
+    ),
     (
         "neumann-2d-krylov",
         dphys.Grid((12, 16), lengths=(1.0, 1.5), boundary="neumann"),
@@ -227,7 +249,9 @@ def test_constant_source_adds_heat_linearly(name, kind):
     solver = dphys.Tridiagonal()
     stepper = dphys.BDF2(solver=solver) if name == "BDF2" else STEPPERS[name][0](solver)
     u0, dt = _blob(grid), 0.01
-    traj = run(model, stepper, u0, dt=dt, n_steps=30, saveat=dphys.SaveAt(every=1, t0=True))
+    traj = run(
+        model, stepper, u0, dt=dt, n_steps=30, saveat=dphys.SaveAt(every=1, t0=True)
+    )
     mass = np.asarray(grid.integrate(traj.ys))
     rate = float(grid.integrate(jnp.broadcast_to(source, grid.shape)))
     expected = mass[0] + rate * dt * np.arange(31)
@@ -240,7 +264,12 @@ def test_time_dependent_source_trapezoidal_mass():
     model = pdes.Heat(grid, 0.02, source_fn=lambda t: (1.0 + 2.0 * t) * jnp.ones(40))
     u0 = _blob(grid)
     traj = run(
-        model, dphys.CrankNicolson(), u0, dt=0.05, n_steps=20, saveat=dphys.SaveAt(every=1)
+        model,
+        dphys.CrankNicolson(),
+        u0,
+        dt=0.05,
+        n_steps=20,
+        saveat=dphys.SaveAt(every=1),
     )
     t = np.asarray(traj.ts)
     mass = np.asarray(grid.integrate(traj.ys))

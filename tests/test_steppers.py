@@ -50,7 +50,9 @@ class Unsteady(dphys.AbstractModel):
     kappa: jax.Array
 
     def linear(self, t, state):
-        return laplacian(state, self.grid, self.kappa * (1 + 0.5 * jnp.sin(2 * jnp.pi * t)))
+        return laplacian(
+            state, self.grid, self.kappa * (1 + 0.5 * jnp.sin(2 * jnp.pi * t))
+        )
 
     def forcing(self, t):
         x = jnp.asarray(self.grid.axis_coords(0))
@@ -137,9 +139,11 @@ def measured_order(model, stepper, steps):
     errors = []
     for n in steps:
         final = jax.jit(
-            lambda m, u, n=n: dphys.simulate(
-                m, stepper, u, dt=T1 / n, n_steps=n, adjoint=dphys.Unrolled()
-            ).final
+            lambda m, u, n=n: (
+                dphys.simulate(
+                    m, stepper, u, dt=T1 / n, n_steps=n, adjoint=dphys.Unrolled()
+                ).final
+            )
         )(model, U0)
         errors.append(float(np.max(np.abs(np.asarray(final) - ref))))
     errors = np.asarray(errors)
@@ -160,8 +164,12 @@ def test_reference_solutions_agree():
     expm = _reference(model)
     f = jax.jit(lambda t, v: model.vector_field(t, v))
     ivp = scipy.integrate.solve_ivp(
-        lambda t, v: np.asarray(f(t, v)), (0.0, T1), np.asarray(U0),
-        method="DOP853", rtol=1e-13, atol=1e-13,
+        lambda t, v: np.asarray(f(t, v)),
+        (0.0, T1),
+        np.asarray(U0),
+        method="DOP853",
+        rtol=1e-13,
+        atol=1e-13,
     ).y[:, -1]
     np.testing.assert_allclose(ivp, expm, atol=1e-11)
 
@@ -172,7 +180,9 @@ def test_reference_solutions_agree():
 def _field(grid):
     k = 1.0
     for a in range(grid.ndim):
-        x = np.meshgrid(*[grid.axis_coords(b) for b in range(grid.ndim)], indexing="ij")[a]
+        x = np.meshgrid(
+            *[grid.axis_coords(b) for b in range(grid.ndim)], indexing="ij"
+        )[a]
         k = k * (1.0 + 0.5 * np.sin(2 * np.pi * x + 0.7 * a))
     return jnp.asarray(0.1 * k)
 
@@ -180,12 +190,42 @@ def _field(grid):
 SOLVE_CASES = [
     ("fft-1d", dphys.Grid(24), "scalar", dphys.FFT(), 1e-13),
     ("fft-2d", dphys.Grid((8, 12), lengths=(1.0, 2.0)), "scalar", dphys.FFT(), 1e-13),
-    ("tridiagonal-dirichlet", dphys.Grid(24, boundary="dirichlet"), "field", dphys.Tridiagonal(), 1e-13),
-    ("tridiagonal-neumann", dphys.Grid(24, boundary="neumann"), "field", dphys.Tridiagonal(), 1e-13),
-    ("cg-2d", dphys.Grid((8, 12), boundary="neumann"), "field", dphys.Krylov(method="cg"), 1e-9),
-    ("gmres-2d", dphys.Grid((8, 12), boundary="dirichlet"), "field", dphys.Krylov(method="gmres"), 1e-9),
+    (
+        "tridiagonal-dirichlet",
+        dphys.Grid(24, boundary="dirichlet"),
+        "field",
+        dphys.Tridiagonal(),
+        1e-13,
+    ),
+    (
+        "tridiagonal-neumann",
+        dphys.Grid(24, boundary="neumann"),
+        "field",
+        dphys.Tridiagonal(),
+        1e-13,
+    ),
+    (
+        "cg-2d",
+        dphys.Grid((8, 12), boundary="neumann"),
+        "field",
+        dphys.Krylov(method="cg"),
+        1e-9,
+    ),
+    (
+        "gmres-2d",
+        dphys.Grid((8, 12), boundary="dirichlet"),
+        "field",
+        dphys.Krylov(method="gmres"),
+        1e-9,
+    ),
     ("bicgstab-1d", dphys.Grid(24), "field", dphys.Krylov(method="bicgstab"), 1e-9),
-    ("cg-no-preconditioner", dphys.Grid(24), "field", dphys.Krylov(preconditioner=None), 1e-9),
+    (
+        "cg-no-preconditioner",
+        dphys.Grid(24),
+        "field",
+        dphys.Krylov(preconditioner=None),
+        1e-9,
+    ),
 ]
 
 
@@ -212,7 +252,9 @@ def test_implicit_solve_residual(case, getkey):
     # ... and it is the solution of the dense system.
     A = np.eye(n) - gamma * np.asarray(apply_l(jnp.eye(n))).T
     exact = np.linalg.solve(A, np.asarray(rhs).ravel())
-    np.testing.assert_allclose(np.asarray(x).ravel(), exact, atol=100 * tol * np.abs(exact).max())
+    np.testing.assert_allclose(
+        np.asarray(x).ravel(), exact, atol=100 * tol * np.abs(exact).max()
+    )
 
 
 def test_auto_picks_the_structured_solver():
@@ -220,8 +262,14 @@ def test_auto_picks_the_structured_solver():
     resolve = lambda model, like: type(dphys.Auto().resolve(model, like))
     assert resolve(pdes.Heat(dphys.Grid(16), 0.1), like1) is dphys.FFT
     assert resolve(pdes.Heat(dphys.Grid(16), jnp.ones(16)), like1) is dphys.Krylov
-    assert resolve(pdes.Heat(dphys.Grid(16, boundary="neumann"), 0.1), like1) is dphys.Tridiagonal
-    assert resolve(pdes.Heat(dphys.Grid((8, 8), boundary="dirichlet"), 0.1), like2) is dphys.Krylov
+    assert (
+        resolve(pdes.Heat(dphys.Grid(16, boundary="neumann"), 0.1), like1)
+        is dphys.Tridiagonal
+    )
+    assert (
+        resolve(pdes.Heat(dphys.Grid((8, 8), boundary="dirichlet"), 0.1), like2)
+        is dphys.Krylov
+    )
     assert resolve(pdes.Heat(dphys.Grid((8, 8)), 0.1), like2) is dphys.FFT
 
 
@@ -247,8 +295,13 @@ def test_stiff_mode_stability(stepper, l_stable):
     dt = 4e4 / (-lam)
     traj = jax.jit(
         lambda u: dphys.simulate(
-            pdes.Heat(grid, 1.0), stepper, u, dt=dt, n_steps=6,
-            saveat=dphys.SaveAt(every=1), fast_forward=False,
+            pdes.Heat(grid, 1.0),
+            stepper,
+            u,
+            dt=dt,
+            n_steps=6,
+            saveat=dphys.SaveAt(every=1),
+            fast_forward=False,
         )
     )(u0)
     amp = np.asarray(jnp.max(jnp.abs(traj.ys), axis=1))

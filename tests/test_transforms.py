@@ -71,7 +71,7 @@ def test_vmap_over_states_and_kappas_equals_loop(name):
     states = jnp.stack([blob(grid, s) for s in (0.0, 0.1, 0.25)])
     kappas = jnp.stack([make_kappa(grid, kind, s) for s in (0.5, 1.0, 2.0)])
     batched = jax.jit(jax.vmap(f))(kappas, states)
-    loop = jnp.stack([f(k, u) for k, u in zip(kappas, states)])
+    loop = jnp.stack([f(k, u) for k, u in zip(kappas, states, strict=True)])
     np.testing.assert_allclose(batched, loop, rtol=0, atol=1e-13)
     # Batch over states only, with a shared kappa.
     shared = jax.jit(jax.vmap(f, in_axes=(None, 0)))(kappas[1], states)
@@ -96,10 +96,10 @@ def test_grad_of_vmap_equals_vmap_of_grad(name):
     grad_vmap = jax.jit(
         jax.grad(lambda k, u: jnp.sum(jax.vmap(cost)(k, u)), argnums=(0, 1))
     )(kappas, states)
-    for a, b in zip(vmap_grad, grad_vmap):
+    for a, b in zip(vmap_grad, grad_vmap, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     single = jax.jit(jax.grad(cost, argnums=(0, 1)))(kappas[2], states[2])
-    for a, b in zip(single, vmap_grad):
+    for a, b in zip(single, vmap_grad, strict=True):
         np.testing.assert_allclose(a, b[2], rtol=1e-12, atol=1e-14)
 
 
@@ -109,7 +109,9 @@ def test_no_retrace_when_values_change():
     @eqx.filter_jit
     @eqx.debug.assert_max_traces(max_traces=1)
     def run(model, state0, dt):
-        return dphys.simulate(model, dphys.CrankNicolson(), state0, dt=dt, n_steps=5).final
+        return dphys.simulate(
+            model, dphys.CrankNicolson(), state0, dt=dt, n_steps=5
+        ).final
 
     outs = []
     for scale in (1.0, 2.0, 3.0):
@@ -153,7 +155,9 @@ def test_eager_simulate_compiles_once_per_configuration():
     traced = None
     for scale in (1.0, 2.0, 3.0):
         model = _CountingHeat(grid, make_kappa(grid, "field", scale), counter)
-        dphys.simulate(model, stepper, blob(grid, 0.1 * scale), dt=0.01 * scale, n_steps=4)
+        dphys.simulate(
+            model, stepper, blob(grid, 0.1 * scale), dt=0.01 * scale, n_steps=4
+        )
         if traced is None:
             traced = counter.n
             assert traced > 0
