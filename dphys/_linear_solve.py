@@ -205,6 +205,17 @@ class FFT(AbstractLinearSolver):
         one-step amplification matrix of the scheme, so this equals $m$ steps up to
         round-off, at the cost of one FFT pair.
         """
+        gm = self.propagator(dt, theta, m, structure)
+        return self.apply_propagator(model, gm, state)
+
+    def apply_propagator(self, model, gm, state):
+        """Apply per-mode matrices ``gm`` (from :meth:`propagator`): one FFT pair."""
+        hats, treedef, axes = self._to_modes(model, state)
+        out = self._apply_modes(gm, hats)
+        return self._from_modes(model, out, treedef, axes, jtu.tree_leaves(state))
+
+    def propagator(self, dt, theta, m: int, structure):
+        """$G_k^m$ per mode, shape ``(n, n, *modes)``."""
         inv = self.inverse_symbol(structure, theta * dt)
         n = structure.shape[0]
         if n == 1:
@@ -219,9 +230,7 @@ class FFT(AbstractLinearSolver):
             moved = jnp.moveaxis(jnp.moveaxis(g, 0, -1), 0, -1)
             gm = jnp.linalg.matrix_power(moved, m)
             gm = jnp.moveaxis(jnp.moveaxis(gm, -1, 0), -1, 0)
-        hats, treedef, axes = self._to_modes(model, state)
-        out = self._apply_modes(gm, hats)
-        return self._from_modes(model, out, treedef, axes, jtu.tree_leaves(state))
+        return gm
 
 
 def _int_power(g, m: int):

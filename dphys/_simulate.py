@@ -193,7 +193,7 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
         if fast_forward:
             state, ss, result, failed_at, total_iters = carry
             t = t0 + k * dt
-            new = stepper.propagate(model, t, dt, state, ss, seg)
+            new = stepper.propagate(model, t, dt, state, ss, seg, propagator=prop)
             new, valid = model.validate(new)
             ok = (_all_finite(new), valid)
             result, failed_at, total_iters = record(
@@ -209,6 +209,11 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
         (state0, sstate, RESULTS.successful, jnp.asarray(-1), jnp.asarray(0)),
         jnp.asarray(0),
     )
+    # The segment propagator (G^seg per mode) is loop-invariant: built here, its
+    # derivative is taken once per run, not once per segment.
+    prop = None
+    if fast_forward:
+        prop = stepper.propagator(model, t0, dt, state0, sstate, seg)
     if n_seg > 0 and fast_forward:
         (carry, _), seg_ys = adjoint.loop(segment, init, n_seg)
     elif n_seg > 0:

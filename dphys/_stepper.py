@@ -84,7 +84,15 @@ class AbstractStepper(eqx.Module):
         """True if :meth:`propagate` can apply many steps at once, exactly."""
         return False
 
-    def propagate(self, model, t, dt, state, stepper_state, n: int):
+    def propagator(self, model, t, dt, state, stepper_state, n: int):
+        """What :meth:`propagate` needs for ``n`` steps, or None.
+
+        :func:`dphys.simulate` computes it once, before the time loop, so reverse mode
+        differentiates it once per run instead of once per saved segment.
+        """
+        return None
+
+    def propagate(self, model, t, dt, state, stepper_state, n: int, propagator=None):
         raise NotImplementedError
 
 
@@ -155,9 +163,14 @@ class _AbstractTheta(_AbstractLinearImplicit):
             and model.forcing(0.0) is None
         )
 
-    def propagate(self, model, t, dt, state, stepper_state, n: int):
+    def propagator(self, model, t, dt, state, stepper_state, n: int):
         solver = self._solver(model, state)
-        return solver.propagate(model, t, dt, self.theta, n, state, stepper_state)
+        return solver.propagator(dt, self.theta, n, stepper_state)
+
+    def propagate(self, model, t, dt, state, stepper_state, n: int, propagator=None):
+        if propagator is None:
+            propagator = self.propagator(model, t, dt, state, stepper_state, n)
+        return self._solver(model, state).apply_propagator(model, propagator, state)
 
 
 class Theta(_AbstractTheta):
