@@ -162,7 +162,9 @@ def _manufactured_problem(boundary, n):
 def test_space_convergence_variable_kappa(boundary):
     t1, n_steps = 0.5, 100
     errors = []
-    for n in (16, 32, 64):
+    # Dirichlet converges non-monotonically at first (1.87, 1.74, 1.89 from n = 16):
+    # an O(dx^3) boundary term; the last pair is in the asymptotic range.
+    for n in (32, 64, 128):
         model, g = _manufactured_problem(boundary, n)
         traj = run(model, dphys.CrankNicolson(), g, dt=t1 / n_steps, n_steps=n_steps)
         errors.append(float(jnp.max(jnp.abs(traj.final - np.exp(-t1) * g))))
@@ -170,7 +172,7 @@ def test_space_convergence_variable_kappa(boundary):
     p = np.log2(errors[:-1] / errors[1:])
     # Time error (CN, dt = 5e-3) is ~1e-7, far below the space error here.
     assert abs(p[-1] - 2) < 0.3, (errors, p)
-    assert errors[-1] < 1e-3
+    assert errors[-1] < 2e-4
 
 
 # ------------------------------------------------------------------ invariants
