@@ -56,6 +56,15 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _runtime_reason(err: BaseException) -> str:
+    """The reason of an error raised inside jitted code, without its stack dumps."""
+    for line in str(err).splitlines():
+        if line.startswith("equinox.EquinoxRuntimeError:"):
+            return line.split(":", 1)[1].strip()
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 def _progress(quiet: bool, n_max: int):
     """A progress line per iteration on stderr (no extra dependency)."""
     if quiet:
@@ -103,6 +112,9 @@ def demo_config(
     n_points, n_sensors, n_steps = (64, 8, 100) if quick else (128, 10, 150)
     kappa = {"transform": "log", "sigma": 1.0}
     if kappa_field:
+        # A field makes every implicit step a preconditioned CG solve (no FFT), and
+        # the posterior has one parameter per grid point: use the coarser grid.
+        n_points = 64
         kappa.update(field=True, sigma=0.5, length_scale=0.25)
     return {
         "model": {
@@ -393,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         jax.config.update("jax_enable_x64", True)
     commands = {"demo": _cmd_demo, "assimilate": _cmd_assimilate, "batch": _cmd_batch}
+    import equinox as eqx
+
     from dphys import SimulationError
 
     from ._batch import BatchError
@@ -404,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (SimulationError, BatchError) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except eqx.EquinoxRuntimeError as err:  # a check inside jitted code failed
+        print(f"{PROG}: error: the run failed: {_runtime_reason(err)}", file=sys.stderr)
         return 1
     except ValueError as err:  # ConfigError and every DataError are ValueErrors
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)

@@ -393,3 +393,26 @@ def test_shallow_water_twin_end_to_end(tmp_path):
     assert {"analysis_eta", "analysis_u", "analysis_v", "depth_std"} <= set(ds)
     dio.write_netcdf(ds, tmp_path / "sw.nc")
     assert dio.read_netcdf(tmp_path / "sw.nc")["analysis_eta"].dims == ("x",)
+
+
+def test_run_failure_inside_jit_is_one_line(tmp_path, capsys, monkeypatch):
+    import equinox as eqx
+
+    import assimilation._config as config
+
+    def fail(*args, **kwargs):
+        raise eqx.EquinoxRuntimeError(
+            "Above is the stack outside of JIT.\n  File ...\n"
+            "equinox.EquinoxRuntimeError: The maximum number of solver steps was "
+            "reached. Try increasing `max_steps`.\n\n----\n1) Setting ..."
+        )
+
+    monkeypatch.setattr(config, "run", fail)
+    code, _, err = run_cli(capsys, "demo", "--quick", "-q", "--out", str(tmp_path))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines == [
+        "dphys: error: the run failed: The maximum number of solver steps was "
+        "reached. Try increasing `max_steps`."
+    ]
+    assert not list(tmp_path.iterdir())
