@@ -356,7 +356,7 @@ def _parser() -> _Parser:
     demo.add_argument(
         "--kappa-field",
         action="store_true",
-        help="estimate a spatially varying diffusivity",
+        help="estimate a spatially varying diffusivity (slower)",
     )
     demo.add_argument("--no-figure", action="store_true", help="skip the PNG")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
