@@ -1,0 +1,93 @@
+"""Smoke test of benchmarks/run.py on toy sizes, so the benchmark code cannot rot.
+
+Runs the real measurement path (ahead-of-time compilation, interleaved timing,
+answer checks, finite-difference gradient check, summary) for P1 with dphys and the
+jax.scipy CG peer at N = 64, and checks the JSON keys and that the answers are right.
+"""
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+
+run = pytest.importorskip("benchmarks.run")
+problems = pytest.importorskip("benchmarks._problems")
+
+REQUIRED = {
+    "problem",
+    "impl",
+    "n",
+    "steps",
+    "dtype",
+    "device",
+    "forward_s",
+    "grad_s",
+    "grad_ratio",
+    "compile_s",
+    "mem_mb",
+    "error",
+}
+
+
+def test_exact_discrete_matches_one_step_at_a_time():
+    # The reference the benchmarks check against: G^n per mode equals n explicit
+    # applications of the θ-method step written out with the 3-point stencil.
+    p = problems.make_problem("P1", size="tiny")
+    u = p.u0()
+    lap = lambda v: p.kappa * (np.roll(v, 1) + np.roll(v, -1) - 2 * v) * p.n**2
+    # Backward Euler: solve (I - dt L) u_new = u by the dense matrix.
+    eye = np.eye(p.n)
+    lmat = np.stack([lap(e) for e in eye], axis=1)
+    a = eye - p.dt * lmat
+    v = u.copy()
+    for _ in range(p.steps):
+        v = np.linalg.solve(a, v)
+    assert problems.rel_l2(p.exact_discrete(u, p.steps), v) < 1e-12
+    # ...and differs from the PDE solution by the discretisation error only.
+    err = problems.rel_l2(v, p.exact_pde(p.steps * p.dt))
+    assert 1e-8 < err < 1e-2
+
+
+def test_run_tiny_p1_rows_and_summary():
+    out = io.StringIO()
+    cfg = run.Config(size="tiny", repeats=1, slow_s=5.0, only=("dphys", "jax-cg"))
+    rows = run.run(["P1"], cfg, out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == len(rows)
+    limits = [r for r in lines if r.get("problem") == "limits"]
+    assert limits and limits[0]["fft_pair_s"] > 0 and limits[0]["bandwidth_gbs"] > 0
+    by_impl = {r["impl"]: r for r in lines if r.get("problem") == "P1"}
+    assert set(by_impl) == {"dphys", "jax-cg", "limit"}
+    # the FFT-pair limit timed in the same round-robin as the implementations
+    assert by_impl.pop("limit")["fft_pair_s"] > 0
+    for row in by_impl.values():
+        assert REQUIRED <= set(row), REQUIRED - set(row)
+        assert row["forward_s"] > 0 and row["grad_s"] > 0 and row["mem_mb"] > 0
+        assert row["error_ref"] == "discrete"
+        # Central differences (Richardson) vs the reverse-mode directional derivative.
+        assert row["grad_fd_relerr"] < 1e-5
+    assert by_impl["dphys"]["error"] < 1e-12
+    assert by_impl["jax-cg"]["error"] < 1e-7
+    # Two independent implementations of the same cost agree on the gradient.
+    assert by_impl["jax-cg"]["grad_rel_diff_vs_dphys"] < 1e-6
+    summary = lines[-1]["summary"]["P1"]
+    assert summary["fastest_peer_forward"][0] == "jax-cg"
+    assert summary["dphys"]["forward_speedup"] > 0
+    assert "targets_met" in summary
+
+
+def test_p5_tiny_memory_rows():
+    out = io.StringIO()
+    cfg = run.Config(size="tiny", repeats=1, slow_s=5.0, only=("dphys",))
+    run.run(["P5"], cfg, out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    p5 = [r for r in lines if r.get("problem") == "P5"]
+    assert [r["steps"] for r in p5] == [20, 80]
+    for r in p5:
+        assert r["mem_mb"] > 0 and r["grad_ratio"] > 0
+        assert r["rss_delta_mb"] is not None  # the fresh-process peak-RSS probe ran
+    growth = lines[-1]["summary"]["P5"]["dphys"]["mem_growth"]
+    # fast_forward stores one state per observation segment, whatever the step count
+    assert growth < 1.5
