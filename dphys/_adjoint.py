@@ -9,7 +9,10 @@ With ``levels = L`` the $n$ steps are split into $\lceil n^{1/L}\rceil$ chunks w
 start states are stored; during the backward pass each chunk is recomputed and split
 again, recursively. Memory is $O(L\,n^{1/L})$ states instead of $O(n)$, at the price
 of $L-1$ extra forward sweeps. ``levels=2`` is the classical $\sqrt n$ scheme;
-``levels=3`` makes 4000 steps cost about 3 x 16 stored states.
+``levels=3`` makes 4000 steps cost about 3 x 16 stored states. When the run is cut
+into observation segments, steps and segments share this one hierarchy
+(:func:`segmented_scan`), and loops too short for checkpointing to halve their memory
+(16 steps or fewer) are stored whole.
 
 :class:`Unrolled` stores every step (fastest backward pass, linear memory); it is the
 reference the checkpointed gradient is tested against.
