@@ -27,11 +27,15 @@ G, H0, F0 = 9.81, 1000.0, 1e-4
 
 def _basin(shape=(12, 14), boundary="neumann", nonlinear=False, **kwargs):
     """A small 2D basin (dx = 10 km) with a bumpy bottom."""
-    grid = dphys.Grid(shape, lengths=(shape[0] * 10e3, shape[1] * 10e3), boundary=boundary)
+    grid = dphys.Grid(
+        shape, lengths=(shape[0] * 10e3, shape[1] * 10e3), boundary=boundary
+    )
     y, x = grid.coords
     ly, lx = grid.lengths
     depth = H0 * (1.0 + 0.3 * jnp.sin(2 * jnp.pi * x / lx) * jnp.cos(jnp.pi * y / ly))
-    model = ShallowWater(grid, kwargs.pop("depth", depth), f0=F0, nonlinear=nonlinear, **kwargs)
+    model = ShallowWater(
+        grid, kwargs.pop("depth", depth), f0=F0, nonlinear=nonlinear, **kwargs
+    )
     return model
 
 
@@ -87,7 +91,7 @@ def test_single_mode_frequency_matches_discrete_dispersion_relation():
         fast_forward=False,
     )
     fields = [np.asarray(traj.ys.eta), np.asarray(traj.ys.u), np.asarray(traj.ys.v)]
-    for phases, e, omega in zip(bases, vecs, omegas):
+    for phases, e, omega in zip(bases, vecs, omegas, strict=True):
         amp = sum(
             np.conj(e[c]) * np.sum(fields[c] * np.conj(phases[c]), axis=(1, 2))
             for c in range(3)
@@ -171,7 +175,12 @@ def _nonlinear_basin(boundary, depth=None, **kwargs):
 
 def _nonlinear_run(model, state0, dt):
     return dphys.simulate(
-        model, NL_STEPPER, state0, dt=dt, n_steps=30, saveat=dphys.SaveAt(t0=True, every=5)
+        model,
+        NL_STEPPER,
+        state0,
+        dt=dt,
+        n_steps=30,
+        saveat=dphys.SaveAt(t0=True, every=5),
     )
 
 
@@ -204,7 +213,7 @@ def _dam_break(n, length=1000.0, t_end=40.0, h_left=2.0, h_right=1.0):
     n_steps = int(np.ceil(t_end / (0.3 * dx / np.sqrt(G * (h_left - h_right)))))
     final = dphys.simulate(
         model,
-        dphys.IMEX(solver=HelmholtzKrylov(restart=5)),
+        dphys.IMEX(solver=HelmholtzKrylov()),
         state0,
         dt=t_end / n_steps,
         n_steps=n_steps,
@@ -307,7 +316,7 @@ def test_energy_non_increasing_with_drag():
     state0 = _bump(model)
     traj = dphys.simulate(
         model,
-        dphys.CrankNicolson(solver=HelmholtzKrylov(rtol=1e-13, atol=1e-15)),
+        dphys.CrankNicolson(solver=HelmholtzKrylov(rtol=1e-13)),
         state0,
         dt=600.0,
         n_steps=40,
@@ -322,7 +331,7 @@ def test_energy_non_increasing_with_drag():
     ef = free.energy(
         dphys.simulate(
             free,
-            dphys.CrankNicolson(solver=HelmholtzKrylov(rtol=1e-13, atol=1e-15)),
+            dphys.CrankNicolson(solver=HelmholtzKrylov(rtol=1e-13)),
             state0,
             dt=600.0,
             n_steps=40,
@@ -371,8 +380,37 @@ def test_vector_invariant_semi_discrete_energy_conservation():
     tendency = model.vector_field(0.0, state)
     _, rate = jax.jvp(sadourny_energy, (state,), (tendency,))
     absolute = lambda tree: jax.tree_util.tree_map(jnp.abs, tree)
-    scale = dtest.tree_dot(absolute(jax.grad(sadourny_energy)(state)), absolute(tendency))
+    scale = dtest.tree_dot(
+        absolute(jax.grad(sadourny_energy)(state)), absolute(tendency)
+    )
     assert abs(float(rate)) < 1e-13 * float(scale)
+
+
+@pytest.mark.parametrize("nonlinear", [False, True])
+def test_wind_setup_reaches_the_discrete_steady_state(nonlinear):
+    """Constant wind in a closed 1D channel: g d(eta)/dx = tau / h at rest."""
+    grid = dphys.Grid(40, lengths=20e3, boundary="neumann")
+    tau, depth = 1e-4, 20.0
+    # Drag at twice the gravest seiche frequency (pi sqrt(gH) / L = 2.2e-3 1/s)
+    # damps every seiche at least as e^(-2.2e-3 t) = e^-33 by the end; the set-up
+    # itself does not depend on the drag.
+    model = ShallowWater(grid, depth, wind=(tau, 0.0), drag=4.4e-3, nonlinear=nonlinear)
+    final = dphys.simulate(
+        model,
+        dphys.IMEX(solver=HelmholtzKrylov()),
+        model.rest_state(),
+        dt=50.0,
+        n_steps=300,
+    ).final
+    eta = np.asarray(final.eta)
+    h_faces = depth + (0.5 * (eta[:-1] + eta[1:]) if nonlinear else 0.0)
+    slope = G * np.diff(eta) / grid.spacing[0]
+    # 1e-6: the slope is a difference of neighbouring eta (2.5 mm apart) from
+    # GMRES solves at rtol 1e-10; the seiches themselves are down to e^-33.
+    np.testing.assert_allclose(slope, tau / h_faces, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(final.u))) < 1e-9
+    scale = float(grid.integrate(jnp.abs(final.eta)))
+    assert abs(float(model.mass(final))) < 1e-13 * scale  # set-up, no net volume
 
 
 def test_helmholtz_krylov_matches_fft_on_periodic_constant_depth():
@@ -382,22 +420,26 @@ def test_helmholtz_krylov_matches_fft_on_periodic_constant_depth():
     a = dphys.simulate(model, dphys.CrankNicolson(), state0, dt=600.0, n_steps=10)
     b = dphys.simulate(
         model,
-        dphys.CrankNicolson(solver=HelmholtzKrylov(rtol=1e-13, atol=1e-15)),
+        dphys.CrankNicolson(solver=HelmholtzKrylov(rtol=1e-13)),
         state0,
         dt=600.0,
         n_steps=10,
     )
     assert dtest.tree_allclose(b.final, a.final, rtol=0, atol=1e-11)
-    # The Helmholtz preconditioner is exact up to rotation: few GMRES cycles.
-    assert int(b.stats["linear_iterations"]) <= 3 * 10
+    # The Helmholtz preconditioner is exact up to rotation (gamma f = 0.03): a few
+    # Arnoldi steps per time step to reach 1e-13 (measured: 6).
+    assert int(b.stats["linear_iterations"]) <= 8 * 10, b.stats
 
 
 def test_float32_run_keeps_dtype_and_mass():
     model = _basin(nonlinear=True)
     state0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), _bump(model))
     final = dphys.simulate(
-        model, dphys.IMEX(solver=HelmholtzKrylov(rtol=1e-5, atol=1e-7)), state0,
-        dt=300.0, n_steps=5,
+        model,
+        dphys.IMEX(solver=HelmholtzKrylov(rtol=1e-5)),
+        state0,
+        dt=300.0,
+        n_steps=5,
     ).final
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(final))
     scale = float(model.grid.integrate(jnp.abs(state0.eta)))
@@ -407,7 +449,9 @@ def test_float32_run_keeps_dtype_and_mass():
 # ----------------------------------------------------------------------- gradients
 
 
-def _sensor_cost(build, stepper, dt, n_steps, sensors, obs, adjoint=dphys.Checkpointed()):
+def _sensor_cost(build, stepper, dt, n_steps, sensors, obs, adjoint=None):
+    adjoint = dphys.Checkpointed() if adjoint is None else adjoint
+
     def cost(p):
         model = build(p)
         state0 = SWState(p["eta0"], p["u0"], p["v0"])
@@ -449,14 +493,20 @@ def test_taylor_linear_closed_basin_state_depth_drag_g(getkey):
     base = _basin(beta=2e-11, drag=1e-5)
     grid = base.grid
     sensors = (jnp.array([2, 5, 9, 3]), jnp.array([3, 7, 10, 12]))
-    stepper = dphys.CrankNicolson(solver=HelmholtzKrylov(rtol=1e-12, atol=1e-14))
+    stepper = dphys.CrankNicolson(solver=HelmholtzKrylov(rtol=1e-12))
 
     def build(p):
-        return ShallowWater(grid, p["depth"], g=p["g"], f0=F0, beta=2e-11, drag=p["drag"])
+        return ShallowWater(
+            grid, p["depth"], g=p["g"], f0=F0, beta=2e-11, drag=p["drag"]
+        )
 
     truth = _bump(base)
     obs = dphys.simulate(
-        base, stepper, truth, dt=900.0, n_steps=10,
+        base,
+        stepper,
+        truth,
+        dt=900.0,
+        n_steps=10,
         saveat=dphys.SaveAt(every=2, fn=lambda t, s: s.eta[sensors]),
     ).ys
     first = _bump(base, amplitude=0.7, width=40e3)
@@ -469,7 +519,9 @@ def test_taylor_linear_closed_basin_state_depth_drag_g(getkey):
         "g": jnp.asarray(9.5),
     }
     # Unrolled: the same gradient as checkpointing (a core test), compiled faster.
-    cost = _sensor_cost(build, stepper, 900.0, 10, sensors, obs, adjoint=dphys.Unrolled())
+    cost = _sensor_cost(
+        build, stepper, 900.0, 10, sensors, obs, adjoint=dphys.Unrolled()
+    )
     _check_taylor(cost, params, ["eta0", "u0", "v0", "depth", "drag", "g"], getkey())
 
 
@@ -486,7 +538,7 @@ def test_taylor_nonlinear_state_depth_quadratic_drag_g(getkey):
     y, x = grid.coords
     depth = 50.0 * (1.0 + 0.2 * jnp.sin(2 * jnp.pi * x / 120e3))
     sensors = (jnp.array([2, 5, 9]), jnp.array([3, 7, 10]))
-    stepper = dphys.IMEX(solver=HelmholtzKrylov(rtol=1e-12, atol=1e-14))
+    stepper = dphys.IMEX(solver=HelmholtzKrylov(rtol=1e-12))
 
     def build(p):
         return ShallowWater(
@@ -511,8 +563,8 @@ def test_taylor_nonlinear_state_depth_quadratic_drag_g(getkey):
     "kind",
     [
         "linear-fft",
-        "nonlinear-fft",
-        pytest.param("nonlinear-krylov", marks=pytest.mark.slow),
+        pytest.param("nonlinear-fft", marks=pytest.mark.slow),
+        "nonlinear-krylov",
     ],
 )
 def test_dot_test_one_step_tangent_adjoint(kind):
@@ -530,14 +582,19 @@ def test_dot_test_one_step_tangent_adjoint(kind):
         stepper = dphys.IMEX() if nonlinear else dphys.CrankNicolson()
         state0 = _bump(model, amplitude=5.0)
         # Some flow in every direction, so the upwind switches are exercised.
-        state0 = SWState(state0.eta, 0.3 * jnp.cos(state0.eta), 0.2 * jnp.sin(state0.eta))
+        state0 = SWState(
+            state0.eta, 0.3 * jnp.cos(state0.eta), 0.2 * jnp.sin(state0.eta)
+        )
     else:
         model = _basin(nonlinear=True, quadratic_drag=2e-3, beta=2e-11)
-        stepper = dphys.IMEX(solver=HelmholtzKrylov(rtol=1e-13, atol=1e-15))
+        # The dot test compares two inexact solves: 1e-14 keeps their error ~4e-14.
+        stepper = dphys.IMEX(solver=HelmholtzKrylov(rtol=1e-14))
         state0 = _bump(model, amplitude=30.0)
 
     def one_step(s):
-        return dphys.simulate(model, stepper, s, dt=600.0, n_steps=1, fast_forward=False).final
+        return dphys.simulate(
+            model, stepper, s, dt=600.0, n_steps=1, fast_forward=False
+        ).final
 
     res = dtest.dot_test_vjp(one_step, state0)
     assert res.passed, str(res)
@@ -549,7 +606,9 @@ def test_gradient_through_fft_symbol_wrt_g_matches_finite_difference():
 
     def cost(p):
         model = ShallowWater(grid, p["depth"], g=p["g"], f0=p["f0"], drag=p["drag"])
-        final = dphys.simulate(model, dphys.CrankNicolson(), state0, dt=600.0, n_steps=20).final
+        final = dphys.simulate(
+            model, dphys.CrankNicolson(), state0, dt=600.0, n_steps=20
+        ).final
         return jnp.sum(final.eta[4:8, 4:8] ** 2)
 
     params = {"g": 9.81, "depth": 1000.0, "f0": 1e-4, "drag": 1e-5}
@@ -591,7 +650,12 @@ def test_depth_going_negative_reported_with_step_index():
     state0 = model.rest_state()
     stepper = dphys.CrankNicolson(solver=HelmholtzKrylov())
     traj = dphys.simulate(
-        model, stepper, state0, dt=60.0, n_steps=200, saveat=dphys.SaveAt(every=1),
+        model,
+        stepper,
+        state0,
+        dt=60.0,
+        n_steps=200,
+        saveat=dphys.SaveAt(every=1),
         throw=False,
     )
     depth_min = np.asarray(jnp.min(traj.ys.eta, axis=1)) + 20.0
@@ -601,7 +665,7 @@ def test_depth_going_negative_reported_with_step_index():
     assert traj.result == dphys.RESULTS.invalid_state
     with pytest.raises(
         dphys.SimulationError,
-        match=rf"failed at step {first_dry} of 200.*depth \+ eta` became zero or negative",
+        match=rf"failed at step {first_dry} of 200.*`depth \+ eta` became zero or ne",
     ):
         dphys.simulate(
             model, stepper, state0, dt=60.0, n_steps=200, saveat=dphys.SaveAt(every=1)
@@ -614,15 +678,31 @@ def test_explicit_part_above_stability_limit_is_an_error():
     (x,) = grid.coords
     state0 = model.rest_state(jnp.where(x < 500.0, 1.0, 0.0))
     # sqrt(g * 1 m) = 3.13 m/s over dx = 10 m: dt = 4 s gives Courant 1.25.
-    with pytest.raises(ValueError, match=r"explicit Courant number 1\.25 > max_courant=0\.5"):
+    with pytest.raises(
+        ValueError, match=r"explicit Courant number 1\.25 > max_courant=0\.5"
+    ):
         dphys.simulate(model, dphys.IMEX(), state0, dt=4.0, n_steps=1)
     # The implicit (gravity-wave) part alone is not limited: the linear model runs.
     linear = ShallowWater(grid, 1.0)
-    dphys.simulate(linear, dphys.CrankNicolson(solver=HelmholtzKrylov()), state0, dt=40.0, n_steps=2)
+    dphys.simulate(
+        linear,
+        dphys.CrankNicolson(solver=HelmholtzKrylov()),
+        state0,
+        dt=40.0,
+        n_steps=2,
+    )
     quad = ShallowWater(grid, 1.0, quadratic_drag=1.0)
     moving = SWState(state0.eta, jnp.ones(100).at[-1].set(0.0), jnp.zeros(100))
-    with pytest.raises(ValueError, match=r"quadratic drag above its stability limit.*= 4 > 1"):
-        dphys.simulate(quad, dphys.CrankNicolson(solver=HelmholtzKrylov()), moving, dt=4.0, n_steps=1)
+    with pytest.raises(
+        ValueError, match=r"quadratic drag above its stability limit.*= 4 > 1"
+    ):
+        dphys.simulate(
+            quad,
+            dphys.CrankNicolson(solver=HelmholtzKrylov()),
+            moving,
+            dt=4.0,
+            n_steps=1,
+        )
 
 
 def test_inconsistent_field_shapes_on_the_c_grid():
@@ -632,19 +712,37 @@ def test_inconsistent_field_shapes_on_the_c_grid():
     # The classic C-grid layout with an extra face column is not this model's.
     bad = SWState(good.eta, jnp.zeros((8, 11)), good.v)
     with pytest.raises(ValueError, match=re.escape("`state0.u` has shape (8, 11)")):
-        dphys.simulate(model, dphys.CrankNicolson(solver=HelmholtzKrylov()), bad, dt=1.0, n_steps=1)
+        dphys.simulate(
+            model, dphys.CrankNicolson(solver=HelmholtzKrylov()), bad, dt=1.0, n_steps=1
+        )
     bad = SWState(good.eta, good.u, jnp.zeros((9, 10)))
     with pytest.raises(ValueError, match=re.escape("`state0.v` has shape (9, 10)")):
-        dphys.simulate(model, dphys.CrankNicolson(solver=HelmholtzKrylov()), bad, dt=1.0, n_steps=1)
+        dphys.simulate(
+            model, dphys.CrankNicolson(solver=HelmholtzKrylov()), bad, dt=1.0, n_steps=1
+        )
     wall = SWState(good.eta, good.u.at[:, -1].set(0.1), good.v)
     with pytest.raises(ValueError, match=r"`state0.u` is non-zero on wall faces"):
-        dphys.simulate(model, dphys.CrankNicolson(solver=HelmholtzKrylov()), wall, dt=1.0, n_steps=1)
+        dphys.simulate(
+            model,
+            dphys.CrankNicolson(solver=HelmholtzKrylov()),
+            wall,
+            dt=1.0,
+            n_steps=1,
+        )
     with pytest.raises(TypeError, match="`state0` must be a pdes.SWState"):
-        dphys.simulate(model, dphys.CrankNicolson(solver=HelmholtzKrylov()), (good.eta, good.u, good.v), dt=1.0, n_steps=1)
+        dphys.simulate(
+            model,
+            dphys.CrankNicolson(solver=HelmholtzKrylov()),
+            (good.eta, good.u, good.v),
+            dt=1.0,
+            n_steps=1,
+        )
 
 
 def test_bad_configuration_rejected():
-    with pytest.raises(ValueError, match="`grid.boundary` must be 'periodic' or 'neumann'"):
+    with pytest.raises(
+        ValueError, match="`grid.boundary` must be 'periodic' or 'neumann'"
+    ):
         ShallowWater(dphys.Grid(8, boundary="dirichlet"), 1.0)
     with pytest.raises(ValueError, match="`beta` needs a 2D grid"):
         ShallowWater(dphys.Grid(8, boundary="neumann"), 1.0, beta=1e-11)
@@ -658,8 +756,24 @@ def test_bad_configuration_rejected():
         ShallowWater(dphys.Grid(8), 1.0, wind=1.0)
     grid = dphys.Grid((8, 8), lengths=80e3, boundary="neumann")
     model = ShallowWater(grid, 100.0)
-    with pytest.raises(ValueError, match="`solver=FFT\\(\\)` needs a fully periodic grid"):
-        dphys.simulate(model, dphys.CrankNicolson(solver=dphys.FFT()), model.rest_state(), dt=1.0, n_steps=1)
+    with pytest.raises(
+        ValueError, match="`solver=FFT\\(\\)` needs a fully periodic grid"
+    ):
+        dphys.simulate(
+            model,
+            dphys.CrankNicolson(solver=dphys.FFT()),
+            model.rest_state(),
+            dt=1.0,
+            n_steps=1,
+        )
     heat = pdes.Heat(grid, 1.0)
-    with pytest.raises(ValueError, match="`HelmholtzKrylov\\(\\)` solves pdes.ShallowWater"):
-        dphys.simulate(heat, dphys.CrankNicolson(solver=HelmholtzKrylov()), jnp.zeros((8, 8)), dt=1.0, n_steps=1)
+    with pytest.raises(
+        ValueError, match="`HelmholtzKrylov\\(\\)` solves pdes.ShallowWater"
+    ):
+        dphys.simulate(
+            heat,
+            dphys.CrankNicolson(solver=HelmholtzKrylov()),
+            jnp.zeros((8, 8)),
+            dt=1.0,
+            n_steps=1,
+        )
