@@ -101,7 +101,9 @@ truth = dphys.simulate(
 obs = truth.ys["gauges"][1:]
 mass, energy = np.asarray(truth.ys["mass"]), np.asarray(truth.ys["energy"])
 mass_error = np.max(np.abs(mass - mass[0])) / float(grid.integrate(jnp.abs(eta0)))
-print(f"GMRES cycles per step: {int(truth.stats['linear_iterations']) / n_steps:.1f}")
+print(
+    f"Krylov steps per time step: {int(truth.stats['linear_iterations']) / n_steps:.1f}"
+)
 print(f"max relative mass change: {mass_error:.1e}")
 print(f"energy / initial energy at the saves: {np.round(energy / energy[0], 4)}")
 assert mass_error < 1e-13
