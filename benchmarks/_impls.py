@@ -5,7 +5,8 @@ Every implementation is an :class:`Impl`: a pure ``forward(u0, kappa) -> state a
 steps), both jit-able and differentiable with ``jax.value_and_grad``. Peers are written
 here from their public APIs only, in the configuration a careful user would pick: the
 whole loop jitted, warm-started Krylov solves, tolerances that give the same answer as
-ours, and plain ``jax.grad`` through the time loop where that is what the library offers.
+ours, and plain ``jax.grad`` through the time loop where that is what the library
+offers.
 
 Peers (BENCHMARKS.md):
 
@@ -282,7 +283,9 @@ def dense_lu_impl(problem, steps, grad_steps, y, *, fit_steps=None):
     )
     if fit_steps is not None:
         impl.fit_steps = fit_steps
-        impl.forward_small = lambda u0, kappa: _scan_steps(make_step(kappa), u0, fit_steps)
+        impl.forward_small = lambda u0, kappa: _scan_steps(
+            make_step(kappa), u0, fit_steps
+        )
     return impl
 
 
@@ -442,22 +445,26 @@ def diffrax_verychord_pitfall(problem: Problem) -> str:
     try:
         jax.block_until_ready(
             jax.jit(
-                lambda u: diffrax.diffeqsolve(
-                    diffrax.ODETerm(lambda t, v, k: lap(v, k)),
-                    solver,
-                    0.0,
-                    2 * small.dt,
-                    small.dt,
-                    u,
-                    args=jnp.asarray(small.kappa),
-                    stepsize_controller=diffrax.ConstantStepSize(),
-                ).ys
+                lambda u: (
+                    diffrax.diffeqsolve(
+                        diffrax.ODETerm(lambda t, v, k: lap(v, k)),
+                        solver,
+                        0.0,
+                        2 * small.dt,
+                        small.dt,
+                        u,
+                        args=jnp.asarray(small.kappa),
+                        stepsize_controller=diffrax.ConstantStepSize(),
+                    ).ys
+                )
             )(u0)
         )
         return "ok"
     except Exception as err:  # noqa: BLE001 - we report whatever diffrax raises
         msg = str(err).strip().splitlines()
-        return f"{type(err).__name__}: ... {msg[-1][-120:]}" if msg else type(err).__name__
+        return (
+            f"{type(err).__name__}: ... {msg[-1][-120:]}" if msg else type(err).__name__
+        )
 
 
 def diffrax_dense_adjoint_pitfall(problem: Problem) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Everything a benchmark needs to check an answer lives here and is independent of the
 code being measured: initial states, the exact solution of the *discrete* scheme (per
-Fourier mode, $\\hat u_k \\leftarrow G_k^n \\hat u_k$), the exact PDE solution, the sensor
+Fourier mode, $\\hat u_k \\leftarrow G_k^n \\hat u_k$), the exact PDE solution, the
+sensor
 lattice of the P5 cost and its observations.
 
 Grid convention (as in :class:`dphys.Grid`): arrays are indexed ``[iy, ix]`` (the last
@@ -91,7 +92,9 @@ class Problem:
         return self.exact_pde(0.0, kappa=0.0)
 
     def exact_pde(self, t: float, kappa: float | None = None) -> np.ndarray:
-        r"""Exact PDE solution $\sum_k a_k\cos(2\pi k\cdot x+\phi_k)e^{-\kappa(2\pi|k|)^2t}$.
+        r"""Exact PDE solution.
+
+        $u = \sum_k a_k\cos(2\pi k\cdot x+\phi_k)\,e^{-\kappa(2\pi|k|)^2t}$.
 
         Only for constant ``kappa`` (P1, P2).
         """
@@ -101,7 +104,7 @@ class Problem:
         xs = self.coords()
         u = np.zeros(self.shape)
         for amp, kvec, phase in self.modes():
-            arg = sum(k * xi for k, xi in zip(kvec, xs))
+            arg = sum(k * xi for k, xi in zip(kvec, xs, strict=True))
             k2 = float(sum(k * k for k in kvec))
             decay = np.exp(-kappa * (2 * np.pi) ** 2 * k2 * t)
             u += amp * decay * np.cos(2 * np.pi * arg + phase)
@@ -122,7 +125,10 @@ class Problem:
 
     # ---------------------------------------------------------- exact discrete
     def symbol(self, kappa: float | None = None) -> np.ndarray:
-        r"""Eigenvalues on ``rfftn`` modes: $-\kappa\sum_a (4/\Delta x^2)\sin^2(\pi k_a/N)$."""
+        r"""Eigenvalues on ``rfftn`` modes.
+
+        $\lambda_k = -\kappa\sum_a (4/\Delta x^2)\sin^2(\pi k_a/N)$.
+        """
         kappa = self.kappa if kappa is None else kappa
         n, dx = self.n, 1.0 / self.n
         full = -(4.0 / dx**2) * np.sin(np.pi * np.fft.fftfreq(n) * n / n) ** 2
@@ -186,7 +192,7 @@ def kappa_field_p6(n: int) -> np.ndarray:
 
 
 def make_problem(name: str, *, size: str = "full") -> Problem:
-    """The problem ``name`` at ``size`` ``"full"`` (BENCHMARKS.md) or ``"tiny"`` (tests)."""
+    """The problem ``name`` at ``size`` ``"full"`` (BENCHMARKS.md) or ``"tiny"``."""
     tiny = size == "tiny"
     if name == "P1":
         return Problem(

@@ -60,7 +60,7 @@ class Config:
     rss: bool = True  # P5: peak-RSS probes in subprocesses
 
     def steps(self, peer: str, problem: Problem) -> dict[str, int]:
-        """Steps at which a slow peer is measured (the rest is extrapolated per step)."""
+        """Steps at which a slow peer is measured (the rest extrapolated per step)."""
         full = problem.steps
         if self.size == "tiny":
             return {"steps": full, "grad_steps": full}
@@ -152,8 +152,9 @@ class Data:
 
     def build_reference(self, step_counts, cfg: Config) -> None:
         """P6: a converged (rtol = 1e-13) dphys Krylov run with the true κ."""
-        import dphys
         import jax
+
+        import dphys
         import pdes
 
         p = self.problem
@@ -187,7 +188,7 @@ class Data:
 def build_impls(problem: Problem, data: Data, cfg: Config) -> list[_impls.Impl]:
     import dphys
 
-    name, full = problem.name, problem.steps
+    full = problem.steps
     y_full = data.observations(full)
     impls: list[_impls.Impl] = []
 
@@ -200,14 +201,24 @@ def build_impls(problem: Problem, data: Data, cfg: Config) -> list[_impls.Impl]:
         add(
             "dphys",
             lambda: _impls.dphys_impl(
-                "dphys", problem, full, full, y_full, error_ref=ref,
+                "dphys",
+                problem,
+                full,
+                full,
+                y_full,
+                error_ref=ref,
                 notes={"path": "Auto -> Krylov(cg, Jacobi), lineax IFT adjoint"},
             ),
         )
         add(
             "dphys-noprec",
             lambda: _impls.dphys_impl(
-                "dphys-noprec", problem, full, full, y_full, error_ref=ref,
+                "dphys-noprec",
+                problem,
+                full,
+                full,
+                y_full,
+                error_ref=ref,
                 solver=dphys.Krylov(preconditioner=None),
                 notes={"path": "Krylov(cg, no preconditioner), lineax IFT adjoint"},
             ),
@@ -216,22 +227,36 @@ def build_impls(problem: Problem, data: Data, cfg: Config) -> list[_impls.Impl]:
         add(
             "dphys",
             lambda: _impls.dphys_impl(
-                "dphys", problem, full, full, y_full,
+                "dphys",
+                problem,
+                full,
+                full,
+                y_full,
                 notes={"path": "fast_forward: exact G^m between saves"},
             ),
         )
         add(
             "dphys-stepwise",
             lambda: _impls.dphys_impl(
-                "dphys-stepwise", problem, full, full, y_full, fast_forward=False,
+                "dphys-stepwise",
+                problem,
+                full,
+                full,
+                y_full,
+                fast_forward=False,
                 notes={"path": "one FFT pair per step, Checkpointed(levels=2)"},
             ),
         )
         add(
             "dphys-stepwise-unrolled",
             lambda: _impls.dphys_impl(
-                "dphys-stepwise-unrolled", problem, full, full, y_full,
-                fast_forward=False, adjoint=dphys.Unrolled(),
+                "dphys-stepwise-unrolled",
+                problem,
+                full,
+                full,
+                y_full,
+                fast_forward=False,
+                adjoint=dphys.Unrolled(),
                 notes={"path": "one FFT pair per step, every step stored"},
             ),
         )
@@ -239,7 +264,11 @@ def build_impls(problem: Problem, data: Data, cfg: Config) -> list[_impls.Impl]:
             add(
                 "dphys-krylov",
                 lambda: _impls.dphys_impl(
-                    "dphys-krylov", problem, full, full, y_full,
+                    "dphys-krylov",
+                    problem,
+                    full,
+                    full,
+                    y_full,
                     solver=dphys.Krylov(),
                     notes={"path": "Krylov(cg, Jacobi) per step, lineax IFT adjoint"},
                 ),
@@ -250,7 +279,9 @@ def build_impls(problem: Problem, data: Data, cfg: Config) -> list[_impls.Impl]:
         s = cfg.steps("diffrax", problem)
         g = s["grad_steps"]
         impl = _impls.diffrax_impl(
-            problem, s["steps"], g if g else s["steps"],
+            problem,
+            s["steps"],
+            g if g else s["steps"],
             data.observations(g) if g else data.observations(s["steps"]),
             error_ref=ref,
         )
@@ -267,10 +298,15 @@ def build_impls(problem: Problem, data: Data, cfg: Config) -> list[_impls.Impl]:
             small = dataclasses.replace(problem, n=64)
             small_data = Data(small, data.dtype)
             impl64 = _impls.diffrax_impl(
-                small, s64["grad_steps"], s64["grad_steps"],
+                small,
+                s64["grad_steps"],
+                s64["grad_steps"],
                 small_data.observations(s64["grad_steps"]),
-                notes={"comparable": False, "why": "largest 2D grid whose gradient "
-                       "fits: 64x64 (dense Jacobian 4096^2); shows its per-step cost"},
+                notes={
+                    "comparable": False,
+                    "why": "largest 2D grid whose gradient "
+                    "fits: 64x64 (dense Jacobian 4096^2); shows its per-step cost",
+                },
             )
             impl64.name = "diffrax@64x64"
             impl64.forward = None
@@ -282,7 +318,10 @@ def build_impls(problem: Problem, data: Data, cfg: Config) -> list[_impls.Impl]:
         fit = max(2, s["steps"] // 5) if s["steps"] < full else None
         g = s["grad_steps"]
         impl = _impls.dense_lu_impl(
-            problem, s["steps"], g or s["steps"], data.observations(g or s["steps"]),
+            problem,
+            s["steps"],
+            g or s["steps"],
+            data.observations(g or s["steps"]),
             fit_steps=fit,
         )
         if g is None and impl.skip is None:
@@ -471,8 +510,6 @@ def _finish_row(problem, impl, fns, cfg, limits) -> dict:
         value = float(g.out[0])
         row["cost"] = value
         row["cost_vs_value_relerr"] = abs(value - float(c.out)) / abs(value)
-        if "forward" not in fns and row.get("error") is None:
-            row["error"] = None
     elif impl.notes.get("grad_skip"):
         row["grad_skip"] = impl.notes["grad_skip"]
     for k, v in notes.items():
@@ -488,9 +525,10 @@ def _fd_check(impl, fns, d) -> float:
     rng = np.random.default_rng(1)
     du = jnp.asarray(rng.standard_normal(np.shape(d.u0_eval)), dtype=d.dtype)
     du = du * float(jnp.sqrt(jnp.mean(d.u0_eval**2)))
-    dk = jnp.asarray(
-        rng.standard_normal(np.shape(d.kappa_eval)), dtype=d.dtype
-    ) * d.kappa_eval
+    dk = (
+        jnp.asarray(rng.standard_normal(np.shape(d.kappa_eval)), dtype=d.dtype)
+        * d.kappa_eval
+    )
     eps = 1e-4 if d.dtype == jnp.float64 else 1e-2
     cost = fns["cost"].compiled
 
@@ -519,7 +557,10 @@ def _cross_check_grads(rows, grads) -> None:
         if entry is None or row["impl"] == "dphys":
             continue
         impl, (gu, gk) = entry
-        if impl.grad_steps != base_impl.grad_steps or impl.problem.n != base_impl.problem.n:
+        if (
+            impl.grad_steps != base_impl.grad_steps
+            or impl.problem.n != base_impl.problem.n
+        ):
             continue
         num = jnp.sqrt(jnp.sum((gu - bu) ** 2) + jnp.sum((gk - bk) ** 2))
         den = jnp.sqrt(jnp.sum(bu**2) + jnp.sum(bk**2))
@@ -531,8 +572,9 @@ P5_CONFIGS = ("dphys", "dphys-stepwise-L2", "dphys-stepwise-L3")
 
 
 def _p5_impl(label: str, n_steps: int, cfg: Config):
-    import dphys
     import jax.numpy as jnp
+
+    import dphys
 
     kw = {
         "dphys": dict(fast_forward=None),
@@ -568,12 +610,27 @@ def rss_in_subprocess(label: str, n_steps: int, cfg: Config) -> float | None:
     import subprocess
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, "-m", "benchmarks.run", "--rss-probe", label, str(n_steps),
-           "--dtype", cfg.dtype] + (["--tiny"] if cfg.size == "tiny" else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--rss-probe",
+        label,
+        str(n_steps),
+        "--dtype",
+        cfg.dtype,
+    ] + (["--tiny"] if cfg.size == "tiny" else [])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                             timeout=600, check=True)
+        res = subprocess.run(
+            cmd,
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
         return json.loads(res.stdout.strip().splitlines()[-1])["rss_delta_mb"]
     except Exception as err:  # noqa: BLE001 - RSS is optional, say why it is missing
         log(f"rss probe {label} {n_steps} failed: {type(err).__name__}: {err}")
@@ -647,10 +704,13 @@ def summarize(rows: list[dict], cfg: Config) -> dict:
         if not rs:
             continue
         peers = [
-            r for r in rs
-            if not r["impl"].startswith("dphys") and r["impl"] not in ("limit", "summary")
+            r
+            for r in rs
+            if not r["impl"].startswith("dphys")
+            and r["impl"] not in ("limit", "summary")
             and not r.get("skipped")
-            and not r.get("failed") and r.get("comparable", True) is not False
+            and not r.get("failed")
+            and r.get("comparable", True) is not False
         ]
         s: dict[str, Any] = {}
         lim = [r for r in rs if r["impl"] == "limit"]
@@ -685,7 +745,9 @@ def summarize(rows: list[dict], cfg: Config) -> dict:
         main = s.get("dphys", {})
         if name in ("P1", "P2", "P3"):
             if "forward_speedup" in main:
-                targets["forward_2x_fastest_peer"] = main["forward_speedup"] >= TARGET_SPEEDUP
+                targets["forward_2x_fastest_peer"] = (
+                    main["forward_speedup"] >= TARGET_SPEEDUP
+                )
             if "grad_speedup" in main:
                 targets["grad_2x_fastest_peer"] = main["grad_speedup"] >= TARGET_SPEEDUP
             if main.get("grad_ratio") is not None:
@@ -721,8 +783,11 @@ def summarize(rows: list[dict], cfg: Config) -> dict:
             s5[label] = e
         out["P5"] = s5
     out["limits"] = {
-        n: {"fft_pair_s": r["fft_pair_s"], "axpy_s": r["axpy_s"],
-            "bandwidth_gbs": r["bandwidth_gbs"]}
+        n: {
+            "fft_pair_s": r["fft_pair_s"],
+            "axpy_s": r["axpy_s"],
+            "bandwidth_gbs": r["bandwidth_gbs"],
+        }
         for n, r in limits.items()
     }
     out["quick"] = cfg.quick
@@ -806,18 +871,28 @@ def diffrax_pitfalls(problem: Problem) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problem", nargs="+", default=list(ALL_PROBLEMS),
-                        choices=list(ALL_PROBLEMS + OPTIONAL_PROBLEMS))
+    parser.add_argument(
+        "--problem",
+        nargs="+",
+        default=list(ALL_PROBLEMS),
+        choices=list(ALL_PROBLEMS + OPTIONAL_PROBLEMS),
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--impl", nargs="+", default=None,
-                        help="only these implementations (e.g. dphys jax-cg)")
-    parser.add_argument("--no-rss", action="store_true",
-                        help="P5: skip the peak-RSS subprocess probes")
-    parser.add_argument("--rss-probe", nargs=2, metavar=("LABEL", "STEPS"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--impl",
+        nargs="+",
+        default=None,
+        help="only these implementations (e.g. dphys jax-cg)",
+    )
+    parser.add_argument(
+        "--no-rss", action="store_true", help="P5: skip the peak-RSS subprocess probes"
+    )
+    parser.add_argument(
+        "--rss-probe", nargs=2, metavar=("LABEL", "STEPS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.rss_probe:
         cfg = Config(size="tiny" if args.tiny else "full", dtype=args.dtype)
