@@ -3,8 +3,7 @@
 Everything a benchmark needs to check an answer lives here and is independent of the
 code being measured: initial states, the exact solution of the *discrete* scheme (per
 Fourier mode, $\\hat u_k \\leftarrow G_k^n \\hat u_k$), the exact PDE solution, the
-sensor
-lattice of the P5 cost and its observations.
+sensor lattice of the P5 cost and its observations.
 
 Grid convention (as in :class:`dphys.Grid`): arrays are indexed ``[iy, ix]`` (the last
 axis is ``x``), nodes at ``x_i = i/N`` on the periodic unit interval/square.
