@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import abc
+import functools
 import math
 
 import equinox as eqx
@@ -32,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax import lax
+
+from ._checks import static_int
 
 
 def _concat(a, b):
@@ -158,11 +161,21 @@ class Checkpointed(AbstractAdjoint):
         levels: nesting depth $L \\geq 1$; 1 means no checkpointing.
     """
 
-    levels: int = eqx.field(static=True, default=2)
+    levels: int = eqx.field(
+        static=True,
+        default=2,
+        converter=functools.partial(
+            static_int, "levels", why="it fixes the nesting of the time loop"
+        ),
+    )
 
     def __check_init__(self):
-        if not (isinstance(self.levels, int) and self.levels >= 1):
-            raise ValueError(f"`levels` must be an integer >= 1, got {self.levels!r}.")
+        if self.levels < 1:
+            raise ValueError(
+                f"`levels` must be an integer >= 1, got {self.levels!r}: 1 stores "
+                "every step (no checkpointing), 2 stores O(sqrt(n)) states, 3 "
+                "O(n^(1/3))."
+            )
 
     def loop(self, body, init, length: int):
         return nested_scan(body, init, length, self.levels)

@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import abc
+import functools
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 
+from ._checks import describe, static_bool, static_int, static_real
 from ._linear_solve import FFT, AbstractLinearSolver, Auto, resolve_solver
 from ._model import AbstractModel
 from ._results import RESULTS
@@ -57,6 +59,30 @@ def _scale(a, x):
 
 def _select(pred, a, b):
     return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _check_theta(theta: float, allow_unstable: bool, owner: str) -> None:
+    r"""The θ-method is A-stable exactly for θ >= 1/2.
+
+    Below 1/2 the amplification factor $(1 + (1-\theta)z)/(1 - \theta z)$ of a mode
+    with $z = \Delta t\,\lambda$ real and negative exceeds 1 in modulus once
+    $|z| > 2/(1-2\theta)$, so a diffusive (stiff) problem blows up at any practical
+    ``dt``; running it needs an explicit opt-in.
+    """
+    if not 0.0 <= theta <= 1.0:
+        raise ValueError(
+            f"`theta` must lie in [0, 1] (1: backward Euler, 1/2: Crank-Nicolson, "
+            f"0: explicit Euler), got {theta!r}. Use theta in [0.5, 1] for an A-stable "
+            "scheme."
+        )
+    if theta < 0.5 and not allow_unstable:
+        raise ValueError(
+            f"`theta` = {theta!r} < 1/2 is not A-stable: a mode with dt*|lambda| > "
+            f"2/(1 - 2*theta) grows at every step, so a stiff (e.g. diffusive) problem "
+            "blows up unless dt is tiny. Use theta in [0.5, 1] (1/2: Crank-Nicolson, "
+            f"1: backward Euler), or pass `{owner}(..., allow_unstable=True)` to run "
+            "a conditionally stable scheme on purpose."
+        )
 
 
 class AbstractStepper(eqx.Module):
@@ -98,6 +124,14 @@ class AbstractStepper(eqx.Module):
 
 class _AbstractLinearImplicit(AbstractStepper):
     solver: eqx.AbstractVar[AbstractLinearSolver]
+
+    def __check_init__(self):
+        if not isinstance(self.solver, AbstractLinearSolver):
+            raise TypeError(
+                "`solver` must be a dphys linear solver (dphys.Auto(), dphys.FFT(), "
+                f"dphys.Tridiagonal() or dphys.Krylov()), got {describe(self.solver)}; "
+                f"e.g. `{type(self).__name__}(solver=dphys.Krylov())`."
+            )
 
     def _solver(self, model, like):
         return resolve_solver(self.solver, model, like)
@@ -177,22 +211,38 @@ class Theta(_AbstractTheta):
     """θ-method with a user-chosen ``theta`` in [1/2, 1] (A-stable there).
 
     Attributes:
-        theta: implicitness; 1 is backward Euler, 1/2 Crank-Nicolson.
+        theta: implicitness; 1 is backward Euler, 1/2 Crank-Nicolson. Values in
+            [0, 1/2) (0 is explicit Euler on $L$) are only conditionally stable and
+            need ``allow_unstable=True``.
         solver: linear solver for $(I-\\theta\\Delta t L)x=b$ (default :class:`Auto`).
+        allow_unstable: accept ``theta < 1/2`` (for stability studies); default False.
+
+    Raises:
+        TypeError: ``theta`` is not a real number (or is traced: it is static),
+            ``solver`` is not a dphys solver, ``allow_unstable`` is not a bool.
+        ValueError: ``theta`` outside [0, 1], or below 1/2 without
+            ``allow_unstable=True``.
     """
 
     theta: float = eqx.field(static=True)
     solver: AbstractLinearSolver
+    allow_unstable: bool = eqx.field(static=True)
 
-    def __init__(self, theta: float, solver: AbstractLinearSolver = Auto()):
-        self.theta = float(theta)
+    def __init__(
+        self,
+        theta: float,
+        solver: AbstractLinearSolver = Auto(),
+        *,
+        allow_unstable: bool = False,
+    ):
+        self.theta = static_real("theta", theta)
         self.solver = solver
+        self.allow_unstable = static_bool(
+            "allow_unstable", allow_unstable, why="it is a construction option"
+        )
 
     def __check_init__(self):
-        if not (0.5 <= self.theta <= 1.0):
-            raise ValueError(
-                f"`theta` must lie in [0.5, 1] for an A-stable scheme, got {self.theta}."
-            )
+        _check_theta(self.theta, self.allow_unstable, "dphys.Theta")
 
 
 class BackwardEuler(_AbstractTheta):
@@ -303,18 +353,84 @@ class FullyImplicit(AbstractStepper):
     dense Jacobian), so reverse mode costs one transposed linear solve per step.
 
     Attributes:
-        theta: 1 (backward Euler) or 1/2 (Crank-Nicolson), or anything in between.
-        rtol, atol: Newton tolerances on the update.
-        max_steps: Newton iteration cap (failure gives ``nonlinear_solve_failed``).
-        linear_rtol, linear_max_steps: GMRES tolerances for Newton and adjoint solves.
+        theta: in [1/2, 1]: 1 (backward Euler), 1/2 (Crank-Nicolson) or anything in
+            between; [0, 1/2) needs ``allow_unstable=True`` (as for :class:`Theta`).
+        rtol, atol: Newton tolerances on the update (``>= 0``, not both zero,
+            ``rtol < 1``).
+        max_steps: Newton iteration cap, ``>= 1`` (failure gives
+            ``nonlinear_solve_failed``).
+        linear_rtol, linear_max_steps: GMRES tolerance in (0, 1) and iteration cap
+            (``>= 1``) for Newton and adjoint solves.
+        allow_unstable: accept ``theta < 1/2``; default False.
+
+    Raises:
+        TypeError: an option of the wrong type, or traced (all options are static).
+        ValueError: an option out of range (see above).
     """
 
-    theta: float = eqx.field(static=True, default=1.0)
-    rtol: float = eqx.field(static=True, default=1e-10)
-    atol: float = eqx.field(static=True, default=1e-12)
-    max_steps: int = eqx.field(static=True, default=30)
-    linear_rtol: float = eqx.field(static=True, default=1e-11)
-    linear_max_steps: int = eqx.field(static=True, default=500)
+    theta: float = eqx.field(
+        static=True, default=1.0, converter=functools.partial(static_real, "theta")
+    )
+    rtol: float = eqx.field(
+        static=True, default=1e-10, converter=functools.partial(static_real, "rtol")
+    )
+    atol: float = eqx.field(
+        static=True, default=1e-12, converter=functools.partial(static_real, "atol")
+    )
+    max_steps: int = eqx.field(
+        static=True, default=30, converter=functools.partial(static_int, "max_steps")
+    )
+    linear_rtol: float = eqx.field(
+        static=True,
+        default=1e-11,
+        converter=functools.partial(static_real, "linear_rtol"),
+    )
+    linear_max_steps: int = eqx.field(
+        static=True,
+        default=500,
+        converter=functools.partial(static_int, "linear_max_steps"),
+    )
+    allow_unstable: bool = eqx.field(
+        static=True,
+        default=False,
+        converter=functools.partial(
+            static_bool, "allow_unstable", why="it is a construction option"
+        ),
+    )
+
+    def __check_init__(self):
+        _check_theta(self.theta, self.allow_unstable, "dphys.FullyImplicit")
+        if self.rtol < 0 or self.atol < 0:
+            raise ValueError(
+                f"`rtol` and `atol` must be >= 0, got rtol={self.rtol!r}, "
+                f"atol={self.atol!r}; e.g. the defaults rtol=1e-10, atol=1e-12."
+            )
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError(
+                "`rtol` and `atol` are both 0, so Newton could only stop on an exact "
+                "zero update and would always report `nonlinear_solve_failed`; give "
+                "at least one a positive value (defaults rtol=1e-10, atol=1e-12)."
+            )
+        if self.rtol >= 1:
+            raise ValueError(
+                f"`rtol` must be < 1 (a relative tolerance on the Newton update), got "
+                f"{self.rtol!r}; e.g. rtol=1e-10."
+            )
+        if self.max_steps < 1:
+            raise ValueError(
+                f"`max_steps` must be >= 1 (the Newton iteration cap), got "
+                f"{self.max_steps!r}; e.g. max_steps=30."
+            )
+        if not 0 < self.linear_rtol < 1:
+            raise ValueError(
+                f"`linear_rtol` must lie in (0, 1) (the GMRES relative tolerance), got "
+                f"{self.linear_rtol!r}; e.g. linear_rtol=1e-11."
+            )
+        if self.linear_max_steps < 1:
+            raise ValueError(
+                f"`linear_max_steps` must be >= 1 (the GMRES iteration cap), got "
+                f"{self.linear_max_steps!r}; e.g. linear_max_steps=500."
+            )
 
     @property
     def order(self) -> int:
