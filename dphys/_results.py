@@ -28,3 +28,13 @@ class RESULTS(eqx.Enumeration):
         "The state became non-finite (NaN or Inf). The run diverged: reduce `dt`, check "
         "the parameters (e.g. negative diffusivity or depth) and the initial state."
     )
+    invalid_dt = (
+        "`dt` must be positive and finite, but the traced `dt` (an argument of a "
+        "jitted, vmapped or differentiated function) was zero, negative, NaN or "
+        "infinite at run time. Pass a positive finite time step."
+    )
+    invalid_t0 = (
+        "`t0` must be finite, but the traced `t0` (an argument of a jitted, vmapped or "
+        "differentiated function) was NaN or infinite at run time. Pass a finite "
+        "initial time."
+    )

@@ -14,6 +14,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._adjoint import AbstractAdjoint, Checkpointed
+from ._checks import describe, static_bool, static_int
 from ._model import AbstractModel
 from ._results import RESULTS
 from ._stepper import AbstractStepper
@@ -29,8 +30,11 @@ class SaveAt(eqx.Module):
     Attributes:
         t0: also save the initial state.
         t1: save the final state (as the last entry of ``ys``).
-        every: save every ``every`` steps (step indices ``every, 2*every, ...``).
-        steps: explicit step indices in ``[0, n_steps]`` to save at (sorted or not).
+        every: save every ``every`` steps (step indices ``every, 2*every, ...``), a
+            positive integer.
+        steps: explicit step indices in ``[0, n_steps]`` to save at, strictly
+            increasing (the rows of ``ys`` follow increasing step order, so an unsorted
+            or repeated list would misalign them with the caller's).
         fn: observation hook ``fn(t, state) -> pytree``; when given, ``ys`` holds
             ``fn`` at the save times instead of full states, so a 4D-Var cost only
             ever stores sensor values, never the trajectory.
@@ -38,6 +42,13 @@ class SaveAt(eqx.Module):
     Saving at step indices whose greatest common divisor is ``g`` runs the loop as
     ``n_steps / g`` segments of ``g`` steps: the cost does not grow with the number
     of saves, and memory for ``ys`` is ``n_steps / g`` entries.
+
+    Raises:
+        TypeError: a flag that is not a bool, non-integer ``every``/``steps``, a
+            non-callable ``fn``, or a traced value (all options are static).
+        ValueError: ``every < 1``; ``steps`` negative, not strictly increasing or not
+            one-dimensional. Indices beyond ``n_steps`` are reported by
+            :func:`simulate`.
     """
 
     t0: bool = eqx.field(static=True, default=False)
@@ -47,10 +58,23 @@ class SaveAt(eqx.Module):
     fn: Callable[[Any, Any], Any] | None = eqx.field(static=True, default=None)
 
     def __init__(self, *, t0=False, t1=True, every=None, steps=None, fn=None):
-        self.t0 = bool(t0)
-        self.t1 = bool(t1)
+        why = "it decides what is saved"
+        self.t0 = static_bool("SaveAt(t0=...)", t0, why=why)
+        self.t1 = static_bool("SaveAt(t1=...)", t1, why=why)
+        if every is not None:
+            every = static_int("SaveAt(every=...)", every, why=why)
+            if every < 1:
+                raise ValueError(
+                    f"`SaveAt(every=...)` must be a positive integer, got {every!r}; "
+                    "e.g. every=10 saves steps 10, 20, ..."
+                )
         self.every = every
-        self.steps = None if steps is None else tuple(int(s) for s in np.ravel(steps))
+        self.steps = None if steps is None else _check_steps(steps)
+        if fn is not None and not callable(fn):
+            raise TypeError(
+                f"`SaveAt(fn=...)` must be a function `fn(t, state) -> pytree` or "
+                f"None, got {describe(fn)}."
+            )
         self.fn = fn
 
     def indices(self, n_steps: int) -> tuple[int, ...]:
@@ -61,10 +85,6 @@ class SaveAt(eqx.Module):
         if self.t1:
             idx.add(n_steps)
         if self.every is not None:
-            if not (isinstance(self.every, numbers.Integral) and self.every >= 1):
-                raise ValueError(
-                    f"`SaveAt(every=...)` must be a positive integer, got {self.every!r}."
-                )
             idx.update(range(self.every, n_steps + 1, self.every))
         if self.steps is not None:
             bad = [s for s in self.steps if not 0 <= s <= n_steps]
@@ -75,6 +95,45 @@ class SaveAt(eqx.Module):
                 )
             idx.update(self.steps)
         return tuple(sorted(idx))
+
+
+def _check_steps(steps) -> tuple[int, ...]:
+    name = "`SaveAt(steps=...)`"
+    items = steps if isinstance(steps, (list, tuple)) else [steps]
+    if any(isinstance(s, jax.core.Tracer) for s in items):
+        raise TypeError(
+            f"{name} must be concrete integers (they fix the loop's segments), got a "
+            "traced value; build the SaveAt outside jit/vmap/grad."
+        )
+    try:
+        arr = np.asarray(steps)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{name} must be a sequence of integers, got {describe(steps)}."
+        ) from err
+    if arr.ndim > 1:
+        raise ValueError(
+            f"{name} must be one-dimensional, got an array of shape {arr.shape}."
+        )
+    arr = arr.ravel()
+    if arr.size and (arr.dtype.kind not in "iu"):
+        raise TypeError(
+            f"{name} must hold integer step indices, got {arr.tolist()[:5]} (dtype "
+            f"{arr.dtype}); convert times to steps, e.g. "
+            "`np.round((times - t0) / dt).astype(int)`."
+        )
+    if np.any(arr < 0):
+        raise ValueError(
+            f"{name} has negative indices {arr[arr < 0].tolist()[:5]}; save indices "
+            "count steps from t0, so they lie in [0, n_steps]."
+        )
+    if np.any(np.diff(arr) <= 0):
+        raise ValueError(
+            f"{name} must be strictly increasing, got {arr.tolist()[:10]}: the rows "
+            "of `ys` follow increasing step order, so an unsorted or repeated list "
+            "would not line up with them. Pass `sorted(set(steps))`."
+        )
+    return tuple(int(s) for s in arr)
 
 
 class Trajectory(eqx.Module):
@@ -100,7 +159,41 @@ class Trajectory(eqx.Module):
     stats: dict[str, Any]
 
 
-def _check_static(model, stepper, state0, dt, n_steps, adjoint):
+def _check_time(name: str, value, *, positive: bool) -> None:
+    """``dt``/``t0``: a real scalar; if concrete, finite (and positive for ``dt``).
+
+    Traced values (``simulate`` called inside ``jit``/``vmap``/``grad``) have a static
+    shape and dtype, checked here; their values are checked at run time.
+    """
+    what = "a positive finite scalar" if positive else "a finite real scalar"
+    if isinstance(value, jax.core.Tracer):
+        shape, kind = value.shape, value.dtype.kind
+    else:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):
+            arr = np.asarray(None)
+        shape, kind = arr.shape, arr.dtype.kind
+    if shape != ():
+        raise ValueError(
+            f"`{name}` must be {what}, got {describe(value)}; to run several values, "
+            "`jax.vmap` over a function that calls `simulate`."
+        )
+    if kind not in "iuf":
+        raise ValueError(
+            f"`{name}` must be {what}, got {describe(value)}; pass a real number."
+        )
+    if isinstance(value, jax.core.Tracer):
+        return
+    v = arr.item()
+    if not math.isfinite(v) or (positive and v <= 0):
+        fix = "a time step > 0, e.g. dt=0.01" if positive else "a finite time"
+        raise ValueError(f"`{name}` must be {what}, got {v!r}; pass {fix}.")
+
+
+def _check_static(
+    model, stepper, state0, dt, n_steps, adjoint, saveat, t0, fast_forward, throw
+):
     if not isinstance(model, AbstractModel):
         raise TypeError(
             f"`model` must be a dphys.AbstractModel (e.g. pdes.Heat), got "
@@ -116,21 +209,37 @@ def _check_static(model, stepper, state0, dt, n_steps, adjoint):
             f"`adjoint` must be dphys.Checkpointed() or dphys.Unrolled(), got "
             f"{type(adjoint).__name__}."
         )
+    if not isinstance(saveat, SaveAt):
+        raise TypeError(
+            f"`saveat` must be a dphys.SaveAt (e.g. dphys.SaveAt(every=10)), got "
+            f"{describe(saveat)}."
+        )
+    static_bool(
+        "throw",
+        throw,
+        why="it decides at trace time whether a failed run raises",
+        fix=" To handle failures yourself (e.g. under vmap), pass throw=False and "
+        "inspect `traj.result`.",
+    )
+    if fast_forward is not None:
+        static_bool(
+            "fast_forward",
+            fast_forward,
+            why="it chooses the time loop",
+            fix=" Use None (automatic), True or False.",
+        )
     if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral):
         raise TypeError(
             f"`n_steps` must be a Python int (it fixes the loop length), got "
             f"{type(n_steps).__name__} {n_steps!r}."
         )
     if n_steps < 0:
-        raise ValueError(f"`n_steps` must be >= 0, got {n_steps}.")
-    if not isinstance(dt, jax.core.Tracer):
-        dt_value = np.asarray(dt)
-        if (
-            dt_value.shape != ()
-            or dt_value.dtype.kind not in "iuf"
-            or not (np.isfinite(dt_value) and dt_value > 0)
-        ):
-            raise ValueError(f"`dt` must be a positive finite scalar, got {dt!r}.")
+        raise ValueError(
+            f"`n_steps` must be >= 0, got {n_steps}; it counts steps of size `dt` "
+            "from `t0`."
+        )
+    _check_time("dt", dt, positive=True)
+    _check_time("t0", t0, positive=False)
     for leaf in jtu.tree_leaves(state0):
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -141,6 +250,19 @@ def _check_static(model, stepper, state0, dt, n_steps, adjoint):
                 f"{dtype}; cast it, e.g. `jnp.asarray(state0, dtype=float)`."
             )
     model.check_state(state0)
+    # dt and t0 are cast to the state's dtype: a tiny dt underflows to 0 and a huge
+    # t0 overflows to inf in float32.
+    dtype = jnp.result_type(*jtu.tree_leaves(state0))
+    for name, value, positive in (("dt", dt, True), ("t0", t0, False)):
+        if isinstance(value, jax.core.Tracer):
+            continue
+        with np.errstate(over="ignore", under="ignore"):
+            cast = np.asarray(value).astype(dtype)
+        if not (np.isfinite(cast) and (cast > 0 or not positive)):
+            raise ValueError(
+                f"`{name}` = {np.asarray(value).item()!r} becomes {cast.item()!r} in "
+                f"the state's dtype {dtype}; change `{name}` or use a float64 state."
+            )
     stepper.check(model, state0)
     model.check_run(state0, dt)
 
@@ -245,8 +367,10 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
         rows = np.asarray([i // seg - 1 for i in indices if i > 0], dtype=np.int32)
         if rows.size:
             parts.append(jtu.tree_map(lambda v: v[rows], seg_ys))
-        ys = parts[0] if len(parts) == 1 else jtu.tree_map(
-            lambda a, b: jnp.concatenate([a, b]), *parts
+        ys = (
+            parts[0]
+            if len(parts) == 1
+            else jtu.tree_map(lambda a, b: jnp.concatenate([a, b]), *parts)
         )
     ts = t0 + jnp.asarray(indices, dtype=jnp.result_type(float)) * dt
     stats = {
@@ -285,9 +409,10 @@ def simulate(
         model: the PDE model (e.g. ``pdes.Heat``).
         stepper: e.g. ``dphys.CrankNicolson()``, ``dphys.BDF2(solver=dphys.Krylov())``.
         state0: initial state, a pytree matching the model's grid.
-        dt: time step (model time units), positive.
+        dt: time step (model time units), a positive finite scalar; may be traced
+            (then checked at run time, see Raises).
         n_steps: number of steps (static Python int >= 0).
-        t0: initial time.
+        t0: initial time, a finite scalar; may be traced like ``dt``.
         saveat: what to save (:class:`SaveAt`).
         adjoint: :class:`Checkpointed` (default) or :class:`Unrolled`.
         fast_forward: apply the exact multi-step propagator between saves when the
@@ -297,15 +422,22 @@ def simulate(
             possible; ``False`` always steps.
         throw: raise :class:`SimulationError` if the run fails. With ``False`` the
             failure is only recorded in ``result``/``stats`` (use inside ``vmap``).
+            A Python bool (it decides at trace time whether to raise).
 
     Returns:
         A :class:`Trajectory`.
 
     Raises:
-        TypeError, ValueError: bad arguments (checked before tracing).
+        TypeError, ValueError: bad arguments (checked before tracing): wrong types,
+            a non-bool ``throw``/``fast_forward``, a non-scalar ``dt``/``t0``, concrete
+            ``dt <= 0`` or non-finite ``dt``/``t0``, save indices outside
+            ``[0, n_steps]``.
         SimulationError: unconverged solve or non-finite/invalid state, with the step
             index (when called outside ``jit``; inside ``jit`` the error is raised by
-            ``equinox`` at run time with the reason only).
+            ``equinox`` at run time with the reason only). A traced ``dt`` that is not
+            positive and finite, or a traced ``t0`` that is not finite, fails at step
+            0 with ``RESULTS.invalid_dt``/``RESULTS.invalid_t0`` (recorded, not
+            raised, with ``throw=False``).
 
     Example:
         >>> import dphys, pdes
@@ -317,7 +449,9 @@ def simulate(
         >>> traj.final.shape
         (64,)
     """
-    _check_static(model, stepper, state0, dt, n_steps, adjoint)
+    _check_static(
+        model, stepper, state0, dt, n_steps, adjoint, saveat, t0, fast_forward, throw
+    )
     # A NumPy integer would reach the jitted loop as a traced array; the loop length
     # must be a static Python int.
     n_steps = int(n_steps)
@@ -332,17 +466,20 @@ def simulate(
             "`fast_forward=None` to fall back to stepping."
         )
     dtype = jnp.result_type(*jtu.tree_leaves(state0))
+    t0_cast = jnp.asarray(t0, dtype=dtype)
+    dt_cast = jnp.asarray(dt, dtype=dtype)
     traj = _run(
         model,
         stepper,
         state0,
-        jnp.asarray(t0, dtype=dtype),
-        jnp.asarray(dt, dtype=dtype),
+        t0_cast,
+        dt_cast,
         n_steps,
         saveat,
         adjoint,
         bool(fast_forward),
     )
+    traj = _check_traced_times(traj, t0, dt, t0_cast, dt_cast)
     if not throw:
         return traj
     result = traj.result
@@ -351,12 +488,36 @@ def simulate(
         return eqx.tree_at(lambda tr: tr.final, traj, token)
     if result != RESULTS.successful:
         step = int(traj.stats["first_failed_step"])
-        t_fail = float(t0 + step * np.asarray(dt))
+        where = ""
+        if not any(isinstance(v, jax.core.Tracer) for v in (t0, dt)):
+            where = f" (t = {float(t0 + step * np.asarray(dt)):.6g})"
         message = RESULTS[result]
         if result == RESULTS.invalid_state and model.invalid_state_message:
             message = model.invalid_state_message
         raise SimulationError(
-            f"simulate failed at step {step} of {n_steps} (t = {t_fail:.6g}): "
-            f"{message}"
+            f"simulate failed at step {step} of {n_steps}{where}: {message}"
         )
     return traj
+
+
+def _check_traced_times(traj, t0, dt, t0_cast, dt_cast):
+    """Record a non-finite traced ``t0`` or non-positive/non-finite traced ``dt``.
+
+    Concrete values were checked before tracing; traced ones can only be checked at
+    run time. A bad one is reported as failing at step 0 (before any step), so
+    ``throw=True`` raises and ``throw=False`` records it instead of returning NaNs or a
+    run backwards in time.
+    """
+    result, failed_at = traj.result, traj.stats["first_failed_step"]
+    checks = []
+    if isinstance(t0, jax.core.Tracer):
+        checks.append((~jnp.isfinite(t0_cast), RESULTS.invalid_t0))
+    if isinstance(dt, jax.core.Tracer):
+        checks.append((~(jnp.isfinite(dt_cast) & (dt_cast > 0)), RESULTS.invalid_dt))
+    if not checks:
+        return traj
+    for bad, code in checks:
+        result = RESULTS.where(bad, code, result)
+        failed_at = jnp.where(bad, 0, failed_at)
+    stats = {**traj.stats, "first_failed_step": failed_at}
+    return Trajectory(traj.ts, traj.ys, traj.final, result, stats)
