@@ -7,3 +7,4 @@ from ._operators import (
     laplacian as laplacian,
     pad_axis as pad_axis,
 )
+from ._roll import roll as roll

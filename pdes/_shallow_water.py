@@ -44,6 +44,7 @@ import lineax as lx
 import numpy as np
 
 import dphys
+from dphys.operators import roll
 
 from ._heat import check_positive
 
@@ -89,12 +90,12 @@ class SWState(eqx.Module):
 
 def _fwd(a, ax):
     """``a[i+1]`` along grid axis ``ax`` (negative array axis)."""
-    return jnp.roll(a, -1, axis=ax)
+    return roll(a, -1, ax)
 
 
 def _bwd(a, ax):
     """``a[i-1]`` along grid axis ``ax``."""
-    return jnp.roll(a, 1, axis=ax)
+    return roll(a, 1, ax)
 
 
 def _avg_fwd(a, ax):
