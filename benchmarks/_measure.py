@@ -12,6 +12,8 @@ A call slower than ``slow_s`` is not repeated (its single time is reported, with
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 import threading
 import time
@@ -199,3 +201,241 @@ def measure_limits(shape: tuple[int, ...], dtype, repeats: int) -> dict[str, Any
         "bandwidth_gbs": 3 * nbytes / axpy_s / 1e9,
         "state_mb": nbytes / MB,
     }
+
+
+# ------------------------------------------------- shared driver of P3/P4-style suites
+@dataclasses.dataclass
+class Spec:
+    """One implementation of a problem: what to compile, at how many steps.
+
+    ``forward(x0, p)`` runs ``steps`` steps; ``cost(x0, p)`` is the P5-style cost over
+    ``grad_steps`` steps (``None``: no gradient timed, say why in ``notes``). Slow
+    implementations run fewer steps than the problem's and are extrapolated per step.
+    """
+
+    name: str
+    steps: int
+    grad_steps: int | None
+    forward: Callable
+    cost: Callable | None
+    notes: dict[str, Any]
+    error_ref: str = "discrete"
+    fns: dict[str, Compiled] = dataclasses.field(default_factory=dict)
+
+
+def compile_warm_time(
+    specs: Sequence[Spec],
+    fwd_args: Sequence[Any],
+    cost_args: Sequence[Any],
+    base: dict[str, Any],
+    repeats: int,
+    slow_s: float,
+    log: Callable[[str], None],
+    extra: Sequence[Compiled] = (),
+) -> tuple[list[Spec], list[dict[str, Any]]]:
+    """Compile, warm up and time every spec round-robin (with ``extra`` jobs).
+
+    A spec that fails to compile or to run becomes a row saying why (a failing peer
+    is a result) instead of ending the run. Returns the specs that ran and those rows.
+    """
+    failed: list[dict[str, Any]] = []
+    kept: list[Spec] = []
+    for spec in specs:
+        label = "compile"
+        try:
+            log(f"compiling {spec.name}")
+            spec.fns["forward"] = Compiled(spec.forward, fwd_args)
+            if spec.cost is not None:
+                spec.fns["cost"] = Compiled(spec.cost, cost_args)
+                vg = jax.value_and_grad(spec.cost, argnums=(0, 1))
+                spec.fns["grad"] = Compiled(vg, cost_args)
+            for label, fn in spec.fns.items():
+                log(f"warm-up {spec.name} {label}")
+                fn.warm()
+        except Exception as err:  # noqa: BLE001 - a failing implementation is a result
+            msg = " ".join(str(err).strip().splitlines()[-3:])[:300]
+            why = f"{type(err).__name__} in {label}: {msg}"
+            failed.append(base | {"impl": spec.name, "failed": why} | spec.notes)
+            continue
+        kept.append(spec)
+    for job in extra:
+        job.warm()
+    jobs = [fn for spec in kept for fn in spec.fns.values()] + list(extra)
+    log(f"timing {len(jobs)} functions, {repeats} rounds")
+    # Round-robin repeats: a burst of load hits every implementation alike. Slow
+    # functions keep their single warm-up time.
+    for _ in range(repeats):
+        for fn in jobs:
+            if fn.first_s <= slow_s:
+                fn.times.append(fn.call()[0])
+    return kept, failed
+
+
+def timing_fields(spec: Spec, full: int, limits: dict[str, float]) -> dict[str, Any]:
+    """Forward/gradient times of ``spec`` scaled to ``full`` steps, ratios, memory."""
+    row: dict[str, Any] = {}
+    fw = spec.fns["forward"]
+    scale = full / spec.steps
+    row["forward_s"] = fw.median * scale
+    row["forward_min_s"] = fw.minimum * scale
+    row["forward_repeats"] = n_repeats(fw)
+    row["compile_s"] = fw.compile_s
+    if spec.steps < full:
+        row["extrapolated_from_steps"] = spec.steps
+        row["measured_forward_s"] = fw.median
+    row["step_s"] = row["forward_s"] / full
+    row["step_over_fft_pair"] = row["step_s"] / limits["fft_pair_s"]
+    row["step_over_axpy"] = row["step_s"] / limits["axpy_s"]
+    row["grad_s"] = row["grad_ratio"] = row["mem_mb"] = None
+    if "grad" in spec.fns:
+        g, cst = spec.fns["grad"], spec.fns["cost"]
+        gscale = full / spec.grad_steps
+        row["grad_steps"] = spec.grad_steps
+        row["grad_s"] = g.median * gscale
+        row["grad_min_s"] = g.minimum * gscale
+        row["cost_s"] = cst.median * gscale
+        row["grad_ratio"] = g.median / cst.median
+        row["grad_ratio_min"] = g.minimum / cst.minimum
+        row["grad_compile_s"] = g.compile_s
+        row["grad_repeats"] = n_repeats(g)
+        if spec.grad_steps < full:
+            row["grad_extrapolated_from_steps"] = spec.grad_steps
+            row["measured_grad_s"] = g.median
+        if g.temp_bytes is not None:
+            row["mem_mb"] = g.temp_bytes / MB
+            row["mem_kind"] = "xla_temp_bytes of value_and_grad (excl. args, outs)"
+        value = float(g.out[0])
+        row["cost"] = value
+        row["cost_vs_value_relerr"] = abs(value - float(cst.out)) / abs(value)
+    return row
+
+
+def _vdot(a, b) -> float:
+    leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return float(sum(jnp.vdot(x, y) for x, y in leaves))
+
+
+def grad_checks(
+    spec: Spec, cost_args, direction, reference=None, eps: float = 1e-5
+) -> dict[str, float]:
+    """Central difference of the cost along ``direction`` vs <grad, direction>, and
+    the gradient's relative difference to ``reference`` (another implementation's).
+    """
+    grads = spec.fns["grad"].out[1]
+    cost = spec.fns["cost"].compiled
+    plus = jax.tree.map(lambda a, d: a + eps * d, tuple(cost_args), tuple(direction))
+    minus = jax.tree.map(lambda a, d: a - eps * d, tuple(cost_args), tuple(direction))
+    fd = (float(cost(*plus)) - float(cost(*minus))) / (2 * eps)
+    ad = _vdot(grads, tuple(direction))
+    out = {"grad_fd_relerr": abs(fd - ad) / max(abs(fd), abs(ad), 1e-300)}
+    if reference is not None:
+        diff = jax.tree.map(lambda a, b: a - b, grads, reference)
+        out["grad_vs_dphys_relerr"] = math.sqrt(_vdot(diff, diff)) / math.sqrt(
+            _vdot(reference, reference)
+        )
+    return out
+
+
+def problem_summary(
+    rows: Sequence[dict[str, Any]],
+    *,
+    target_speedup: float | None = None,
+    target_grad_ratio: float | None = None,
+    extra_keys: Sequence[str] = (),
+) -> dict[str, Any]:
+    """dphys's speed-ups over the fastest peer of one problem, and targets met.
+
+    Peers are the rows whose ``impl`` does not start with ``dphys`` and that ran
+    (no ``failed``/``skipped``) and are comparable; the targets are checked on the
+    headline implementation, ``dphys``.
+    """
+    ok = [
+        r
+        for r in rows
+        if not r.get("failed")
+        and not r.get("skipped")
+        and r.get("impl") not in ("limit", "summary")
+    ]
+    peers = [
+        r
+        for r in ok
+        if not r["impl"].startswith("dphys") and r.get("comparable", True) is not False
+    ]
+    s: dict[str, Any] = {}
+    best_f = min(
+        (r for r in peers if r.get("forward_s")),
+        key=lambda r: r["forward_s"],
+        default=None,
+    )
+    best_g = min(
+        (r for r in peers if r.get("grad_s")), key=lambda r: r["grad_s"], default=None
+    )
+    if best_f:
+        s["fastest_peer_forward"] = [best_f["impl"], best_f["forward_s"]]
+    if best_g:
+        s["fastest_peer_grad"] = [best_g["impl"], best_g["grad_s"]]
+    for r in ok:
+        if not r["impl"].startswith("dphys"):
+            continue
+        e: dict[str, Any] = {
+            k: r.get(k) for k in ("forward_s", "grad_s", "grad_ratio", "error")
+        }
+        e.update({k: r[k] for k in extra_keys if k in r})
+        if best_f and r.get("forward_s"):
+            e["forward_speedup"] = best_f["forward_s"] / r["forward_s"]
+        if best_g and r.get("grad_s"):
+            e["grad_speedup"] = best_g["grad_s"] / r["grad_s"]
+        if r.get("step_over_fft_pair") is not None:
+            e["step_over_fft_pair"] = r["step_over_fft_pair"]
+        s[r["impl"]] = e
+    main = s.get("dphys", {})
+    targets = {}
+    if target_speedup is not None:
+        tag = f"{target_speedup:g}x_fastest_peer"
+        if "forward_speedup" in main:
+            targets[f"forward_{tag}"] = main["forward_speedup"] >= target_speedup
+        if "grad_speedup" in main:
+            targets[f"grad_{tag}"] = main["grad_speedup"] >= target_speedup
+    if target_grad_ratio is not None and main.get("grad_ratio") is not None:
+        targets[f"grad_ratio_le_{target_grad_ratio:g}"] = (
+            main["grad_ratio"] <= target_grad_ratio
+        )
+    if targets:
+        s["targets_met"] = targets
+    return s
+
+
+def limit_row(base: dict[str, Any], jobs: dict[str, Compiled], steps: int) -> dict:
+    """The row of :func:`limit_loops`' jobs once timed: per-step FFT pair and axpy."""
+    pairs, axpys = jobs["fft_pairs"], jobs["axpys"]
+    u = pairs.args[0]
+    axpy_s = axpys.median / steps
+    return base | {
+        "impl": "limit",
+        "forward_s": pairs.median,
+        "note": f"{steps} rfftn+irfftn pairs in one jitted loop, timed in the same "
+        "round-robin as the implementations (the FFT-pair limit of a periodic "
+        "implicit scheme)",
+        "fft_pair_s": pairs.median / steps,
+        "fft_pair_min_s": pairs.minimum / steps,
+        "axpy_s": axpy_s,
+        "bandwidth_gbs": 3 * u.size * u.dtype.itemsize / axpy_s / 1e9,
+    }
+
+
+def clean(x):
+    """``x`` made JSON-safe: NumPy scalars to Python, non-finite floats to None."""
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, jax.Array) and x.ndim == 0:
+        return clean(x.item())
+    return x

@@ -36,7 +36,6 @@ difference along a random direction (``grad_fd_relerr``) and against dphys's
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -328,7 +327,12 @@ def _device() -> str:
 
 
 def run_p3(
-    quick: bool, *, n: int = 256, repeats: int | None = None, slow_s: float = 20.0
+    quick: bool,
+    *,
+    n: int = 256,
+    repeats: int | None = None,
+    slow_s: float = 20.0,
+    only=None,
 ) -> list[dict[str, Any]]:
     """Run P3 (and its gradient) for dphys and the peers; return one row each.
 
@@ -339,13 +343,13 @@ def run_p3(
         n: grid points per axis (256 in BENCHMARKS.md; smaller for smoke tests).
         repeats: timed calls per function after one warm-up (default 3 quick, 5).
         slow_s: a function slower than this is timed once.
+        only: names of the implementations to run (default all).
 
     Returns:
         One dict per implementation with the keys of BENCHMARKS.md 'Running and
         output' (``problem, impl, n, steps, dtype, device, forward_s, grad_s,
-        grad_ratio, compile_s, mem_mb, error``) plus checks and notes, then a
-        ``{"problem": "P3", "impl": "summary", ...}`` row with dphys's speed-ups
-        over the fastest peer.
+        grad_ratio, compile_s, mem_mb, error``) plus checks and notes, and a
+        ``limit`` row (the FFT pair and axpy timed in the same run).
     """
     import jax
 
@@ -371,30 +375,23 @@ def run_p3(
             y_cache[grad_steps] = jnp.asarray(p.observations(grad_steps))
         return y_cache[grad_steps]
 
-    _log(f"limits at {p.shape}")
-    limits = _measure.measure_limits(p.shape, "float64", repeats)
-
-    specs = []  # (name, steps, grad_steps, forward, cost, error_ref, notes)
+    Spec = _measure.Spec
+    specs = []
     f, c, nt = _dphys_fns(p, full, full, obs(full), H, fast_forward=None)
-    specs.append(("dphys", full, full, f, c, "discrete", nt))
+    specs.append(Spec("dphys", full, full, f, c, nt))
     f, c, nt = _dphys_fns(p, full, full, obs(full), H, fast_forward=False)
-    specs.append(("dphys-stepwise", full, full, f, c, "discrete", nt))
+    specs.append(Spec("dphys-stepwise", full, full, f, c, nt))
+    y_slow = obs(slow_steps)
     f, c, nt = _dphys_fns(
-        p,
-        slow_steps,
-        slow_steps,
-        obs(slow_steps),
-        H,
-        fast_forward=False,
-        fields="gmres",
+        p, slow_steps, slow_steps, y_slow, H, fast_forward=False, fields="gmres"
     )
-    specs.append(("dphys-krylov", slow_steps, slow_steps, f, c, "discrete", nt))
+    specs.append(Spec("dphys-krylov", slow_steps, slow_steps, f, c, nt))
     f, c, nt = _bicgstab_fns(p, slow_steps, slow_steps, obs(slow_steps), H)
-    specs.append(("jax-bicgstab", slow_steps, slow_steps, f, c, "discrete", nt))
+    specs.append(Spec("jax-bicgstab", slow_steps, slow_steps, f, c, nt))
     f, c, nt = _exponax_fns(p, full, full, obs(full), H)
-    specs.append(("exponax", full, full, f, c, "pde", nt))
+    specs.append(Spec("exponax", full, full, f, c, nt, error_ref="pde"))
     f, nt = _diffrax_fns(p, diffrax_steps)
-    specs.append(("diffrax", diffrax_steps, None, f, None, "discrete", nt))
+    specs.append(Spec("diffrax", diffrax_steps, None, f, None, nt))
 
     base = {
         "problem": "P3",
@@ -404,57 +401,20 @@ def run_p3(
         "dtype": "float64",
         "device": _device(),
     }
-    rows: list[dict[str, Any]] = []
-    jobs = []
-    for name, steps, gsteps, fwd, cost, ref, notes in specs:
-        _log(f"compiling {name}")
-        fns = {}
-        try:
-            fns["forward"] = _measure.Compiled(fwd, (u0, c_true))
-            if cost is not None:
-                fns["cost"] = _measure.Compiled(cost, (u0_eval, c_eval))
-                vg = jax.value_and_grad(cost, argnums=(0, 1))
-                fns["grad"] = _measure.Compiled(vg, (u0_eval, c_eval))
-        except Exception as err:  # noqa: BLE001 - a peer failing is a result
-            rows.append(
-                base
-                | {"impl": name, "failed": f"{type(err).__name__}: {str(err)[:300]}"}
-                | notes
-            )
-            continue
-        jobs.append((name, steps, gsteps, cost, ref, notes, fns))
-
-    # One warm-up call each (outside `interleaved`, so one failing implementation
-    # becomes a row saying why instead of ending the run).
-    kept = []
-    for job in jobs:
-        name, *_, notes, fns = job
-        try:
-            for label, fn in fns.items():
-                _log(f"warm-up {name} {label}")
-                fn.warm()
-        except Exception as err:  # noqa: BLE001 - a failing run is a result
-            msg = str(err).strip().splitlines()
-            rows.append(
-                base
-                | {
-                    "impl": name,
-                    "failed": f"{type(err).__name__} in "
-                    f"{label}: {' '.join(msg[-3:])[:300]}",
-                }
-                | notes
-            )
-            continue
-        kept.append(job)
-    jobs = kept
-    all_fns = [fn for *_, fns in jobs for fn in fns.values()]
-    _log(f"timing {len(all_fns)} functions, {repeats} rounds")
-    # Round-robin repeats (as `_measure.interleaved`, warm-up already done): a burst
-    # of load hits every implementation alike. Slow functions keep their one time.
-    for _ in range(repeats):
-        for fn in all_fns:
-            if fn.first_s <= slow_s:
-                fn.times.append(fn.call()[0])
+    specs = [s for s in specs if only is None or s.name in only]
+    limit_jobs = _measure.limit_loops(p.shape, jnp.float64, full)
+    specs, rows = _measure.compile_warm_time(
+        specs,
+        (u0, c_true),
+        (u0_eval, c_eval),
+        base,
+        repeats,
+        slow_s,
+        _log,
+        extra=list(limit_jobs.values()),
+    )
+    limits = _measure.limit_row(base, limit_jobs, full)
+    rows.append(limits)
 
     key = jax.random.key(1)
     direction = (
@@ -462,125 +422,28 @@ def run_p3(
         jnp.asarray([0.3, -0.2]),
     )
     ref_grad = None
-    for name, steps, gsteps, _cost, ref, notes, fns in jobs:
-        row = dict(base, impl=name)
-        fw = fns["forward"]
-        scale = full / steps
-        row["forward_s"] = fw.median * scale
-        row["forward_min_s"] = fw.minimum * scale
-        row["forward_repeats"] = _measure.n_repeats(fw)
-        row["compile_s"] = fw.compile_s
-        if steps < full:
-            row["extrapolated_from_steps"] = steps
-            row["measured_forward_s"] = fw.median
-        out = np.asarray(fw.out)
-        exact_discrete = p.exact_discrete(p.u0(), steps)
-        exact_pde = p.exact_pde(steps * p.dt)
-        row["error_ref"] = ref
-        row["error"] = rel_l2(out, exact_discrete if ref == "discrete" else exact_pde)
+    for spec in specs:
+        row = dict(base, impl=spec.name) | _measure.timing_fields(spec, full, limits)
+        out = np.asarray(spec.fns["forward"].out)
+        exact_discrete = p.exact_discrete(p.u0(), spec.steps)
+        exact_pde = p.exact_pde(spec.steps * p.dt)
+        row["error_ref"] = spec.error_ref
+        exact = exact_discrete if spec.error_ref == "discrete" else exact_pde
+        row["error"] = rel_l2(out, exact)
         row["error_discrete"] = rel_l2(out, exact_discrete)
         row["error_pde"] = rel_l2(out, exact_pde)
-        row["step_s"] = row["forward_s"] / full
-        row["step_over_fft_pair"] = row["step_s"] / limits["fft_pair_s"]
-        row["step_over_axpy"] = row["step_s"] / limits["axpy_s"]
-        if "grad" in fns:
-            g, cst = fns["grad"], fns["cost"]
-            gscale = full / gsteps
-            row["grad_steps"] = gsteps
-            row["grad_s"] = g.median * gscale
-            row["grad_min_s"] = g.minimum * gscale
-            row["cost_s"] = cst.median * gscale
-            row["grad_ratio"] = g.median / cst.median
-            row["grad_compile_s"] = g.compile_s
-            row["grad_repeats"] = _measure.n_repeats(g)
-            if gsteps < full:
-                row["grad_extrapolated_from_steps"] = gsteps
-                row["measured_grad_s"] = g.median
-            if g.temp_bytes is not None:
-                row["mem_mb"] = g.temp_bytes / _measure.MB
-                row["mem_kind"] = "xla_temp_bytes of value_and_grad (excl. args, outs)"
-            value, grads = g.out
-            row["cost"] = float(value)
-            row["cost_vs_value_relerr"] = abs(float(value) - float(cst.out)) / abs(
-                float(value)
+        if "grad" in spec.fns:
+            same = spec.grad_steps == full and spec.name != "dphys"
+            row |= _measure.grad_checks(
+                spec, (u0_eval, c_eval), direction, ref_grad if same else None
             )
-            # Central difference of the cost along `direction` vs <grad, direction>.
-            eps = 1e-5
-            jc = cst.compiled
-            plus = float(jc(u0_eval + eps * direction[0], c_eval + eps * direction[1]))
-            minus = float(jc(u0_eval - eps * direction[0], c_eval - eps * direction[1]))
-            fd = (plus - minus) / (2 * eps)
-            ad = float(
-                jnp.vdot(grads[0], direction[0]) + jnp.vdot(grads[1], direction[1])
-            )
-            row["grad_fd_relerr"] = abs(fd - ad) / max(abs(fd), abs(ad), 1e-300)
-            if name == "dphys":
-                ref_grad = grads
-            elif ref_grad is not None and gsteps == full:
-                num = math.sqrt(
-                    float(jnp.sum((grads[0] - ref_grad[0]) ** 2))
-                    + float(jnp.sum((grads[1] - ref_grad[1]) ** 2))
-                )
-                den = math.sqrt(
-                    float(jnp.sum(ref_grad[0] ** 2)) + float(jnp.sum(ref_grad[1] ** 2))
-                )
-                row["grad_vs_dphys_relerr"] = num / den
-        elif "grad_skip" in notes:
-            row["grad_s"] = None
-        for k, v in notes.items():
+            if spec.name == "dphys":
+                ref_grad = spec.fns["grad"].out[1]
+        for k, v in spec.notes.items():
             row.setdefault(k, v)
-        row["mem_mb"] = row.get("mem_mb")
-        row["grad_s"] = row.get("grad_s")
-        row["grad_ratio"] = row.get("grad_ratio")
         row["loadavg"] = os.getloadavg()[0]
         rows.append(row)
-
-    rows.append(_summary(rows, limits))
     return rows
-
-
-def _summary(rows, limits) -> dict[str, Any]:
-    """dphys's speed-up over the fastest peer, forward and gradient."""
-    ok = [r for r in rows if "failed" not in r]
-    peers = [r for r in ok if not r["impl"].startswith("dphys")]
-    out: dict[str, Any] = {
-        "problem": "P3",
-        "impl": "summary",
-        "fft_pair_s": limits["fft_pair_s"],
-        "axpy_s": limits["axpy_s"],
-    }
-    best_f = min(
-        (r for r in peers if r.get("forward_s")),
-        key=lambda r: r["forward_s"],
-        default=None,
-    )
-    best_g = min(
-        (r for r in peers if r.get("grad_s")), key=lambda r: r["grad_s"], default=None
-    )
-    if best_f:
-        out["fastest_peer_forward"] = [best_f["impl"], best_f["forward_s"]]
-    if best_g:
-        out["fastest_peer_grad"] = [best_g["impl"], best_g["grad_s"]]
-    for r in ok:
-        if not r["impl"].startswith("dphys"):
-            continue
-        e = {
-            "forward_s": r["forward_s"],
-            "grad_s": r.get("grad_s"),
-            "grad_ratio": r.get("grad_ratio"),
-            "error": r["error"],
-        }
-        if best_f:
-            e["forward_speedup"] = best_f["forward_s"] / r["forward_s"]
-        if best_g and r.get("grad_s"):
-            e["grad_speedup"] = best_g["grad_s"] / r["grad_s"]
-        bicg = next((q for q in peers if q["impl"] == "jax-bicgstab"), None)
-        if bicg is not None:
-            e["forward_speedup_vs_bicgstab"] = bicg["forward_s"] / r["forward_s"]
-            if bicg.get("grad_s") and r.get("grad_s"):
-                e["grad_speedup_vs_bicgstab"] = bicg["grad_s"] / r["grad_s"]
-        out[r["impl"]] = e
-    return out
 
 
 def main(argv=None) -> None:
@@ -592,12 +455,10 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
-    for row in run_p3(args.quick, n=args.n, repeats=args.repeats):
-        clean = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in row.items()
-        }
-        print(json.dumps(clean, default=float), flush=True)
+    rows = run_p3(args.quick, n=args.n, repeats=args.repeats)
+    rows.append({"summary": {"P3": _measure.problem_summary(rows)}})
+    for row in rows:
+        print(json.dumps(_measure.clean(row)), flush=True)
 
 
 if __name__ == "__main__":

@@ -325,6 +325,7 @@ def run_p4(
     steps: int = 500,
     repeats: int | None = None,
     slow_s: float = 20.0,
+    only=None,
 ) -> list[dict[str, Any]]:
     """Run P4 (and its gradient) for dphys and the peer; return one row each.
 
@@ -336,13 +337,13 @@ def run_p4(
         steps: time steps (500 in BENCHMARKS.md).
         repeats: timed calls per function after one warm-up (default 3 quick, 5).
         slow_s: a function slower than this is timed once.
+        only: names of the implementations to run (default all).
 
     Returns:
         One dict per implementation with the keys of BENCHMARKS.md 'Running and
         output' (``problem, impl, n, steps, dtype, device, forward_s, grad_s,
-        grad_ratio, compile_s, mem_mb, error``) plus checks and notes, then a
-        ``{"problem": "P4", "impl": "summary", ...}`` row with dphys's speed-ups
-        over the peer.
+        grad_ratio, compile_s, mem_mb, error``) plus checks and notes, and a
+        ``limit`` row (the FFT pair and axpy timed in the same run).
     """
     import jax
 
@@ -367,10 +368,7 @@ def run_p4(
             y_cache[grad_steps] = jnp.asarray(p.observations(grad_steps))
         return y_cache[grad_steps]
 
-    _log(f"limits at {p.shape}")
-    limits = _measure.measure_limits(p.shape, "float64", repeats)
-
-    specs = []  # (name, steps, grad_steps, forward, cost, notes)
+    specs = []
     runs = {}
     for kind, name in (
         ("fft", "dphys"),
@@ -378,14 +376,14 @@ def run_p4(
         ("nonlinear", "dphys-nonlinear"),
     ):
         f, c, r, nt = _dphys_fns(p, full, full, obs(full), sensors, kind=kind)
-        specs.append((name, full, full, f, c, nt))
+        specs.append(_measure.Spec(name, full, full, f, c, nt))
         runs[name] = r
     f, c, r, nt = _dphys_fns(
         p, slow_steps, slow_steps, obs(slow_steps), sensors, kind="krylov"
     )
-    specs.append(("dphys-krylov", slow_steps, slow_steps, f, c, nt))
+    specs.append(_measure.Spec("dphys-krylov", slow_steps, slow_steps, f, c, nt))
     f, c, nt = _gmres_fns(p, slow_steps, slow_steps, obs(slow_steps), sensors)
-    specs.append(("jax-gmres", slow_steps, slow_steps, f, c, nt))
+    specs.append(_measure.Spec("jax-gmres", slow_steps, slow_steps, f, c, nt))
 
     base = {
         "problem": "P4",
@@ -395,56 +393,24 @@ def run_p4(
         "dtype": "float64",
         "device": _device(),
     }
-    rows: list[dict[str, Any]] = []
-    jobs = []
-    for name, nsteps, gsteps, fwd, cost, notes in specs:
-        _log(f"compiling {name}")
-        fns = {}
-        try:
-            fns["forward"] = _measure.Compiled(fwd, (eta0, g_true))
-            fns["cost"] = _measure.Compiled(cost, (eta0_eval, g_eval))
-            vg = jax.value_and_grad(cost, argnums=(0, 1))
-            fns["grad"] = _measure.Compiled(vg, (eta0_eval, g_eval))
-        except Exception as err:  # noqa: BLE001 - a peer failing is a result
-            rows.append(
-                base
-                | {"impl": name, "failed": f"{type(err).__name__}: {str(err)[:300]}"}
-                | notes
-            )
-            continue
-        jobs.append((name, nsteps, gsteps, notes, fns))
-
-    kept = []
-    for job in jobs:
-        name, *_, notes, fns = job
-        try:
-            for label, fn in fns.items():
-                _log(f"warm-up {name} {label}")
-                fn.warm()
-        except Exception as err:  # noqa: BLE001 - a failing run is a result
-            msg = str(err).strip().splitlines()
-            rows.append(
-                base
-                | {
-                    "impl": name,
-                    "failed": f"{type(err).__name__} in {label}: "
-                    f"{' '.join(msg[-3:])[:300]}",
-                }
-                | notes
-            )
-            continue
-        kept.append(job)
-    jobs = kept
-    all_fns = [fn for *_, fns in jobs for fn in fns.values()]
-    _log(f"timing {len(all_fns)} functions, {repeats} rounds")
-    for _ in range(repeats):
-        for fn in all_fns:
-            if fn.first_s <= slow_s:
-                fn.times.append(fn.call()[0])
+    specs = [s for s in specs if only is None or s.name in only]
+    limit_jobs = _measure.limit_loops(p.shape, jnp.float64, full)
+    specs, rows = _measure.compile_warm_time(
+        specs,
+        (eta0, g_true),
+        (eta0_eval, g_eval),
+        base,
+        repeats,
+        slow_s,
+        _log,
+        extra=list(limit_jobs.values()),
+    )
+    limits = _measure.limit_row(base, limit_jobs, full)
+    rows.append(limits)
 
     # Reference of the nonlinear scheme: the same run with dt / 4.
     nonlinear_ref = None
-    if "dphys-nonlinear" in runs:
+    if any(spec.name == "dphys-nonlinear" for spec in specs):
         _log("nonlinear reference run (dt / 4)")
         ref_run = jax.jit(
             lambda e, g: runs["dphys-nonlinear"](e, g, 4 * full, p.dt / 4)
@@ -455,28 +421,21 @@ def run_p4(
     direction = (jax.random.normal(key, p.shape, jnp.float64) * 0.01, jnp.asarray(0.3))
     ref_grad = None
     exact_cache = {}
-    for name, nsteps, gsteps, notes, fns in jobs:
-        row = dict(base, impl=name)
-        fw = fns["forward"]
-        scale = full / nsteps
-        row["forward_s"] = fw.median * scale
-        row["forward_min_s"] = fw.minimum * scale
-        row["forward_repeats"] = _measure.n_repeats(fw)
-        row["compile_s"] = fw.compile_s
-        if nsteps < full:
-            row["extrapolated_from_steps"] = nsteps
-            row["measured_forward_s"] = fw.median
-        out = [np.asarray(a) for a in fw.out]
-        if nsteps not in exact_cache:
-            exact_cache[nsteps] = p.exact_discrete(p.eta0(), nsteps)
-        exact = exact_cache[nsteps]
-        if name == "dphys-nonlinear":
+    eta_init = p.eta0()
+    e0 = p.energy((eta_init, 0 * eta_init, 0 * eta_init))
+    for spec in specs:
+        row = dict(base, impl=spec.name) | _measure.timing_fields(spec, full, limits)
+        out = [np.asarray(a) for a in spec.fns["forward"].out]
+        if spec.steps not in exact_cache:
+            exact_cache[spec.steps] = p.exact_discrete(eta_init, spec.steps)
+        exact = exact_cache[spec.steps]
+        if spec.name == "dphys-nonlinear":
             # No exact discrete solution: self-convergence against dt / 4. The same
             # measure for the linear scheme (exactly, per mode) shows how much of it
             # is Crank-Nicolson's phase error at Courant 5.9, not the nonlinearity.
             row["error_ref"] = "same scheme, dt/4"
             row["error"] = p.energy_norm_error(out, nonlinear_ref)
-            quarter = p.exact_discrete(p.eta0(), 4 * nsteps, dt=p.dt / 4)
+            quarter = p.exact_discrete(eta_init, 4 * spec.steps, dt=p.dt / 4)
             row["linear_scheme_error_vs_dt4"] = p.energy_norm_error(exact, quarter)
             row["error_vs_linear"] = p.energy_norm_error(out, exact)
             row["energy_note"] = "energy_rel_change uses the linear energy"
@@ -484,97 +443,28 @@ def run_p4(
             row["error_ref"] = "discrete"
             row["error"] = p.energy_norm_error(out, exact)
             row["error_eta"] = rel_l2(out[0], exact[0])
-        eta_init = p.eta0()
         row["mass_rel_change"] = abs(float(np.sum(out[0]) - np.sum(eta_init))) / float(
             np.sum(np.abs(eta_init))
         )
-        e0 = p.energy((eta_init, 0 * eta_init, 0 * eta_init))
         row["energy_rel_change"] = p.energy(out) / e0 - 1.0
-        row["step_s"] = row["forward_s"] / full
-        row["step_over_fft_pair"] = row["step_s"] / limits["fft_pair_s"]
-        row["step_over_axpy"] = row["step_s"] / limits["axpy_s"]
-        g, cst = fns["grad"], fns["cost"]
-        gscale = full / gsteps
-        row["grad_steps"] = gsteps
-        row["grad_s"] = g.median * gscale
-        row["grad_min_s"] = g.minimum * gscale
-        row["cost_s"] = cst.median * gscale
-        row["grad_ratio"] = g.median / cst.median
-        row["grad_compile_s"] = g.compile_s
-        row["grad_repeats"] = _measure.n_repeats(g)
-        if gsteps < full:
-            row["grad_extrapolated_from_steps"] = gsteps
-            row["measured_grad_s"] = g.median
-        if g.temp_bytes is not None:
-            row["mem_mb"] = g.temp_bytes / _measure.MB
-            row["mem_kind"] = "xla_temp_bytes of value_and_grad (excl. args, outs)"
-        value, grads = g.out
-        row["cost"] = float(value)
-        eps = 1e-5
-        jc = cst.compiled
-        plus = float(jc(eta0_eval + eps * direction[0], g_eval + eps * direction[1]))
-        minus = float(jc(eta0_eval - eps * direction[0], g_eval - eps * direction[1]))
-        fd = (plus - minus) / (2 * eps)
-        ad = float(jnp.vdot(grads[0], direction[0]) + grads[1] * direction[1])
-        row["grad_fd_relerr"] = abs(fd - ad) / max(abs(fd), abs(ad), 1e-300)
-        if name == "dphys":
-            ref_grad = grads
-        elif ref_grad is not None and gsteps == full and name != "dphys-nonlinear":
-            num = math.sqrt(
-                float(jnp.sum((grads[0] - ref_grad[0]) ** 2))
-                + float((grads[1] - ref_grad[1]) ** 2)
+        if "grad" in spec.fns:
+            same = spec.grad_steps == full and spec.name not in (
+                "dphys",
+                "dphys-nonlinear",
             )
-            den = math.sqrt(float(jnp.sum(ref_grad[0] ** 2)) + float(ref_grad[1] ** 2))
-            row["grad_vs_dphys_relerr"] = num / den
-        for k, v in notes.items():
+            row |= _measure.grad_checks(
+                spec, (eta0_eval, g_eval), direction, ref_grad if same else None
+            )
+            if spec.name == "dphys":
+                ref_grad = spec.fns["grad"].out[1]
+        for k, v in spec.notes.items():
             row.setdefault(k, v)
-        row["mem_mb"] = row.get("mem_mb")
         row["loadavg"] = os.getloadavg()[0]
         rows.append(row)
-
-    rows.append(_summary(rows, limits))
     return rows
 
 
-def _summary(rows, limits) -> dict[str, Any]:
-    """dphys's speed-up over the peer, forward and gradient."""
-    ok = [r for r in rows if "failed" not in r]
-    peers = [r for r in ok if not r["impl"].startswith("dphys")]
-    out: dict[str, Any] = {
-        "problem": "P4",
-        "impl": "summary",
-        "fft_pair_s": limits["fft_pair_s"],
-        "axpy_s": limits["axpy_s"],
-    }
-    best_f = min(
-        (r for r in peers if r.get("forward_s")),
-        key=lambda r: r["forward_s"],
-        default=None,
-    )
-    best_g = min(
-        (r for r in peers if r.get("grad_s")), key=lambda r: r["grad_s"], default=None
-    )
-    if best_f:
-        out["fastest_peer_forward"] = [best_f["impl"], best_f["forward_s"]]
-    if best_g:
-        out["fastest_peer_grad"] = [best_g["impl"], best_g["grad_s"]]
-    for r in ok:
-        if not r["impl"].startswith("dphys"):
-            continue
-        e = {
-            "forward_s": r["forward_s"],
-            "grad_s": r.get("grad_s"),
-            "grad_ratio": r.get("grad_ratio"),
-            "error": r["error"],
-            "mass_rel_change": r.get("mass_rel_change"),
-            "energy_rel_change": r.get("energy_rel_change"),
-        }
-        if best_f:
-            e["forward_speedup"] = best_f["forward_s"] / r["forward_s"]
-        if best_g and r.get("grad_s"):
-            e["grad_speedup"] = best_g["grad_s"] / r["grad_s"]
-        out[r["impl"]] = e
-    return out
+SUMMARY_KEYS = ("mass_rel_change", "energy_rel_change")
 
 
 def main(argv=None) -> None:
@@ -587,12 +477,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
-    for row in run_p4(args.quick, n=args.n, steps=args.steps, repeats=args.repeats):
-        clean = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in row.items()
-        }
-        print(json.dumps(clean, default=float), flush=True)
+    rows = run_p4(args.quick, n=args.n, steps=args.steps, repeats=args.repeats)
+    summary = _measure.problem_summary(rows, extra_keys=SUMMARY_KEYS)
+    rows.append({"summary": {"P4": summary}})
+    for row in rows:
+        print(json.dumps(_measure.clean(row)), flush=True)
 
 
 if __name__ == "__main__":

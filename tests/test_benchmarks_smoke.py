@@ -91,3 +91,39 @@ def test_p5_tiny_memory_rows():
     growth = lines[-1]["summary"]["P5"]["dphys"]["mem_growth"]
     # fast_forward stores one state per observation segment, whatever the step count
     assert growth < 1.5
+
+
+@pytest.mark.parametrize(
+    "problem,impls",
+    [
+        ("P3", ("dphys", "dphys-stepwise", "jax-bicgstab")),
+        ("P4", ("dphys", "jax-gmres")),
+    ],
+)
+def test_p3_p4_tiny_rows_and_summary(problem, impls):
+    out = io.StringIO()
+    cfg = run.Config(size="tiny", repeats=1, slow_s=5.0, only=impls)
+    run.run([problem], cfg, out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    by_impl = {r["impl"]: r for r in lines if r.get("problem") == problem}
+    assert set(by_impl) == set(impls) | {"limit"}
+    assert by_impl.pop("limit")["fft_pair_s"] > 0
+    for row in by_impl.values():
+        assert REQUIRED <= set(row), REQUIRED - set(row)
+        assert row["forward_s"] > 0 and row["grad_s"] > 0 and row["mem_mb"] > 0
+        assert row["grad_fd_relerr"] < 1e-4
+    # dphys's answer is the exact discrete solution (per-mode G^n, written in NumPy)
+    assert by_impl["dphys"]["error"] < 1e-12
+    peer = impls[-1]
+    assert by_impl[peer]["error"] < 1e-6
+    assert by_impl[peer]["grad_vs_dphys_relerr"] < 1e-6
+    if problem == "P4":
+        assert by_impl["dphys"]["mass_rel_change"] < 1e-13
+        assert abs(by_impl["dphys"]["energy_rel_change"]) < 1e-12
+    summary = lines[-1]["summary"][problem]
+    assert summary["fastest_peer_forward"][0] == peer
+    assert set(summary["targets_met"]) == {
+        "forward_2x_fastest_peer",
+        "grad_2x_fastest_peer",
+        "grad_ratio_le_3",
+    }
