@@ -223,24 +223,33 @@ class Spec:
     fns: dict[str, Compiled] = dataclasses.field(default_factory=dict)
 
 
-def compile_warm_time(
+def measure_specs(
     specs: Sequence[Spec],
     fwd_args: Sequence[Any],
     cost_args: Sequence[Any],
+    *,
     base: dict[str, Any],
     repeats: int,
     slow_s: float,
     log: Callable[[str], None],
-    extra: Sequence[Compiled] = (),
-) -> tuple[list[Spec], list[dict[str, Any]]]:
-    """Compile, warm up and time every spec round-robin (with ``extra`` jobs).
+    only: Sequence[str] | None = None,
+) -> tuple[list[Spec], list[dict[str, Any]], dict[str, Any]]:
+    """Compile, warm up and time every spec round-robin with the machine's limits.
 
-    A spec that fails to compile or to run becomes a row saying why (a failing peer
-    is a result) instead of ending the run. Returns the specs that ran and those rows.
+    The FFT-pair and axpy loops of :func:`limit_loops` (at the state's shape,
+    ``base["steps"]`` long) join the same round-robin. A spec that fails to compile
+    or to run becomes a row saying why (a failing peer is a result) instead of
+    ending the run. ``only`` restricts the specs by name.
+
+    Returns:
+        The specs that ran, the rows so far (failures, then the ``limit`` row) and
+        the limit row itself.
     """
     failed: list[dict[str, Any]] = []
     kept: list[Spec] = []
     for spec in specs:
+        if only is not None and spec.name not in only:
+            continue
         label = "compile"
         try:
             log(f"compiling {spec.name}")
@@ -258,9 +267,12 @@ def compile_warm_time(
             failed.append(base | {"impl": spec.name, "failed": why} | spec.notes)
             continue
         kept.append(spec)
-    for job in extra:
+    like = jax.tree.leaves(fwd_args[0])[0]
+    limit_jobs = limit_loops(like.shape, like.dtype, base["steps"])
+    for job in limit_jobs.values():
         job.warm()
-    jobs = [fn for spec in kept for fn in spec.fns.values()] + list(extra)
+    jobs = [fn for spec in kept for fn in spec.fns.values()]
+    jobs += list(limit_jobs.values())
     log(f"timing {len(jobs)} functions, {repeats} rounds")
     # Round-robin repeats: a burst of load hits every implementation alike. Slow
     # functions keep their single warm-up time.
@@ -268,7 +280,8 @@ def compile_warm_time(
         for fn in jobs:
             if fn.first_s <= slow_s:
                 fn.times.append(fn.call()[0])
-    return kept, failed
+    limits = limit_row(base, limit_jobs, base["steps"])
+    return kept, failed + [limits], limits
 
 
 def timing_fields(spec: Spec, full: int, limits: dict[str, float]) -> dict[str, Any]:
@@ -439,3 +452,33 @@ def clean(x):
     if isinstance(x, jax.Array) and x.ndim == 0:
         return clean(x.item())
     return x
+
+
+def memory_scaling(
+    name: str,
+    impl: str,
+    cost_at: Callable[[int], Callable],
+    args: Sequence[Any],
+    counts: Sequence[int] = (250, 1000, 4000),
+    target: float = 4.0,
+) -> dict[str, Any]:
+    """P5's memory scaling of a gradient: XLA temporary bytes at several step counts.
+
+    ``cost_at(n)`` is the P5-style cost over ``n`` steps; its ``value_and_grad`` is
+    compiled (not run) at every count, so the figure is XLA's own account of the
+    gradient's working memory (arguments and outputs excluded).
+    """
+    mem = {}
+    for n in counts:
+        vg = jax.value_and_grad(cost_at(n), argnums=(0, 1))
+        compiled = jax.jit(vg).lower(*args).compile()
+        mem[n] = compiled.memory_analysis().temp_size_in_bytes / MB
+    lo, hi = min(counts), max(counts)
+    return {
+        "problem": name,
+        "impl": impl,
+        "mem_mb_by_steps": mem,
+        "mem_growth": mem[hi] / mem[lo],
+        "mem_kind": "xla_temp_bytes of value_and_grad (compiled, excl. args/outputs)",
+        f"mem_{hi}_le_{target:g}x_mem_{lo}": mem[hi] / mem[lo] <= target,
+    }

@@ -401,20 +401,16 @@ def run_p3(
         "dtype": "float64",
         "device": _device(),
     }
-    specs = [s for s in specs if only is None or s.name in only]
-    limit_jobs = _measure.limit_loops(p.shape, jnp.float64, full)
-    specs, rows = _measure.compile_warm_time(
+    specs, rows, limits = _measure.measure_specs(
         specs,
         (u0, c_true),
         (u0_eval, c_eval),
-        base,
-        repeats,
-        slow_s,
-        _log,
-        extra=list(limit_jobs.values()),
+        base=base,
+        repeats=repeats,
+        slow_s=slow_s,
+        log=_log,
+        only=only,
     )
-    limits = _measure.limit_row(base, limit_jobs, full)
-    rows.append(limits)
 
     key = jax.random.key(1)
     direction = (
@@ -443,6 +439,14 @@ def run_p3(
             row.setdefault(k, v)
         row["loadavg"] = os.getloadavg()[0]
         rows.append(row)
+    if only is None or "memory" in only:
+        # P5 on this problem: the gradient's memory at 250, 1000 and 4000 steps.
+        y0 = jnp.zeros_like(obs(full))
+        for label, ff in (("dphys", None), ("dphys-stepwise", False)):
+            _log(f"P5 memory scaling: {label}")
+            cost_at = lambda m, ff=ff: _dphys_fns(p, m, m, y0, H, fast_forward=ff)[1]
+            row = _measure.memory_scaling("P5-P3", label, cost_at, (u0_eval, c_eval))
+            rows.append(row | {"n": n, "device": base["device"]})
     return rows
 
 

@@ -16,10 +16,14 @@ at rest:
 * ``jax-gmres``: ``jax.scipy.sparse.linalg.gmres`` per step on a matrix-free C-grid
   stencil written here with ``jnp.roll`` (independent of dphys), warm-started,
   ``tol=1e-10``, differentiated by plain ``jax.grad`` through the ``lax.scan``.
-* ``dphys-nonlinear``: the nonlinear model (vector-invariant momentum, centred flux)
-  on the same grid and step, CN/AB2 (``dphys.IMEX``) with the FFT solve for the
-  implicit part; its ``error`` is against a run of the same scheme with dt/4 (time
-  discretisation error), ``error_vs_linear`` shows the size of the nonlinear terms.
+* ``dphys-nonlinear`` (row ``problem: "P4-nonlinear"``, ``impl: "dphys"``): the
+  nonlinear model (vector-invariant momentum, centred flux) on the same grid and
+  step, CN/AB2 (``dphys.IMEX``) with the FFT solve for the implicit part; its
+  ``error`` is against a run of the same scheme with dt/4 (time discretisation
+  error), ``error_vs_linear`` shows the size of the nonlinear terms.
+* ``jax-gmres-nonlinear`` (``P4-nonlinear``, ``impl: "jax-gmres"``): its peer, the
+  same model tendencies and CN/AB2 formula with ``jax.scipy`` GMRES per step and
+  ``jax.grad`` through the loop.
 
 The gradient is that of $J(\\eta_0, g) = \\sum_{k=1}^{10}\\|H\\eta(t_k) - y_k\\|^2$ (an
 8x8 lattice of sensors, observations every ``steps/10`` steps, $y_k$ from the exact
@@ -307,6 +311,88 @@ def _gmres_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
     return forward, cost, notes
 
 
+def _gmres_nonlinear_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
+    """The nonlinear model's CN/AB2 step with ``jax.scipy`` GMRES on the implicit part.
+
+    What a user with the model but without dphys's solvers would write: the same
+    ``pdes.ShallowWater`` tendencies (``linear`` and ``explicit``), the same CNAB2
+    formula as :class:`dphys.IMEX`, each implicit system solved by
+    ``jax.scipy.sparse.linalg.gmres`` (warm-started) and differentiated by plain
+    ``jax.grad`` through the ``lax.scan``.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.scipy.sparse.linalg import gmres
+
+    import dphys
+    import pdes
+
+    grid = dphys.Grid(p.shape, lengths=p.length, boundary="periodic")
+    dt, half = p.dt, 0.5 * p.dt
+
+    def step_fn(g):
+        model = pdes.ShallowWater(
+            grid,
+            p.depth,
+            g=g,
+            f0=p.f,
+            nonlinear=True,
+            momentum="vector_invariant",
+            continuity="centered",
+        )
+
+        def matvec(x):
+            return jax.tree.map(lambda a, b: a - half * b, x, model.linear(0.0, x))
+
+        def step(carry):
+            x, n_prev = carry
+            n_now = model.explicit(0.0, x)
+            rhs = jax.tree.map(
+                lambda a, lin, nn, npv: a + half * lin + dt * (1.5 * nn - 0.5 * npv),
+                x,
+                model.linear(0.0, x),
+                n_now,
+                n_prev,
+            )
+            new, _ = gmres(matvec, rhs, x0=x, tol=tol, atol=0.0, restart=20, maxiter=50)
+            return new, n_now
+
+        def start(eta0):
+            zeros = jnp.zeros_like(eta0)
+            x = pdes.SWState(eta0, zeros, zeros)
+            return x, model.explicit(0.0, x)
+
+        return step, start
+
+    def forward(eta0, g):
+        step, start = step_fn(g)
+        x, _ = _scan(step, start(eta0), steps)
+        return x.eta, x.u, x.v
+
+    every = max(1, grad_steps // N_OBS)
+
+    def cost(eta0, g):
+        from jax import lax
+
+        step, start = step_fn(g)
+
+        def body(carry, _):
+            carry = _scan(step, carry, every)
+            return carry, carry[0].eta[sensors]
+
+        _, hs = lax.scan(body, start(eta0), None, length=N_OBS)
+        return jnp.sum((hs - y) ** 2)
+
+    notes = {
+        "tol": tol,
+        "restart": 20,
+        "x0": "previous state",
+        "scheme": "CN/AB2 as dphys.IMEX, pdes.ShallowWater's linear/explicit parts",
+        "grad": "jax.grad through lax.scan (custom_linear_solve: transposed GMRES)",
+    }
+    return forward, cost, notes
+
+
 def _log(msg: str) -> None:
     print(f"[bench P4 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -331,7 +417,7 @@ def run_p4(
 
     Args:
         quick: keep the run to a few minutes on a 2-core CPU: 3 repeats; the
-            per-step Krylov implementations (dphys-krylov, jax-gmres) at 100 steps,
+            per-step Krylov implementations (dphys-krylov, jax-gmres) at 50 steps,
             extrapolated per step to ``steps`` (``extrapolated_from_steps``).
         n: grid points per axis (128 in BENCHMARKS.md; smaller for smoke tests).
         steps: time steps (500 in BENCHMARKS.md).
@@ -353,7 +439,7 @@ def run_p4(
     repeats = (3 if quick else 5) if repeats is None else repeats
     p = P4(n=n, steps=steps)
     full = p.steps
-    slow_steps = max(N_OBS, min(full, 100 if quick else full))
+    slow_steps = max(N_OBS, min(full, 50 if quick else full))
     iy, ix = (jnp.asarray(i) for i in p.sensor_index())
     sensors = (iy, ix)
 
@@ -384,6 +470,8 @@ def run_p4(
     specs.append(_measure.Spec("dphys-krylov", slow_steps, slow_steps, f, c, nt))
     f, c, nt = _gmres_fns(p, slow_steps, slow_steps, obs(slow_steps), sensors)
     specs.append(_measure.Spec("jax-gmres", slow_steps, slow_steps, f, c, nt))
+    f, c, nt = _gmres_nonlinear_fns(p, slow_steps, slow_steps, obs(slow_steps), sensors)
+    specs.append(_measure.Spec("jax-gmres-nonlinear", slow_steps, slow_steps, f, c, nt))
 
     base = {
         "problem": "P4",
@@ -393,48 +481,61 @@ def run_p4(
         "dtype": "float64",
         "device": _device(),
     }
-    specs = [s for s in specs if only is None or s.name in only]
-    limit_jobs = _measure.limit_loops(p.shape, jnp.float64, full)
-    specs, rows = _measure.compile_warm_time(
+    specs, rows, limits = _measure.measure_specs(
         specs,
         (eta0, g_true),
         (eta0_eval, g_eval),
-        base,
-        repeats,
-        slow_s,
-        _log,
-        extra=list(limit_jobs.values()),
+        base=base,
+        repeats=repeats,
+        slow_s=slow_s,
+        log=_log,
+        only=only,
     )
-    limits = _measure.limit_row(base, limit_jobs, full)
-    rows.append(limits)
 
-    # Reference of the nonlinear scheme: the same run with dt / 4.
-    nonlinear_ref = None
-    if any(spec.name == "dphys-nonlinear" for spec in specs):
-        _log("nonlinear reference run (dt / 4)")
-        ref_run = jax.jit(
-            lambda e, g: runs["dphys-nonlinear"](e, g, 4 * full, p.dt / 4)
-        )
-        nonlinear_ref = [np.asarray(a) for a in ref_run(eta0, g_true)]
+    nonlinear_refs = {}
+
+    def nonlinear_ref(n_steps):
+        """The nonlinear scheme's answer check: the same run with dt / 4."""
+        if n_steps not in nonlinear_refs:
+            _log(f"nonlinear reference run (dt / 4, {n_steps} steps)")
+            run = jax.jit(
+                lambda e, g: runs["dphys-nonlinear"](e, g, 4 * n_steps, p.dt / 4)
+            )
+            nonlinear_refs[n_steps] = [np.asarray(a) for a in run(eta0, g_true)]
+        return nonlinear_refs[n_steps]
+
+    ref_grads = {}
+
+    def ref_grad(kind, grad_steps):
+        """dphys's gradient of the same cost, as the peers' cross-check."""
+        if (kind, grad_steps) not in ref_grads:
+            *_, c, _, _ = _dphys_fns(
+                p, grad_steps, grad_steps, obs(grad_steps), sensors, kind=kind
+            )
+            g = jax.jit(jax.grad(c, argnums=(0, 1)))(eta0_eval, g_eval)
+            ref_grads[kind, grad_steps] = g
+        return ref_grads[kind, grad_steps]
 
     key = jax.random.key(1)
     direction = (jax.random.normal(key, p.shape, jnp.float64) * 0.01, jnp.asarray(0.3))
-    ref_grad = None
     exact_cache = {}
     eta_init = p.eta0()
     e0 = p.energy((eta_init, 0 * eta_init, 0 * eta_init))
     for spec in specs:
+        nonlinear = spec.name in NONLINEAR
         row = dict(base, impl=spec.name) | _measure.timing_fields(spec, full, limits)
+        if nonlinear:
+            row |= {"problem": "P4-nonlinear", "impl": NONLINEAR[spec.name]}
         out = [np.asarray(a) for a in spec.fns["forward"].out]
         if spec.steps not in exact_cache:
             exact_cache[spec.steps] = p.exact_discrete(eta_init, spec.steps)
         exact = exact_cache[spec.steps]
-        if spec.name == "dphys-nonlinear":
+        if nonlinear:
             # No exact discrete solution: self-convergence against dt / 4. The same
             # measure for the linear scheme (exactly, per mode) shows how much of it
             # is Crank-Nicolson's phase error at Courant 5.9, not the nonlinearity.
-            row["error_ref"] = "same scheme, dt/4"
-            row["error"] = p.energy_norm_error(out, nonlinear_ref)
+            row["error_ref"] = "dphys nonlinear scheme, dt/4"
+            row["error"] = p.energy_norm_error(out, nonlinear_ref(spec.steps))
             quarter = p.exact_discrete(eta_init, 4 * spec.steps, dt=p.dt / 4)
             row["linear_scheme_error_vs_dt4"] = p.energy_norm_error(exact, quarter)
             row["error_vs_linear"] = p.energy_norm_error(out, exact)
@@ -448,22 +549,34 @@ def run_p4(
         )
         row["energy_rel_change"] = p.energy(out) / e0 - 1.0
         if "grad" in spec.fns:
-            same = spec.grad_steps == full and spec.name not in (
-                "dphys",
-                "dphys-nonlinear",
-            )
-            row |= _measure.grad_checks(
-                spec, (eta0_eval, g_eval), direction, ref_grad if same else None
-            )
-            if spec.name == "dphys":
-                ref_grad = spec.fns["grad"].out[1]
+            ref = None
+            if spec.name not in ("dphys", "dphys-nonlinear"):
+                ref = ref_grad("nonlinear" if nonlinear else "fft", spec.grad_steps)
+            row |= _measure.grad_checks(spec, (eta0_eval, g_eval), direction, ref)
         for k, v in spec.notes.items():
             row.setdefault(k, v)
         row["loadavg"] = os.getloadavg()[0]
         rows.append(row)
+    if only is None or "memory" in only:
+        # P5 on this problem: the gradient's memory at 250, 1000 and 4000 steps.
+        y0 = jnp.zeros_like(obs(full))
+        for kind, label in (
+            ("fft", "dphys"),
+            ("stepwise", "dphys-stepwise"),
+            ("nonlinear", "dphys-nonlinear"),
+        ):
+            _log(f"P5 memory scaling: {label}")
+            cost_at = lambda m, kind=kind: _dphys_fns(p, m, m, y0, sensors, kind=kind)[
+                1
+            ]
+            row = _measure.memory_scaling("P5-P4", label, cost_at, (eta0_eval, g_eval))
+            rows.append(row | {"n": n, "device": base["device"]})
     return rows
 
 
+# The nonlinear model's rows form their own problem, so its peer is compared with it
+# and not with the linear one: spec name -> impl name in "P4-nonlinear".
+NONLINEAR = {"dphys-nonlinear": "dphys", "jax-gmres-nonlinear": "jax-gmres"}
 SUMMARY_KEYS = ("mass_rel_change", "energy_rel_change")
 
 
@@ -478,8 +591,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
     rows = run_p4(args.quick, n=args.n, steps=args.steps, repeats=args.repeats)
-    summary = _measure.problem_summary(rows, extra_keys=SUMMARY_KEYS)
-    rows.append({"summary": {"P4": summary}})
+    summary = {
+        name: _measure.problem_summary(
+            [r for r in rows if r.get("problem") == name], extra_keys=SUMMARY_KEYS
+        )
+        for name in ("P4", "P4-nonlinear")
+    }
+    rows.append({"summary": summary})
     for row in rows:
         print(json.dumps(_measure.clean(row)), flush=True)
 
