@@ -745,7 +745,7 @@ def _run_p3(cfg: Config) -> list[dict]:
 def _run_p4(cfg: Config) -> list[dict]:
     from ._p4_shallow_water import run_p4
 
-    kw = dict(n=32, steps=50) if cfg.size == "tiny" else {}
+    kw = dict(n=32, steps=20) if cfg.size == "tiny" else {}
     return run_p4(
         cfg.quick, repeats=cfg.repeats, slow_s=cfg.slow_s, only=cfg.only, **kw
     )
