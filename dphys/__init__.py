@@ -20,6 +20,7 @@ from ._linear_solve import (
     Auto as Auto,
     Krylov as Krylov,
     Tridiagonal as Tridiagonal,
+    krylov_solve as krylov_solve,
     probe_diagonal as probe_diagonal,
     probe_symbol as probe_symbol,
     probe_tridiagonal as probe_tridiagonal,

@@ -14,12 +14,17 @@ pytree of arrays; physical parameters are array leaves of the model, so
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from ._grid import Grid
+
+
+if TYPE_CHECKING:
+    from ._linear_solve import AbstractLinearSolver
 
 
 class AbstractModel(eqx.Module):
@@ -63,6 +68,22 @@ class AbstractModel(eqx.Module):
     @property
     def autonomous(self) -> bool:
         return True
+
+    def preferred_solver(self, like) -> AbstractLinearSolver | None:
+        """The implicit solver :class:`dphys.Auto` should use, or ``None`` (default).
+
+        A hook for models that know a better solver than the generic rules, e.g. a
+        Krylov method preconditioned by an exact inverse of a simplified operator.
+        :class:`dphys.Auto` consults it after the FFT check (a periodic,
+        translation-invariant operator is always solved exactly by FFT) and before
+        its generic choices (tridiagonal in 1D, otherwise :class:`dphys.Krylov`).
+        The solver returned must be concrete (not :class:`dphys.Auto`); its
+        ``check`` still runs.
+
+        Args:
+            like: a state (pytree of arrays) with the shapes and dtypes to solve for.
+        """
+        return None
 
     def check_state(self, state) -> None:
         """Raise ``ValueError`` if ``state`` does not fit this model (static check)."""

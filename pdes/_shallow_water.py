@@ -35,12 +35,9 @@ import math
 
 import equinox as eqx
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import jax.scipy.fft as jsfft
-import jax.scipy.linalg
 import jax.tree_util as jtu
-import lineax as lx
 import numpy as np
 
 import dphys
@@ -214,7 +211,8 @@ class ShallowWater(dphys.AbstractModel):
     **Solvers.** For a doubly periodic grid, constant ``depth``, an f-plane and
     scalar drag, $L$ is translation invariant and :class:`dphys.Auto` solves each
     implicit step exactly with the FFT (one $3\times3$ system per Fourier mode).
-    Otherwise pass ``solver=pdes.HelmholtzKrylov()`` to the stepper: GMRES on the
+    Otherwise :class:`dphys.Auto` picks :class:`HelmholtzKrylov` (see
+    :meth:`preferred_solver`): GMRES on the
     coupled system, preconditioned by the exact constant-depth Helmholtz inverse
     (FFT/DCT), typically 4 to 15 Krylov steps per time step at any gravity-wave
     Courant number. :class:`dphys.Krylov` (GMRES with a Jacobi preconditioner,
@@ -381,6 +379,20 @@ class ShallowWater(dphys.AbstractModel):
     @property
     def autonomous(self) -> bool:
         return True
+
+    def preferred_solver(self, like):
+        """:class:`HelmholtzKrylov` when the FFT does not apply, else ``None``.
+
+        With walls, variable depth or drag, or a beta-plane the operator is not
+        translation invariant; the Helmholtz-preconditioned GMRES then takes a few
+        iterations per step at any gravity-wave Courant number, where the generic
+        :class:`dphys.Krylov` needs iterations growing with it. :class:`dphys.Auto`
+        asks for this after its FFT check, so periodic constant-coefficient runs keep
+        the exact FFT solve.
+        """
+        if self.grid.periodic and self.translation_invariant:
+            return None
+        return HelmholtzKrylov()
 
     # ------------------------------------------------------------------ helpers
 
@@ -790,15 +802,13 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
     number is (the Jacobi-preconditioned :class:`dphys.Krylov` needs iterations
     growing with that Courant number).
 
-    GMRES (left-preconditioned, restarted, written here as a ``lineax`` solver) works
-    on the energy-scaled unknowns $z = (\sqrt g\,\eta, \sqrt{\bar H}u,
-    \sqrt{\bar H}v)$, in which every component has the same units and the operator
-    is skew for constant depth, and stops on the norm of the true residual,
-    $\|b_z - A z\|_2 \le \mathrm{atol} + \mathrm{rtol}\,\|b_z\|_2$. (lineax's own
-    GMRES tests every component against its own right-hand side and always runs at
-    least two full restart cycles, which costs several times more here.) The Arnoldi
-    process stops as soon as the preconditioned residual is small, so a step costs
-    only the iterations it needs.
+    GMRES (:func:`dphys.krylov_solve`: left-preconditioned, restarted, starting
+    from $x_0 = Mb$) works on the energy-scaled unknowns $z = (\sqrt g\,\eta,
+    \sqrt{\bar H}u, \sqrt{\bar H}v)$, in which every component has the same units
+    and the operator is skew for constant depth, and stops on the norm of the true
+    residual, $\|b_z - A z\|_2 \le \mathrm{atol} + \mathrm{rtol}\,\|b_z\|_2$. The
+    Arnoldi process stops as soon as the preconditioned residual is small, so a step
+    costs only the iterations it needs.
 
     After GMRES, $\eta$ is recomputed from the continuity equation,
     $\eta = b_\eta + \gamma L_\eta(\mathbf u)$, so the discrete mass balance holds
@@ -809,31 +819,33 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
     independent of the iteration count). An unconverged tangent or adjoint solve
     raises; an unconverged forward solve gives ``RESULTS.linear_solve_failed``.
 
+    :class:`dphys.Auto` picks this solver for :class:`ShallowWater` whenever the FFT
+    does not apply (walls, variable depth or drag, beta-plane), through
+    :meth:`ShallowWater.preferred_solver`.
+
     Attributes:
         rtol, atol: stopping tolerances on the energy-scaled residual (2-norm; atol
             in m^{3/2}/s, default 0). The relative test makes tangent and adjoint
             solves as accurate as the forward one whatever their scale. ``rtol`` is
             raised to ``100 eps`` of the state's dtype (float32: about 1e-5).
         restart: Arnoldi steps per GMRES cycle (memory: ``restart + 1`` vectors).
-        max_steps: cap on restart cycles; reaching it is a failed solve.
+        max_steps: cap on Arnoldi steps (products with $I-\gamma L$) per solve;
+            reaching it is a failed solve.
     """
 
     rtol: float = eqx.field(static=True, default=1e-10)
     atol: float = eqx.field(static=True, default=0.0)
     restart: int = eqx.field(static=True, default=5)
-    max_steps: int = eqx.field(static=True, default=40)
+    max_steps: int = eqx.field(static=True, default=200)
 
     def __check_init__(self):
-        if not (self.rtol >= 0 and self.atol >= 0 and self.rtol + self.atol > 0):
-            raise ValueError(
-                "`rtol` and `atol` must be non-negative and not both zero, got "
-                f"rtol={self.rtol}, atol={self.atol}."
-            )
-        if self.restart < 1 or self.max_steps < 1:
-            raise ValueError(
-                f"`restart` and `max_steps` must be >= 1, got {self.restart}, "
-                f"{self.max_steps}."
-            )
+        # The same option checks (and messages) as dphys.Krylov's.
+        dphys.Krylov(
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+            restart=self.restart,
+        )
 
     def check(self, model, like):
         if not isinstance(model, ShallowWater):
@@ -889,7 +901,6 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
         to_z = lambda x: jtu.tree_map(jnp.multiply, x, scale)
         from_z = lambda z: jtu.tree_map(jnp.divide, z, scale)
         rhs_z = to_z(rhs)
-        structure_in = jax.eval_shape(lambda: rhs_z)
 
         def mv(z):
             lz = to_z(model.linear(t, from_z(z)))
@@ -898,181 +909,21 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
         def precond(z):
             return to_z(self.precondition(model, coefficients, from_z(z)))
 
-        eps = float(jnp.finfo(rhs.eta.dtype).eps)
-        solver = _GMRES(
-            rtol=max(self.rtol, 100 * eps),
-            atol=self.atol,
-            restart=self.restart,
-            max_cycles=self.max_steps,
-        )
-        sol = lx.linear_solve(
-            lx.FunctionLinearOperator(mv, structure_in),
+        x, result, steps = dphys.krylov_solve(
+            mv,
             rhs_z,
-            solver,
-            options={
-                "preconditioner": lx.FunctionLinearOperator(precond, structure_in)
-            },
-            throw=False,
+            method="gmres",
+            preconditioner=precond,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+            restart=self.restart,
+            initial_guess="preconditioned",
         )
-        x = from_z(sol.value)
+        x = from_z(x)
         # Mass to round-off: eta from the continuity row with the solved velocities.
         eta = rhs.eta + gamma * model.linear(t, x).eta
-        x = SWState(eta, x.u, x.v)
-        result = dphys.RESULTS.where(
-            sol.result == lx.RESULTS.successful,
-            dphys.RESULTS.successful,
-            dphys.RESULTS.linear_solve_failed,
-        )
-        return x, result, jnp.asarray(sol.stats["num_steps"])
-
-
-class _GMRES(lx.AbstractLinearSolver):
-    """Restarted, left-preconditioned GMRES with a normwise stopping test.
-
-    ``options["preconditioner"]`` (a lineax operator $M \\approx A^{-1}$) is
-    required; the initial guess is $x_0 = M b$. Each cycle runs Arnoldi (classical
-    Gram-Schmidt, twice, for orthogonality to round-off) with Givens rotations until
-    the preconditioned residual estimate is below ``rtol`` times that of $b$, or for
-    ``restart`` steps; a cycle ends with the true residual, which decides
-    convergence: $\\|b - Ax\\|_2 \\le \\mathrm{atol} + \\mathrm{rtol}\\|b\\|_2$.
-    ``stats["num_steps"]`` counts Arnoldi steps (operator applications).
-    """
-
-    rtol: float
-    atol: float
-    restart: int
-    max_cycles: int
-
-    def init(self, operator, options):
-        return lx.linearise(operator)
-
-    def compute(self, state, vector, options):
-        operator = state
-        precond = options["preconditioner"]
-        flat_b, unravel = jax.flatten_util.ravel_pytree(vector)
-        apply_a = lambda x: jax.flatten_util.ravel_pytree(operator.mv(unravel(x)))[0]
-        apply_m = lambda x: jax.flatten_util.ravel_pytree(precond.mv(unravel(x)))[0]
-        x, converged, steps = _gmres(
-            apply_a,
-            apply_m,
-            flat_b,
-            self.rtol,
-            self.atol,
-            self.restart,
-            self.max_cycles,
-        )
-        result = lx.RESULTS.where(
-            converged, lx.RESULTS.successful, lx.RESULTS.max_steps_reached
-        )
-        return unravel(x), result, {"num_steps": steps}
-
-    def transpose(self, state, options):
-        return state.transpose(), {
-            "preconditioner": options["preconditioner"].transpose()
-        }
-
-    def conj(self, state, options):
-        return state, options  # real operators only
-
-    def assume_full_rank(self):
-        return True
-
-
-def _gmres(apply_a, apply_m, b, rtol, atol, restart, max_cycles):
-    """Flat-vector restarted GMRES; returns ``(x, converged, arnoldi_steps)``.
-
-    Modified Gram-Schmidt over the ``k + 1`` vectors built so far only (a loop of
-    dynamic length), so an early-stopping cycle costs what it uses.
-    """
-    dtype = b.dtype
-    n = b.shape[0]
-    hi = jax.lax.Precision.HIGHEST
-    dot = lambda u, v: jnp.dot(u, v, precision=hi)
-    norm = lambda v: jnp.sqrt(dot(v, v))
-    target = atol + rtol * norm(b)
-    x0 = apply_m(b)
-
-    def cycle(x, r):
-        z = apply_m(r)
-        beta = norm(z)
-        # Reduce the preconditioned residual by the factor the true one still needs
-        # (with a margin of 2); every cycle takes at least one step, so a cycle that
-        # starts below this target still makes progress.
-        r_norm = norm(r)
-        inner_target = 0.5 * beta * target / jnp.where(r_norm > 0, r_norm, 1.0)
-        basis = (
-            jnp.zeros((restart + 1, n), dtype)
-            .at[0]
-            .set(z / jnp.where(beta > 0, beta, 1.0))
-        )
-        hess = jnp.zeros((restart + 1, restart), dtype)
-        cs = jnp.zeros(restart, dtype)
-        sn = jnp.zeros(restart, dtype)
-        g = jnp.zeros(restart + 1, dtype).at[0].set(beta)
-
-        def cond(carry):
-            k, _, _, _, _, g = carry
-            return (k < restart) & ((k == 0) | (jnp.abs(g[k]) > inner_target))
-
-        def body(carry):
-            k, basis, hess, cs, sn, g = carry
-            w = apply_m(apply_a(basis[k]))
-
-            def orthogonalise(i, wc):
-                w, col = wc
-                h = dot(basis[i], w)
-                return w - h * basis[i], col.at[i].add(h)
-
-            col = jnp.zeros(restart + 1, dtype)
-            w, col = jax.lax.fori_loop(0, k + 1, orthogonalise, (w, col))
-            hn = norm(w)
-            basis = basis.at[k + 1].set(w / jnp.where(hn > 0, hn, 1.0))
-            col = col.at[k + 1].set(hn)
-
-            def rotate(i, col):
-                a, c = col[i], col[i + 1]
-                return (
-                    col.at[i]
-                    .set(cs[i] * a + sn[i] * c)
-                    .at[i + 1]
-                    .set(-sn[i] * a + cs[i] * c)
-                )
-
-            col = jax.lax.fori_loop(0, k, rotate, col)
-            a, c = col[k], col[k + 1]
-            rr = jnp.hypot(a, c)
-            safe = jnp.where(rr > 0, rr, 1.0)
-            c_k, s_k = jnp.where(rr > 0, a / safe, 1.0), c / safe
-            col = col.at[k].set(rr).at[k + 1].set(0.0)
-            cs, sn = cs.at[k].set(c_k), sn.at[k].set(s_k)
-            g = g.at[k + 1].set(-s_k * g[k]).at[k].set(c_k * g[k])
-            return k + 1, basis, hess.at[:, k].set(col), cs, sn, g
-
-        k, basis, hess, _, _, g = jax.lax.while_loop(
-            cond, body, (jnp.asarray(0), basis, hess, cs, sn, g)
-        )
-        used = jnp.arange(restart) < k
-        tri = jnp.where(
-            used[:, None] & used[None, :], hess[:restart], jnp.eye(restart, dtype=dtype)
-        )
-        y = jax.scipy.linalg.solve_triangular(
-            tri, jnp.where(used, g[:restart], 0.0), lower=False
-        )
-        x = x + dot(y, basis[:restart])
-        return x, b - apply_a(x), k
-
-    def outer_cond(carry):
-        _, r, cycles, _ = carry
-        return (norm(r) > target) & (cycles < max_cycles)
-
-    def outer_body(carry):
-        x, r, cycles, steps = carry
-        x, r, k = cycle(x, r)
-        return x, r, cycles + 1, steps + k
-
-    carry = (x0, b - apply_a(x0), jnp.asarray(0), jnp.asarray(0))
-    x, r, _, steps = jax.lax.while_loop(outer_cond, outer_body, carry)
-    return x, norm(r) <= target, steps
+        return SWState(eta, x.u, x.v), result, steps
 
 
 def _helmholtz_solve(grid: dphys.Grid, rhs, symbol):
