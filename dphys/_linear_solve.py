@@ -28,7 +28,6 @@ from typing import Literal
 
 import equinox as eqx
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import jax.scipy.linalg
 import jax.tree_util as jtu
@@ -170,10 +169,7 @@ class FFT(AbstractLinearSolver):
         # mat: (n, n, *modes); hats: (n, *modes)
         if mat.shape[0] == 1:
             return mat[0] * hats
-        # An elementwise multiply-add over the few fields, not einsum: XLA lowers the
-        # per-mode einsum to a batched dot with layout transposes, 14x slower at
-        # 3 fields on 128x65 modes (CPU, measured) for the same result.
-        return jnp.sum(mat * hats[None], axis=1)
+        return jnp.sum(mat * hats[None], axis=1)  # see _mode_matmul
 
     def _to_modes(self, model, rhs):
         leaves, treedef = jtu.tree_flatten(rhs)
@@ -191,11 +187,7 @@ class FFT(AbstractLinearSolver):
         n = symbol.shape[0]
         if n == 1:
             return 1.0 / (1.0 - gamma * symbol)
-        a = jnp.eye(n, dtype=symbol.dtype).reshape((n, n) + (1,) * (symbol.ndim - 2))
-        a = a - gamma * symbol
-        moved = jnp.moveaxis(jnp.moveaxis(a, 0, -1), 0, -1)  # (*modes, n, n)
-        inv = jnp.linalg.inv(moved)
-        return jnp.moveaxis(jnp.moveaxis(inv, -1, 0), -1, 0)
+        return _mode_inv(_mode_eye(symbol) - gamma * symbol)
 
     def solve(self, model, t, gamma, rhs, structure):
         hats, treedef, axes = self._to_modes(model, rhs)
@@ -227,14 +219,8 @@ class FFT(AbstractLinearSolver):
             g = inv[0, 0] * (1.0 + (1.0 - theta) * dt * structure[0, 0])
             gm = _int_power(g, m)[None, None]
         else:
-            eye = jnp.eye(n, dtype=structure.dtype).reshape(
-                (n, n) + (1,) * (structure.ndim - 2)
-            )
-            explicit = eye + (1.0 - theta) * dt * structure
-            g = jnp.einsum("ab...,bc...->ac...", inv, explicit, precision="highest")
-            moved = jnp.moveaxis(jnp.moveaxis(g, 0, -1), 0, -1)
-            gm = jnp.linalg.matrix_power(moved, m)
-            gm = jnp.moveaxis(jnp.moveaxis(gm, -1, 0), -1, 0)
+            g = _mode_matmul(inv, _mode_eye(structure) + (1.0 - theta) * dt * structure)
+            gm = _mode_power(g, m)
         return gm
 
 
@@ -248,6 +234,57 @@ def _int_power(g, m: int):
         m >>= 1
         if m:
             base = base * base
+    return result
+
+
+# Per-mode n x n matrices are stored as (n, n, *modes) arrays and combined with
+# elementwise arithmetic over the few fields, not with einsum / batched linalg: XLA
+# lowers those to batched dots or LAPACK calls with layout transposes that cost
+# 4-14x more (3x3 on 128x65 modes, CPU, forward and reverse mode), same results.
+def _mode_eye(a):
+    n = a.shape[0]
+    return jnp.eye(n, dtype=a.dtype).reshape((n, n) + (1,) * (a.ndim - 2))
+
+
+def _mode_matmul(a, b):
+    """Per-mode product of ``(n, k, *modes)`` and ``(k, m, *modes)`` arrays."""
+    return jnp.sum(a[:, :, None] * b[None], axis=1)
+
+
+def _mode_inv(a):
+    """Per-mode inverse of ``(n, n, *modes)``: adjugate over determinant for n <= 3."""
+    n = a.shape[0]
+    if n == 2:
+        det = a[0, 0] * a[1, 1] - a[0, 1] * a[1, 0]
+        adj = jnp.stack(
+            [jnp.stack([a[1, 1], -a[0, 1]]), jnp.stack([-a[1, 0], a[0, 0]])]
+        )
+        return adj / det
+    if n == 3:
+        c = [[None] * 3 for _ in range(3)]
+        for i in range(3):
+            for j in range(3):
+                r = [k for k in range(3) if k != i]
+                q = [k for k in range(3) if k != j]
+                minor = a[r[0], q[0]] * a[r[1], q[1]] - a[r[0], q[1]] * a[r[1], q[0]]
+                c[i][j] = minor if (i + j) % 2 == 0 else -minor
+        det = a[0, 0] * c[0][0] + a[0, 1] * c[0][1] + a[0, 2] * c[0][2]
+        adj = jnp.stack([jnp.stack([c[j][i] for j in range(3)]) for i in range(3)])
+        return adj / det
+    moved = jnp.moveaxis(jnp.moveaxis(a, 0, -1), 0, -1)  # (*modes, n, n)
+    return jnp.moveaxis(jnp.moveaxis(jnp.linalg.inv(moved), -1, 0), -1, 0)
+
+
+def _mode_power(g, m: int):
+    """``g**m`` per mode for a static integer ``m >= 0`` by repeated squaring."""
+    result = _mode_eye(g)
+    base = g
+    while m > 0:
+        if m & 1:
+            result = _mode_matmul(result, base)
+        m >>= 1
+        if m:
+            base = _mode_matmul(base, base)
     return result
 
 
@@ -301,61 +338,97 @@ def _initial_guess(kind: str, b, apply_m):
     if kind == "rhs":
         return b
     if kind == "preconditioned":
-        return apply_m(b)
-    return jnp.zeros_like(b)
+        return b if apply_m is None else apply_m(b)
+    return jtu.tree_map(jnp.zeros_like, b)
+
+
+# Vector algebra on pytrees of arrays. The kernels below work on the state's own
+# pytree: flattening it into one vector (ravel_pytree) would copy every field at every
+# product with A and cost about as much as the product itself on a 2D stencil.
+
+
+def _dot(u, v):
+    hi = jax.lax.Precision.HIGHEST
+    leaves = [
+        jnp.vdot(a, b, precision=hi)
+        for a, b in zip(jtu.tree_leaves(u), jtu.tree_leaves(v), strict=True)
+    ]
+    return sum(leaves[1:], leaves[0])
+
+
+def _axpy(alpha, x, y):
+    """``alpha * x + y``."""
+    return jtu.tree_map(lambda a, b: alpha * a + b, x, y)
+
+
+def _scale(alpha, x):
+    return jtu.tree_map(lambda a: alpha * a, x)
+
+
+def _sub(x, y):
+    return jtu.tree_map(jnp.subtract, x, y)
+
+
+def _nonzero(a):
+    return jnp.where(a != 0, a, 1.0)
 
 
 def _cg(apply_a, apply_m, b, x0, rtol, atol, max_steps):
-    """Flat-vector preconditioned CG; returns ``(x, converged, steps)``.
+    """Preconditioned CG on pytrees; returns ``(x, converged, steps)``.
 
-    Convergence is decided on the true residual: when the recursively updated one
-    meets the target, ``b - Ax`` is recomputed and, should rounding have made the two
-    differ, CG restarts from there (so a reported success is a real one).
+    ``apply_m=None`` is no preconditioner. Convergence is decided on the true
+    residual: when the recursively updated one meets the target, ``b - Ax`` is
+    recomputed and, should rounding have made the two differ, CG restarts from there
+    (so a reported success is a real one).
     """
-    hi = jax.lax.Precision.HIGHEST
-    dot = lambda u, v: jnp.dot(u, v, precision=hi)
-    norm = lambda v: jnp.sqrt(dot(v, v))
-    target = atol + rtol * norm(b)
-    nonzero = lambda a: jnp.where(a != 0, a, 1.0)
+    target2 = (atol + rtol * jnp.sqrt(_dot(b, b))) ** 2
 
     def run(x, r, steps):
-        z = apply_m(r)
+        z = r if apply_m is None else apply_m(r)
+        rz = _dot(r, z)
+        rr = rz if apply_m is None else _dot(r, r)
 
         def cond(carry):
-            _, r, _, _, k = carry
-            return (norm(r) > target) & (k < max_steps)
+            *_, rr, k = carry
+            return (rr > target2) & (k < max_steps)
 
         def body(carry):
-            x, r, p, rz, k = carry
+            x, r, p, rz, _, k = carry
             ap = apply_a(p)
-            alpha = rz / nonzero(dot(p, ap))
-            x = x + alpha * p
-            r = r - alpha * ap
-            z = apply_m(r)
-            rz_new = dot(r, z)
-            p = z + (rz_new / nonzero(rz)) * p
-            return x, r, p, rz_new, k + 1
+            alpha = rz / _nonzero(_dot(p, ap))
+            x = _axpy(alpha, p, x)
+            r = _axpy(-alpha, ap, r)
+            z = r if apply_m is None else apply_m(r)
+            rz_new = _dot(r, z)
+            rr = rz_new if apply_m is None else _dot(r, r)
+            p = _axpy(rz_new / _nonzero(rz), p, z)
+            return x, r, p, rz_new, rr, k + 1
 
-        x, _, _, _, steps = jax.lax.while_loop(cond, body, (x, r, z, dot(r, z), steps))
+        x, *_, steps = jax.lax.while_loop(cond, body, (x, r, z, rz, rr, steps))
         return x, steps
+
+    return _verified(run, apply_a, b, x0, target2, max_steps)
+
+
+def _verified(run, apply_a, b, x0, target2, max_steps):
+    """Run ``run(x, r, steps) -> (x, steps)`` until the true residual is small."""
 
     def outer_cond(carry):
         _, r, steps = carry
-        return (norm(r) > target) & (steps < max_steps)
+        return (_dot(r, r) > target2) & (steps < max_steps)
 
     def outer_body(carry):
         x, r, steps = carry
         x, steps = run(x, r, steps)
-        return x, b - apply_a(x), steps
+        return x, _sub(b, apply_a(x)), steps
 
-    x, r, steps = jax.lax.while_loop(
-        outer_cond, outer_body, (x0, b - apply_a(x0), jnp.asarray(0))
-    )
-    return x, norm(r) <= target, steps
+    carry = (x0, _sub(b, apply_a(x0)), jnp.asarray(0))
+    x, r, steps = jax.lax.while_loop(outer_cond, outer_body, carry)
+    return x, _dot(r, r) <= target2, steps
 
 
 def _bicgstab(apply_a, apply_m, b, x0, rtol, atol, max_steps):
-    """Flat-vector right-preconditioned BiCGStab; returns ``(x, converged, steps)``.
+    """Right-preconditioned BiCGStab on pytrees; returns ``(x, converged, steps)``.
 
     van der Vorst's iteration on $AM\\,y = b$, $x = My$, so the recursively updated
     residual is that of the original system. A breakdown ($\\hat r_0\\cdot r$ or
@@ -364,64 +437,53 @@ def _bicgstab(apply_a, apply_m, b, x0, rtol, atol, max_steps):
     with a fresh shadow residual. ``steps`` counts iterations (two products with $A$
     each).
     """
-    hi = jax.lax.Precision.HIGHEST
-    dot = lambda u, v: jnp.dot(u, v, precision=hi)
-    norm = lambda v: jnp.sqrt(dot(v, v))
-    target = atol + rtol * norm(b)
-    nonzero = lambda a: jnp.where(a != 0, a, 1.0)
-    eps = jnp.finfo(b.dtype).eps
+    target2 = (atol + rtol * jnp.sqrt(_dot(b, b))) ** 2
+    dtype = jtu.tree_leaves(b)[0].dtype
+    eps = jnp.finfo(dtype).eps
+    precondition = (lambda v: v) if apply_m is None else apply_m
 
     def run(x, r, steps):
         rhat = r
-        rhat_norm = norm(rhat)
-        zero = jnp.zeros_like(r)
-        one = jnp.ones((), b.dtype)
+        rhat_norm = jnp.sqrt(_dot(rhat, rhat))
+        zero = jtu.tree_map(jnp.zeros_like, r)
+        one = jnp.ones((), dtype)
 
         def cond(carry):
-            _, r, _, _, _, _, _, k, broken = carry
-            return (norm(r) > target) & (k < max_steps) & ~broken
+            *_, rr, k, broken = carry
+            return (rr > target2) & (k < max_steps) & ~broken
 
         def body(carry):
-            x, r, p, v, rho_old, alpha, omega, k, _ = carry
-            rho = dot(rhat, r)
-            beta = (rho / nonzero(rho_old)) * (alpha / nonzero(omega))
-            p = r + beta * (p - omega * v)
-            phat = apply_m(p)
+            x, r, p, v, rho_old, alpha, omega, _, k, _ = carry
+            rho = _dot(rhat, r)
+            beta = (rho / _nonzero(rho_old)) * (alpha / _nonzero(omega))
+            p = _axpy(beta, _axpy(-omega, v, p), r)
+            phat = precondition(p)
             v = apply_a(phat)
-            rv = dot(rhat, v)
-            alpha = rho / nonzero(rv)
-            s = r - alpha * v
-            shat = apply_m(s)
+            rv = _dot(rhat, v)
+            alpha = rho / _nonzero(rv)
+            s = _axpy(-alpha, v, r)
+            shat = precondition(s)
             t = apply_a(shat)
-            omega = dot(t, s) / nonzero(dot(t, t))
-            x = x + alpha * phat + omega * shat
-            r = s - omega * t
+            omega = _dot(t, s) / _nonzero(_dot(t, t))
+            x = _axpy(omega, shat, _axpy(alpha, phat, x))
+            r = _axpy(-omega, t, s)
+            rr = _dot(r, r)
             tiny = eps * rhat_norm
-            broken = (jnp.abs(rho) <= tiny * norm(p)) | (jnp.abs(rv) <= tiny * norm(v))
-            broken = broken | (omega == 0) | ~jnp.isfinite(norm(r))
-            return x, r, p, v, rho, alpha, omega, k + 1, broken
+            broken = (jnp.abs(rho) <= tiny * jnp.sqrt(_dot(p, p))) | (
+                jnp.abs(rv) <= tiny * jnp.sqrt(_dot(v, v))
+            )
+            broken = broken | (omega == 0) | ~jnp.isfinite(rr)
+            return x, r, p, v, rho, alpha, omega, rr, k + 1, broken
 
-        carry = (x, r, zero, zero, one, one, one, steps, jnp.asarray(False))
+        carry = (x, r, zero, zero, one, one, one, _dot(r, r), steps, jnp.asarray(False))
         out = jax.lax.while_loop(cond, body, carry)
-        return out[0], out[7]
+        return out[0], out[8]
 
-    def outer_cond(carry):
-        _, r, steps = carry
-        return (norm(r) > target) & (steps < max_steps)
-
-    def outer_body(carry):
-        x, r, steps = carry
-        x, steps = run(x, r, steps)
-        return x, b - apply_a(x), steps
-
-    x, r, steps = jax.lax.while_loop(
-        outer_cond, outer_body, (x0, b - apply_a(x0), jnp.asarray(0))
-    )
-    return x, norm(r) <= target, steps
+    return _verified(run, apply_a, b, x0, target2, max_steps)
 
 
 def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
-    """Flat-vector restarted, left-preconditioned GMRES; ``(x, converged, steps)``.
+    """Restarted, left-preconditioned GMRES on pytrees; ``(x, converged, steps)``.
 
     Each cycle runs Arnoldi on $MA$ (modified Gram-Schmidt against the ``k + 1``
     vectors built so far only, a loop of dynamic length, so an early-stopping cycle
@@ -429,25 +491,30 @@ def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
     estimate has dropped by the factor the true residual still needs, or for
     ``restart`` steps; the cycle ends with the true residual $b - Ax$, which decides
     convergence. ``steps`` counts Arnoldi steps (products with $A$ inside cycles) and
-    is capped by ``max_steps`` in total.
+    is capped by ``max_steps`` in total. The Krylov basis is stored as one pytree
+    with a leading axis of ``restart + 1``.
     """
-    dtype = b.dtype
-    n = b.shape[0]
+    dtype = jtu.tree_leaves(b)[0].dtype
     hi = jax.lax.Precision.HIGHEST
-    dot = lambda u, v: jnp.dot(u, v, precision=hi)
-    norm = lambda v: jnp.sqrt(dot(v, v))
-    nonzero = lambda a: jnp.where(a > 0, a, 1.0)
-    target = atol + rtol * norm(b)
+    precondition = (lambda v: v) if apply_m is None else apply_m
+    positive = lambda a: jnp.where(a > 0, a, 1.0)
+    target = atol + rtol * jnp.sqrt(_dot(b, b))
 
     def cycle(x, r, steps):
-        z = apply_m(r)
-        beta = norm(z)
+        z = precondition(r)
+        beta = jnp.sqrt(_dot(z, z))
         # Reduce the preconditioned residual by the factor the true one still needs
         # (with a margin of 2); every cycle takes at least one step, so a cycle that
         # starts below this target still makes progress.
-        inner_target = 0.5 * beta * target / nonzero(norm(r))
+        inner_target = 0.5 * beta * target / positive(jnp.sqrt(_dot(r, r)))
         limit = jnp.minimum(restart, max_steps - steps)
-        basis = jnp.zeros((restart + 1, n), dtype).at[0].set(z / nonzero(beta))
+        basis = jtu.tree_map(
+            lambda a: (
+                jnp.zeros((restart + 1,) + a.shape, dtype).at[0].set(a / positive(beta))
+            ),
+            z,
+        )
+        row = lambda basis, i: jtu.tree_map(lambda v: v[i], basis)
         hess = jnp.zeros((restart + 1, restart), dtype)
         cs = jnp.zeros(restart, dtype)
         sn = jnp.zeros(restart, dtype)
@@ -459,17 +526,20 @@ def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
 
         def body(carry):
             k, basis, hess, cs, sn, g = carry
-            w = apply_m(apply_a(basis[k]))
+            w = precondition(apply_a(row(basis, k)))
 
             def orthogonalise(i, wc):
                 w, col = wc
-                h = dot(basis[i], w)
-                return w - h * basis[i], col.at[i].add(h)
+                v = row(basis, i)
+                h = _dot(v, w)
+                return _axpy(-h, v, w), col.at[i].add(h)
 
             col = jnp.zeros(restart + 1, dtype)
             w, col = jax.lax.fori_loop(0, k + 1, orthogonalise, (w, col))
-            hn = norm(w)
-            basis = basis.at[k + 1].set(w / nonzero(hn))
+            hn = jnp.sqrt(_dot(w, w))
+            basis = jtu.tree_map(
+                lambda v, a: v.at[k + 1].set(a / positive(hn)), basis, w
+            )
             col = col.at[k + 1].set(hn)
 
             def rotate(i, col):
@@ -484,7 +554,7 @@ def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
             col = jax.lax.fori_loop(0, k, rotate, col)
             a, c = col[k], col[k + 1]
             rr = jnp.hypot(a, c)
-            c_k, s_k = jnp.where(rr > 0, a / nonzero(rr), 1.0), c / nonzero(rr)
+            c_k, s_k = jnp.where(rr > 0, a / positive(rr), 1.0), c / positive(rr)
             col = col.at[k].set(rr).at[k + 1].set(0.0)
             cs, sn = cs.at[k].set(c_k), sn.at[k].set(s_k)
             g = g.at[k + 1].set(-s_k * g[k]).at[k].set(c_k * g[k])
@@ -502,29 +572,30 @@ def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
         y = jax.scipy.linalg.solve_triangular(
             tri, jnp.where(used, g[:restart], 0.0), lower=False
         )
-        x = x + dot(y, basis[:restart])
-        return x, b - apply_a(x), steps + k
+        update = jtu.tree_map(
+            lambda v: jnp.tensordot(y, v[:restart], axes=1, precision=hi), basis
+        )
+        x = jtu.tree_map(jnp.add, x, update)
+        return x, _sub(b, apply_a(x)), steps + k
 
     def outer_cond(carry):
         _, r, steps = carry
-        return (norm(r) > target) & (steps < max_steps)
+        return (jnp.sqrt(_dot(r, r)) > target) & (steps < max_steps)
 
     def outer_body(carry):
         return cycle(*carry)
 
-    x, r, steps = jax.lax.while_loop(
-        outer_cond, outer_body, (x0, b - apply_a(x0), jnp.asarray(0))
-    )
-    return x, norm(r) <= target, steps
+    carry = (x0, _sub(b, apply_a(x0)), jnp.asarray(0))
+    x, r, steps = jax.lax.while_loop(outer_cond, outer_body, carry)
+    return x, jnp.sqrt(_dot(r, r)) <= target, steps
 
 
-class _FlatKrylov(lx.AbstractLinearSolver):
-    """A ``lineax`` solver running a flat-vector Krylov kernel (CG or GMRES).
+class _PytreeKrylov(lx.AbstractLinearSolver):
+    """A ``lineax`` solver running one of the Krylov kernels above.
 
     ``options["preconditioner"]`` (a lineax operator $M\\approx A^{-1}$) is optional.
     The transposed solve (reverse mode) uses $A^T$ and $M^T$; tangent solves reuse
-    $A$ and $M$. ``stats["num_steps"]`` counts products with $A$ inside the
-    iterations.
+    $A$ and $M$. ``stats["num_steps"]`` counts iterations.
     """
 
     method: str = eqx.field(static=True)
@@ -539,34 +610,29 @@ class _FlatKrylov(lx.AbstractLinearSolver):
 
     def compute(self, state, vector, options):
         operator = state
-        flat_b, unravel = jax.flatten_util.ravel_pytree(vector)
-        apply_a = lambda x: jax.flatten_util.ravel_pytree(operator.mv(unravel(x)))[0]
         precond = options.get("preconditioner")
-        if precond is None:
-            apply_m = lambda x: x
-        else:
-            apply_m = lambda x: jax.flatten_util.ravel_pytree(precond.mv(unravel(x)))[0]
-        x0 = _initial_guess(self.initial_guess, flat_b, apply_m)
-        if self.method in ("cg", "bicgstab"):
-            kernel = _cg if self.method == "cg" else _bicgstab
-            x, converged, steps = kernel(
-                apply_a, apply_m, flat_b, x0, self.rtol, self.atol, self.max_steps
-            )
-        else:
+        apply_m = None if precond is None else precond.mv
+        x0 = _initial_guess(self.initial_guess, vector, apply_m)
+        if self.method == "gmres":
             x, converged, steps = _gmres(
-                apply_a,
+                operator.mv,
                 apply_m,
-                flat_b,
+                vector,
                 x0,
                 self.rtol,
                 self.atol,
                 self.restart,
                 self.max_steps,
             )
+        else:
+            kernel = _cg if self.method == "cg" else _bicgstab
+            x, converged, steps = kernel(
+                operator.mv, apply_m, vector, x0, self.rtol, self.atol, self.max_steps
+            )
         result = lx.RESULTS.where(
             converged, lx.RESULTS.successful, lx.RESULTS.max_steps_reached
         )
-        return unravel(x), result, {"num_steps": steps}
+        return x, result, {"num_steps": steps}
 
     def transpose(self, state, options):
         out = {}
@@ -679,7 +745,7 @@ def krylov_solve(
         options["preconditioner"] = _stop_gradient_arrays(
             lx.FunctionLinearOperator(preconditioner, structure, tags=tags)
         )
-    solver = _FlatKrylov(
+    solver = _PytreeKrylov(
         method=method,
         rtol=rtol,
         atol=float(atol),
