@@ -431,6 +431,35 @@ def test_helmholtz_krylov_matches_fft_on_periodic_constant_depth():
     assert int(b.stats["linear_iterations"]) <= 8 * 10, b.stats
 
 
+@pytest.mark.parametrize(
+    "case", ["walls", "periodic-variable-depth", "beta-plane", "periodic-constant"]
+)
+def test_auto_picks_helmholtz_krylov_off_the_fft_path(case):
+    """ShallowWater.preferred_solver: Auto resolves to HelmholtzKrylov whenever the
+    operator is not periodic and translation invariant (FFT otherwise), and a run
+    with Auto is the run with an explicit HelmholtzKrylov."""
+    if case == "walls":
+        model = ShallowWater(_basin().grid, H0, f0=F0)
+    elif case == "periodic-variable-depth":
+        model = _basin(boundary="periodic")
+    elif case == "beta-plane":
+        model = _basin(beta=2e-11)
+    else:
+        model = ShallowWater(_basin(boundary="periodic").grid, H0, f0=F0)
+    state0 = _bump(model)
+    resolved = dphys.Auto().resolve(model, state0)
+    if case == "periodic-constant":
+        assert isinstance(resolved, dphys.FFT)
+        assert model.preferred_solver(state0) is None
+        return
+    assert isinstance(resolved, HelmholtzKrylov)
+    run = lambda stepper: dphys.simulate(model, stepper, state0, dt=600.0, n_steps=5)
+    auto = run(dphys.CrankNicolson())
+    explicit = run(dphys.CrankNicolson(solver=HelmholtzKrylov()))
+    assert dtest.tree_allclose(auto.final, explicit.final, rtol=0, atol=0)
+    assert int(auto.stats["linear_iterations"]) > 0
+
+
 def test_float32_run_keeps_dtype_and_mass():
     model = _basin(nonlinear=True)
     state0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), _bump(model))
