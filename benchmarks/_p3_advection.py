@@ -7,7 +7,7 @@
   saves: one FFT pair per saved segment).
 * ``dphys-stepwise``: the same, ``fast_forward=False`` (one FFT pair per step).
 * ``dphys-krylov``: the same uniform flow passed as velocity *fields*, so every step
-  is a Jacobi-preconditioned GMRES(10) solve (lineax) and its adjoint a transposed
+  is a GMRES(10) solve (``dphys.krylov_solve``) and its adjoint a transposed
   solve by the implicit function theorem: the like-for-like comparison with the
   BiCGStab peer (a variable velocity has no FFT path).
 * ``jax-bicgstab``: ``jax.scipy.sparse.linalg.bicgstab`` per step on a matrix-free
@@ -152,9 +152,6 @@ def _dphys_fns(p: P3, steps, grad_steps, y, H, *, fast_forward, fields=None):
 
     grid = dphys.Grid(p.shape, lengths=1.0, boundary="periodic")
     if fields:
-        # lineax's GMRES completes a whole restart cycle before it tests convergence,
-        # so a short cycle is much cheaper than the default 40 (BiCGStab, cheaper
-        # still per iteration, breaks down on this skew operator at Courant > 1).
         solver = dphys.Krylov(method=fields, restart=10)
         stepper = dphys.CrankNicolson(solver=solver)
     else:
@@ -186,7 +183,7 @@ def _dphys_fns(p: P3, steps, grad_steps, y, H, *, fast_forward, fields=None):
         return jnp.sum((traj.ys - y) ** 2)
 
     notes = {
-        "solver": f"Krylov({fields}, restart=10, jacobi)" if fields else "Auto -> FFT",
+        "solver": f"Krylov({fields}, restart=10)" if fields else "Auto -> FFT",
         "fast_forward": fast_forward,
         "adjoint": "Checkpointed(levels=2)",
         "stepper": "CrankNicolson",

@@ -228,7 +228,7 @@ def _dphys_fns(p: P4, steps, grad_steps, y, sensors, *, kind):
         "solver": {
             "fft": "Auto -> FFT (3x3 per mode)",
             "stepwise": "Auto -> FFT (3x3 per mode)",
-            "krylov": "HelmholtzKrylov (GMRES(8), FFT Helmholtz preconditioner)",
+            "krylov": "HelmholtzKrylov (GMRES(5), FFT Helmholtz preconditioner)",
             "nonlinear": "Auto -> FFT for the implicit part",
         }[kind],
         "fast_forward": kind == "fft",
