@@ -130,8 +130,9 @@ class Advection(dphys.AbstractModel):
     Otherwise it is non-symmetric and :class:`dphys.Auto` picks
     :class:`dphys.Krylov` (GMRES), except in 1D with non-periodic boundaries where
     :class:`dphys.Tridiagonal` solves the centered and upwind schemes directly.
-    lineax's GMRES completes a whole restart cycle before it tests convergence, so a
-    short cycle (``dphys.Krylov(restart=10)``) is much cheaper than a long one.
+    GMRES (:func:`dphys.krylov_solve`) stops as soon as its residual meets the
+    tolerance; its default restart of 10 was the fastest of 5-40 on 2D advection
+    with velocity fields (``docs/design.md``).
     BiCGStab is cheaper per iteration and fine for upwinding or Courant numbers
     below about one, but can stagnate or break down on the centered scheme at large
     Courant numbers, whose eigenvalues lie far from the real axis.
