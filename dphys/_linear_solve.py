@@ -361,10 +361,6 @@ def _axpy(alpha, x, y):
     return jtu.tree_map(lambda a, b: alpha * a + b, x, y)
 
 
-def _scale(alpha, x):
-    return jtu.tree_map(lambda a: alpha * a, x)
-
-
 def _sub(x, y):
     return jtu.tree_map(jnp.subtract, x, y)
 
@@ -668,7 +664,7 @@ def krylov_solve(
     r"""Solve $A x = b$ matrix-free by preconditioned CG, GMRES or BiCGStab.
 
     The building block of :class:`Krylov` (and of model-specific solvers such as
-    ``pdes.HelmholtzKrylov``). CG and GMRES are ours and stop when
+    ``pdes.HelmholtzKrylov``). Its CG, GMRES and BiCGStab are ours and stop when
 
     $$ \|b - A x\|_2 \le \mathrm{atol} + \mathrm{rtol}\,\|b\|_2 $$
 
