@@ -827,7 +827,8 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
         rtol, atol: stopping tolerances on the energy-scaled residual (2-norm; atol
             in m^{3/2}/s, default 0). The relative test makes tangent and adjoint
             solves as accurate as the forward one whatever their scale. ``rtol`` is
-            raised to ``100 eps`` of the state's dtype (float32: about 1e-5).
+            raised to the rounding level of the state's dtype (float64: 2.2e-15,
+            float32: about 1e-5; see :func:`dphys.krylov_solve`).
         restart: Arnoldi steps per GMRES cycle (memory: ``restart + 1`` vectors).
         max_steps: cap on Arnoldi steps (products with $I-\gamma L$) per solve;
             reaching it is a failed solve.

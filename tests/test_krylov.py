@@ -177,7 +177,7 @@ def test_float32_solve_stays_float32_and_converges():
             lambda v: jnp.asarray(a) @ v, jnp.asarray(b), method=method
         )
         assert x.dtype == jnp.float32
-        # rtol=1e-10 is raised to 100 eps(float32) = 1.2e-5: the solve still succeeds.
+        # rtol=1e-10 is raised to 100 eps(float32) = 1.2e-5: the solve succeeds.
         assert result == dphys.RESULTS.successful
         assert _relerr(x, np.linalg.solve(a.astype(float), b)) < 1e-4
 
@@ -380,3 +380,17 @@ def test_preferred_solver_must_be_a_concrete_solver(bad):
     grid = dphys.Grid((8, 8), boundary="neumann")
     with pytest.raises(TypeError, match=r"`_Prefers.preferred_solver` must return"):
         dphys.Auto().resolve(_Prefers(grid, bad), jnp.ones(grid.shape))
+
+
+def test_tolerance_below_rounding_is_raised_to_the_floor():
+    """rtol=1e-20 cannot be met in float64; it is raised to 10 eps (2.2e-15), which
+    a well-conditioned solve reaches."""
+    a = _nonsymmetric(30, seed=15)
+    b = np.random.default_rng(16).normal(size=30)
+    for method in ("gmres", "bicgstab"):
+        x, result, _ = dphys.krylov_solve(
+            lambda v: jnp.asarray(a) @ v, jnp.asarray(b), method=method, rtol=1e-20
+        )
+        assert result == dphys.RESULTS.successful
+        res = np.linalg.norm(b - a @ np.asarray(x))
+        assert res <= 10 * np.finfo(float).eps * np.linalg.norm(b) * 1.01
