@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _measure
 from ._problems import Problem, kappa_field_p6
 
 
@@ -103,10 +104,6 @@ def stencil_laplacian(problem: Problem):
     return lap
 
 
-def _scan_steps(step, u, n):
-    return lax.scan(lambda v, _: (step(v), None), u, None, length=n)[0]
-
-
 def scan_impl(
     name, problem, make_step, steps, grad_steps, y, *, error_ref="discrete", **kw
 ):
@@ -120,13 +117,13 @@ def scan_impl(
     n_obs = len(y)
 
     def forward(u0, kappa):
-        return _scan_steps(make_step(kappa), u0, steps)
+        return _measure.scan_steps(make_step(kappa), u0, steps)
 
     def cost(u0, kappa):
         step = make_step(kappa)
 
         def segment(u, _):
-            u = _scan_steps(step, u, every)
+            u = _measure.scan_steps(step, u, every)
             return u, H(u)
 
         _, hs = lax.scan(segment, u0, None, length=n_obs)
@@ -283,7 +280,7 @@ def dense_lu_impl(problem, steps, grad_steps, y, *, fit_steps=None):
     )
     if fit_steps is not None:
         impl.fit_steps = fit_steps
-        impl.forward_small = lambda u0, kappa: _scan_steps(
+        impl.forward_small = lambda u0, kappa: _measure.scan_steps(
             make_step(kappa), u0, fit_steps
         )
     return impl

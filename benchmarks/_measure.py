@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -482,3 +483,23 @@ def memory_scaling(
         "mem_kind": "xla_temp_bytes of value_and_grad (compiled, excl. args/outputs)",
         f"mem_{hi}_le_{target:g}x_mem_{lo}": mem[hi] / mem[lo] <= target,
     }
+
+
+def scan_steps(step: Callable, x, n: int):
+    """``n`` applications of ``step`` in one ``lax.scan`` (the peers' time loop)."""
+    return lax.scan(lambda v, _: (step(v), None), x, None, length=n)[0]
+
+
+def device_name() -> str:
+    """``platform:device_kind`` of the default JAX device."""
+    dev = jax.devices()[0]
+    return f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+
+
+def logger(tag: str) -> Callable[[str], None]:
+    """A progress logger to stderr, lines prefixed ``[tag HH:MM:SS]``."""
+
+    def log(msg: str) -> None:
+        print(f"[{tag} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    return log

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any, ClassVar
 
 
@@ -49,6 +48,10 @@ if __package__ in (None, ""):  # `python benchmarks/_p3_advection.py`
 import numpy as np  # noqa: E402
 
 from . import _measure  # noqa: E402
+from ._problems import rel_l2  # noqa: E402
+
+
+_log = _measure.logger("bench P3")
 
 
 GOLDEN = 0.6180339887
@@ -121,20 +124,17 @@ class P3:
         )
 
 
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 # ---------------------------------------------------------------- implementations
-def _cost_from_segments(run_segment, every, y, H):
-    """J = sum_k ||H u(t_k) - y_k||^2 with ``run_segment(u, c, every) -> u``."""
+def _cost_from_segments(step_fn, every, y, H):
+    """J = sum_k ||H u(t_k) - y_k||^2, ``every`` steps of ``step_fn(c)`` apart."""
     import jax.numpy as jnp
     from jax import lax
 
     def cost(u0, c):
+        step = step_fn(c)
+
         def body(u, _):
-            u = run_segment(u, c, every)
+            u = _measure.scan_steps(step, u, every)
             return u, H(u)
 
         _, hs = lax.scan(body, u0, None, length=y.shape[0])
@@ -205,12 +205,6 @@ def _stencil(p: P3):
     return lop
 
 
-def _scan(step, u, n):
-    from jax import lax
-
-    return lax.scan(lambda v, _: (step(v), None), u, None, length=n)[0]
-
-
 def _bicgstab_fns(p: P3, steps, grad_steps, y, H, tol=1e-10):
     from jax.scipy.sparse.linalg import bicgstab
 
@@ -227,9 +221,9 @@ def _bicgstab_fns(p: P3, steps, grad_steps, y, H, tol=1e-10):
 
         return step
 
-    forward = lambda u0, c: _scan(step_fn(c), u0, steps)
+    forward = lambda u0, c: _measure.scan_steps(step_fn(c), u0, steps)
     every = max(1, grad_steps // N_OBS)
-    cost = _cost_from_segments(lambda u, c, m: _scan(step_fn(c), u, m), every, y, H)
+    cost = _cost_from_segments(step_fn, every, y, H)
     notes = {"tol": tol, "x0": "previous state", "grad": "jax.grad through lax.scan"}
     return forward, cost, notes
 
@@ -248,9 +242,9 @@ def _exponax_fns(p: P3, steps, grad_steps, y, H):
         )
         return lambda u: stepper(u[None])[0]
 
-    forward = lambda u0, c: _scan(step_fn(c), u0, steps)
+    forward = lambda u0, c: _measure.scan_steps(step_fn(c), u0, steps)
     every = max(1, grad_steps // N_OBS)
-    cost = _cost_from_segments(lambda u, c, m: _scan(step_fn(c), u, m), every, y, H)
+    cost = _cost_from_segments(step_fn, every, y, H)
     notes = {"scheme": "ETDRK0: exact exponential of the spectral derivative"}
     return forward, cost, notes
 
@@ -312,17 +306,6 @@ def _diffrax_fns(p: P3, steps):
 
 
 # --------------------------------------------------------------------------- driver
-def _log(msg: str) -> None:
-    print(f"[bench P3 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _device() -> str:
-    import jax
-
-    dev = jax.devices()[0]
-    return f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
-
-
 def run_p3(
     quick: bool,
     *,
@@ -396,7 +379,7 @@ def run_p3(
         "n": n,
         "steps": full,
         "dtype": "float64",
-        "device": _device(),
+        "device": _measure.device_name(),
     }
     specs, rows, limits = _measure.measure_specs(
         specs,

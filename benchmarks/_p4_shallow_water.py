@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from typing import Any
 
 
@@ -58,6 +57,10 @@ if __package__ in (None, ""):  # `python benchmarks/_p4_shallow_water.py`
 import numpy as np  # noqa: E402
 
 from . import _measure  # noqa: E402
+from ._problems import rel_l2  # noqa: E402
+
+
+_log = _measure.logger("bench P4")
 
 
 N_OBS = 10
@@ -159,12 +162,24 @@ class P4:
         return float(math.sqrt(num / den))
 
 
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 # ---------------------------------------------------------------- implementations
+def _model(p: P4, g, nonlinear: bool):
+    """P4's ``pdes.ShallowWater`` (vector-invariant momentum, centred flux)."""
+    import dphys
+    import pdes
+
+    grid = dphys.Grid(p.shape, lengths=p.length, boundary="periodic")
+    return pdes.ShallowWater(
+        grid,
+        p.depth,
+        g=g,
+        f0=p.f,
+        nonlinear=nonlinear,
+        momentum="vector_invariant",
+        continuity="centered",
+    )
+
+
 def _dphys_fns(p: P4, steps, grad_steps, y, sensors, *, kind):
     """dphys on P4; ``kind`` in fft, stepwise, krylov, nonlinear."""
     import jax.numpy as jnp
@@ -172,7 +187,6 @@ def _dphys_fns(p: P4, steps, grad_steps, y, sensors, *, kind):
     import dphys
     import pdes
 
-    grid = dphys.Grid(p.shape, lengths=p.length, boundary="periodic")
     nonlinear = kind == "nonlinear"
     fast_forward = None if kind == "fft" else False
     if kind == "krylov":
@@ -184,15 +198,7 @@ def _dphys_fns(p: P4, steps, grad_steps, y, sensors, *, kind):
     every = max(1, grad_steps // N_OBS)
 
     def model(g):
-        return pdes.ShallowWater(
-            grid,
-            p.depth,
-            g=g,
-            f0=p.f,
-            nonlinear=nonlinear,
-            momentum="vector_invariant",
-            continuity="centered",
-        )
+        return _model(p, g, nonlinear)
 
     def state(eta0):
         zeros = jnp.zeros_like(eta0)
@@ -261,12 +267,6 @@ def _stencil(p: P4):
     return lop
 
 
-def _scan(step, x, n):
-    from jax import lax
-
-    return lax.scan(lambda s, _: (step(s), None), x, None, length=n)[0]
-
-
 def _gmres_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
     import jax.numpy as jnp
     from jax.scipy.sparse.linalg import gmres
@@ -289,14 +289,14 @@ def _gmres_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
         zeros = jnp.zeros_like(eta0)
         return (eta0, zeros, zeros)
 
-    forward = lambda eta0, g: _scan(step_fn(g), start(eta0), steps)
+    forward = lambda eta0, g: _measure.scan_steps(step_fn(g), start(eta0), steps)
     every = max(1, grad_steps // N_OBS)
 
     def cost(eta0, g):
         from jax import lax
 
         def body(x, _):
-            x = _scan(step_fn(g), x, every)
+            x = _measure.scan_steps(step_fn(g), x, every)
             return x, x[0][sensors]
 
         _, hs = lax.scan(body, start(eta0), None, length=N_OBS)
@@ -324,22 +324,12 @@ def _gmres_nonlinear_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
     import jax.numpy as jnp
     from jax.scipy.sparse.linalg import gmres
 
-    import dphys
     import pdes
 
-    grid = dphys.Grid(p.shape, lengths=p.length, boundary="periodic")
     dt, half = p.dt, 0.5 * p.dt
 
     def step_fn(g):
-        model = pdes.ShallowWater(
-            grid,
-            p.depth,
-            g=g,
-            f0=p.f,
-            nonlinear=True,
-            momentum="vector_invariant",
-            continuity="centered",
-        )
+        model = _model(p, g, nonlinear=True)
 
         def matvec(x):
             return jax.tree.map(lambda a, b: a - half * b, x, model.linear(0.0, x))
@@ -366,7 +356,7 @@ def _gmres_nonlinear_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
 
     def forward(eta0, g):
         step, start = step_fn(g)
-        x, _ = _scan(step, start(eta0), steps)
+        x, _ = _measure.scan_steps(step, start(eta0), steps)
         return x.eta, x.u, x.v
 
     every = max(1, grad_steps // N_OBS)
@@ -377,7 +367,7 @@ def _gmres_nonlinear_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
         step, start = step_fn(g)
 
         def body(carry, _):
-            carry = _scan(step, carry, every)
+            carry = _measure.scan_steps(step, carry, every)
             return carry, carry[0].eta[sensors]
 
         _, hs = lax.scan(body, start(eta0), None, length=N_OBS)
@@ -391,17 +381,6 @@ def _gmres_nonlinear_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
         "grad": "jax.grad through lax.scan (custom_linear_solve: transposed GMRES)",
     }
     return forward, cost, notes
-
-
-def _log(msg: str) -> None:
-    print(f"[bench P4 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _device() -> str:
-    import jax
-
-    dev = jax.devices()[0]
-    return f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
 
 
 def run_p4(
@@ -479,7 +458,7 @@ def run_p4(
         "n": n,
         "steps": full,
         "dtype": "float64",
-        "device": _device(),
+        "device": _measure.device_name(),
     }
     specs, rows, limits = _measure.measure_specs(
         specs,

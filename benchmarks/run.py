@@ -85,16 +85,14 @@ def emit(obj: dict[str, Any], out=None) -> None:
     print(json.dumps(_measure.clean(obj)), file=out, flush=True)
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = _measure.logger("bench")
 
 
 def device_info() -> dict[str, Any]:
     import jax
 
-    dev = jax.devices()[0]
     return {
-        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+        "device": _measure.device_name(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "machine": platform.machine(),
