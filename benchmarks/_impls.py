@@ -297,7 +297,12 @@ def exponax_impl(problem, steps, grad_steps, y):
             None,
             skip="exponax has no variable-coefficient diffusion stepper",
         )
-    import exponax
+    try:
+        import exponax
+    except ImportError as err:
+        return Impl(
+            "exponax", problem, steps, None, skip=f"{err}; pip install -e '.[bench]'"
+        )
 
     def make_step(kappa):
         stepper = exponax.stepper.Diffusion(

@@ -127,3 +127,17 @@ def test_p3_p4_tiny_rows_and_summary(problem, impls):
         "grad_2x_fastest_peer",
         "grad_ratio_le_3",
     }
+
+
+@pytest.mark.parametrize("problem", ["P1", "P3"])
+def test_missing_peer_is_a_skipped_row(problem, monkeypatch):
+    # A peer that is not installed (exponax is only in the `bench` extra) must give
+    # a row that says how to install it, never end the run.
+    monkeypatch.setitem(__import__("sys").modules, "exponax", None)
+    out = io.StringIO()
+    cfg = run.Config(size="tiny", repeats=1, slow_s=5.0, only=("dphys", "exponax"))
+    run.run([problem], cfg, out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    rows = {r["impl"]: r for r in lines if r.get("problem") == problem}
+    assert "pip install" in rows["exponax"]["skipped"]
+    assert rows["dphys"]["forward_s"] > 0
