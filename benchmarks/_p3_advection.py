@@ -375,7 +375,8 @@ def run_p3(
             specs.append(Spec("exponax", full, full, f, c, nt, error_ref="pde"))
         except ImportError as err:
             # A peer that is not installed is a row saying so, not a failed run.
-            missing.append({"impl": "exponax", "skipped": f"{err}; pip install -e '.[bench]'"})
+            why = f"{err}; pip install -e '.[bench]'"
+            missing.append({"impl": "exponax", "skipped": why})
     f, nt = _diffrax_fns(p, diffrax_steps)
     specs.append(Spec("diffrax", diffrax_steps, None, f, None, nt))
 
