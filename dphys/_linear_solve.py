@@ -218,9 +218,13 @@ class FFT(AbstractLinearSolver):
         if n == 1:
             g = inv[0, 0] * (1.0 + (1.0 - theta) * dt * structure[0, 0])
             gm = _int_power(g, m)[None, None]
+        elif theta > 0:
+            # (I - θΔt S)^{-1}(I + (1-θ)Δt S) = [(I - θΔt S)^{-1} - (1-θ) I] / θ since
+            # (1-θ)Δt S = (1-θ)/θ [I - (I - θΔt S)]: no per-mode product needed.
+            eye = _mode_eye(structure)
+            gm = _mode_power((inv - (1.0 - theta) * eye) / theta, m)
         else:
-            g = _mode_matmul(inv, _mode_eye(structure) + (1.0 - theta) * dt * structure)
-            gm = _mode_power(g, m)
+            gm = _mode_power(_mode_eye(structure) + dt * structure, m)
         return gm
 
 
@@ -251,8 +255,14 @@ def _mode_matmul(a, b):
     return jnp.sum(a[:, :, None] * b[None], axis=1)
 
 
+@jax.custom_jvp
 def _mode_inv(a):
-    """Per-mode inverse of ``(n, n, *modes)``: adjugate over determinant for n <= 3."""
+    r"""Per-mode inverse of ``(n, n, *modes)``: adjugate over determinant for n <= 3.
+
+    Differentiated by $d(A^{-1}) = -A^{-1}\,dA\,A^{-1}$ (two per-mode products and,
+    transposed, two more) rather than through the adjugate's many small products,
+    which made the reverse pass of a 3x3 propagator 4x slower.
+    """
     n = a.shape[0]
     if n == 2:
         det = a[0, 0] * a[1, 1] - a[0, 1] * a[1, 0]
@@ -273,6 +283,13 @@ def _mode_inv(a):
         return adj / det
     moved = jnp.moveaxis(jnp.moveaxis(a, 0, -1), 0, -1)  # (*modes, n, n)
     return jnp.moveaxis(jnp.moveaxis(jnp.linalg.inv(moved), -1, 0), -1, 0)
+
+
+@_mode_inv.defjvp
+def _mode_inv_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    x = _mode_inv(a)
+    return x, -_mode_matmul(x, _mode_matmul(da, x))
 
 
 def _mode_power(g, m: int):
