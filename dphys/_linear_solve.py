@@ -144,6 +144,27 @@ class AbstractLinearSolver(eqx.Module):
     def check(self, model: AbstractModel, like) -> None:
         """Raise ``ValueError`` if this solver cannot handle ``model``."""
 
+    def factor(self, structure, gamma):
+        r"""``structure`` made ready for repeated solves with this ``gamma``.
+
+        Steppers whose $\gamma$ is fixed for a run (θ-method, IMEX) call this once
+        in ``init``, so work that depends only on $L$ and $\gamma$ (e.g. the FFT
+        solver's per-mode inverse) is done, and differentiated, once per run instead
+        of once per step. The result may only be used with the same ``gamma``.
+        Default: ``structure`` unchanged.
+        """
+        return structure
+
+
+class FactoredSymbol(eqx.Module):
+    r"""A Fourier symbol with its per-mode inverse for one $\gamma$ (see
+    :meth:`FFT.factor`): ``symbol`` $S_k$ and ``inverse`` $(I-\gamma S_k)^{-1}$, both
+    ``(n, n, *modes)``."""
+
+    symbol: jax.Array
+    gamma: jax.Array
+    inverse: jax.Array
+
 
 class FFT(AbstractLinearSolver):
     r"""Exact solve by FFT diagonalisation (periodic, constant coefficients).
@@ -164,6 +185,13 @@ class FFT(AbstractLinearSolver):
 
     def init(self, model, t, like):
         return probe_symbol(model, t, like)
+
+    def factor(self, structure, gamma):
+        r"""The symbol with its per-mode inverse $(I - \gamma S_k)^{-1}$."""
+        if isinstance(structure, FactoredSymbol):
+            structure = structure.symbol
+        gamma = jnp.asarray(gamma)
+        return FactoredSymbol(structure, gamma, self.inverse_symbol(structure, gamma))
 
     def _apply_modes(self, mat, hats):
         # mat: (n, n, *modes); hats: (n, *modes)
@@ -191,7 +219,11 @@ class FFT(AbstractLinearSolver):
 
     def solve(self, model, t, gamma, rhs, structure):
         hats, treedef, axes = self._to_modes(model, rhs)
-        out = self._apply_modes(self.inverse_symbol(structure, gamma), hats)
+        if isinstance(structure, FactoredSymbol):
+            inv = structure.inverse  # factored for this gamma by the stepper's init
+        else:
+            inv = self.inverse_symbol(structure, gamma)
+        out = self._apply_modes(inv, hats)
         x = self._from_modes(model, out, treedef, axes, jtu.tree_leaves(rhs))
         return x, RESULTS.successful, jnp.asarray(0)
 
@@ -213,7 +245,11 @@ class FFT(AbstractLinearSolver):
 
     def propagator(self, dt, theta, m: int, structure):
         """$G_k^m$ per mode, shape ``(n, n, *modes)``."""
-        inv = self.inverse_symbol(structure, theta * dt)
+        if isinstance(structure, FactoredSymbol):
+            # Factored by the θ-stepper's init for gamma = θ dt, this same dt.
+            inv, structure = structure.inverse, structure.symbol
+        else:
+            inv = self.inverse_symbol(structure, theta * dt)
         n = structure.shape[0]
         if n == 1:
             g = inv[0, 0] * (1.0 + (1.0 - theta) * dt * structure[0, 0])

@@ -284,6 +284,9 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
     observe = saveat.fn if saveat.fn is not None else (lambda t, y: y)
 
     sstate = stepper.init(model, t0, dt, state0)
+    # Only the varying part of the stepper state rides in the loop carry (see
+    # AbstractStepper.split_state); the constant part is closed over.
+    ss_const, ss_var = stepper.split_state(sstate)
     int_dtype = jnp.asarray(0).dtype
 
     def record(carry, step_index, res, ok, iters):
@@ -312,10 +315,12 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
         state, ss, result, failed_at, total_iters = carry
         t = t0 + k * dt
         if prop1 is not None:
-            new = stepper.propagate(model, t, dt, state, ss, 1, propagator=prop1)
+            new = stepper.propagate(model, t, dt, state, sstate, 1, propagator=prop1)
             res, iters = RESULTS.successful, jnp.asarray(0)
         else:
-            new, ss, res, iters = stepper.step(model, t, dt, state, ss)
+            full = stepper.join_state(ss_const, ss)
+            new, full, res, iters = stepper.step(model, t, dt, state, full)
+            ss = stepper.split_state(full)[1]
         new, valid = model.validate(new)
         ok = (_all_finite(new), valid)
         result, failed_at, total_iters = record(carry, k + 1, res, ok, iters)
@@ -326,7 +331,7 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
         if fast_forward:
             state, ss, result, failed_at, total_iters = carry
             t = t0 + k * dt
-            new = stepper.propagate(model, t, dt, state, ss, seg, propagator=prop)
+            new = stepper.propagate(model, t, dt, state, sstate, seg, propagator=prop)
             new, valid = model.validate(new)
             ok = (_all_finite(new), valid)
             result, failed_at, total_iters = record(
@@ -339,7 +344,7 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
         return carry_k, observe(t0 + k * dt, carry[0])
 
     init = (
-        (state0, sstate, RESULTS.successful, jnp.asarray(-1), jnp.asarray(0)),
+        (state0, ss_var, RESULTS.successful, jnp.asarray(-1), jnp.asarray(0)),
         jnp.asarray(0),
     )
     # The segment propagator (G^seg per mode) is loop-invariant: built here, its

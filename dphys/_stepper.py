@@ -95,7 +95,10 @@ class AbstractStepper(eqx.Module):
 
     Subclasses implement ``init(model, t0, dt, state0) -> stepper_state`` and
     ``step(model, t, dt, state, stepper_state) -> (state, stepper_state, result,
-    iterations)``; ``order`` gives the formal order in time.
+    iterations)``; ``order`` gives the formal order in time. A stepper state from
+    ``init`` belongs to that ``dt``: steppers may precompute solver work for it (see
+    :meth:`dphys.AbstractLinearSolver.factor`), so ``step`` must be called with the
+    same ``dt`` (as :func:`dphys.simulate` does).
     """
 
     @abc.abstractmethod
@@ -110,6 +113,22 @@ class AbstractStepper(eqx.Module):
 
     def check(self, model: AbstractModel, state0) -> None:
         """Static compatibility check; raise ``ValueError`` with a fix if it fails."""
+
+    def split_state(self, stepper_state):
+        """``(constant, varying)`` parts of a stepper state; see :meth:`join_state`.
+
+        The constant part (e.g. a factored operator) is returned unchanged by every
+        ``step``, so :func:`dphys.simulate` closes over it instead of carrying it
+        through the time loop: reverse mode then neither stores it per step nor
+        carries its cotangent through every step (for the FFT solver's per-mode 3x3
+        inverse that traffic cost more than the step itself). Default: nothing
+        constant.
+        """
+        return None, stepper_state
+
+    def join_state(self, constant, varying):
+        """Inverse of :meth:`split_state`."""
+        return varying
 
     def can_propagate(self, model: AbstractModel, state0) -> bool:
         """True if :meth:`propagate` can apply many steps at once, exactly."""
@@ -149,9 +168,16 @@ class _AbstractLinearImplicit(AbstractStepper):
             return stored
         return self._solver(model, like).init(model, t, like)
 
-    def _init_structure(self, model, t0, state0):
+    def _init_structure(self, model, t0, state0, gamma=None):
+        # With gamma (constant through the run) the solver may factor now: the FFT
+        # solver's per-mode inverse is then built and differentiated once per run
+        # (reverse mode otherwise rebuilds and transposes it at every step).
         if model.autonomous:
-            return self._solver(model, state0).init(model, t0, state0)
+            solver = self._solver(model, state0)
+            structure = solver.init(model, t0, state0)
+            if gamma is not None:
+                structure = solver.factor(structure, gamma)
+            return structure
         return None
 
 
@@ -169,7 +195,13 @@ class _AbstractTheta(_AbstractLinearImplicit):
         return 2 if self.theta == 0.5 else 1
 
     def init(self, model, t0, dt, state0):
-        return self._init_structure(model, t0, state0)
+        return self._init_structure(model, t0, state0, self.theta * dt)
+
+    def split_state(self, stepper_state):
+        return stepper_state, None
+
+    def join_state(self, constant, varying):
+        return constant
 
     def step(self, model, t, dt, state, stepper_state):
         if self.can_propagate(model, state):
@@ -288,7 +320,13 @@ class IMEX(_AbstractLinearImplicit):
 
     def init(self, model, t0, dt, state0):
         n0 = model.explicit(t0, state0)
-        return (self._init_structure(model, t0, state0), n0)
+        return (self._init_structure(model, t0, state0, 0.5 * dt), n0)
+
+    def split_state(self, stepper_state):
+        return stepper_state[0], stepper_state[1:]
+
+    def join_state(self, constant, varying):
+        return (constant, *varying)
 
     def step(self, model, t, dt, state, stepper_state):
         stored, n_prev = stepper_state
@@ -325,6 +363,12 @@ class BDF2(_AbstractLinearImplicit):
     def init(self, model, t0, dt, state0):
         n0 = model.explicit(t0, state0)
         return (self._init_structure(model, t0, state0), state0, n0, jnp.asarray(True))
+
+    def split_state(self, stepper_state):
+        return stepper_state[0], stepper_state[1:]
+
+    def join_state(self, constant, varying):
+        return (constant, *varying)
 
     def step(self, model, t, dt, state, stepper_state):
         stored, prev, n_prev, first = stepper_state

@@ -332,3 +332,38 @@ def test_fast_forward_equals_stepping_and_is_used():
     # BDF2 and IMEX (multistep, explicit part) cannot propagate.
     assert not dphys.BDF2().can_propagate(model, u0)
     assert not dphys.CrankNicolson().can_propagate(MODELS["linear-reaction"], U0)
+
+
+@pytest.mark.parametrize(
+    "stepper,theta",
+    [(dphys.CrankNicolson(), 0.5), (dphys.Theta(0.7), 0.7), (dphys.IMEX(), 0.5)],
+    ids=["cn", "theta0.7", "imex"],
+)
+def test_fft_structure_factored_once_per_run(stepper, theta):
+    # Steppers with a fixed gamma = theta dt factor the FFT symbol in init (the
+    # per-mode inverse is then built and differentiated once per run); a step from
+    # the factored state equals one from the raw symbol, and the factored part is
+    # the constant part that simulate closes over.
+    from dphys._linear_solve import FactoredSymbol
+
+    model, dt = MODELS["linear-reaction"], 0.01
+    ss = stepper.init(model, 0.0, dt, U0)
+    const, var = stepper.split_state(ss)
+    assert isinstance(const, FactoredSymbol)
+    symbol = dphys.probe_symbol(model, 0.0, U0)
+    np.testing.assert_allclose(const.symbol, symbol)
+    np.testing.assert_allclose(const.inverse, 1.0 / (1.0 - theta * dt * symbol))
+    joined = stepper.join_state(const, var)
+    assert jax.tree.structure(joined) == jax.tree.structure(ss)
+    raw = stepper.join_state(symbol, var)
+    a = stepper.step(model, 0.0, dt, U0, ss)[0]
+    b = stepper.step(model, 0.0, dt, U0, raw)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
+
+
+def test_bdf2_keeps_the_raw_symbol_as_its_constant_part():
+    # BDF2's gamma changes after the first step, so it must not factor.
+    model = MODELS["linear-reaction"]
+    const, var = dphys.BDF2().split_state(dphys.BDF2().init(model, 0.0, 0.01, U0))
+    np.testing.assert_allclose(const, dphys.probe_symbol(model, 0.0, U0))
+    assert len(var) == 3
