@@ -36,6 +36,7 @@ from ._linear_solve import (
     FFT,
     AbstractLinearSolver,
     Auto,
+    FactoredSymbol,
     _PytreeKrylov,
     resolve_solver,
 )
@@ -64,6 +65,12 @@ def _scale(a, x):
 
 def _select(pred, a, b):
     return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+# _cayley: with a constant L and A = I - θΔt L,  u + (1-θ)Δt L u = u/θ - (1-θ)/θ A u,
+# so  A^{-1}(u + (1-θ)Δt L u + E) = A^{-1}(u/θ + E) - (1-θ)/θ u  (θ > 0). With a
+# factored (FFT) solve this skips the stencil pass for L u in the step and in its
+# transpose; it is used only then (autonomous models, constant γ = θΔt).
 
 
 def _check_theta(theta: float, allow_unstable: bool, owner: str) -> None:
@@ -213,17 +220,22 @@ class _AbstractTheta(_AbstractLinearImplicit):
             return new, stepper_state, RESULTS.successful, jnp.asarray(0)
         theta = self.theta
         t1 = t + dt
-        rhs = state
-        if theta != 1.0:
+        structure = self._structure(model, t1, state, stepper_state)
+        # Without the explicit half (1-θ)Δt L u when the solve is factored (see
+        # _cayley); it is 0 for backward Euler.
+        cayley = theta != 1.0 and isinstance(structure, FactoredSymbol)
+        rhs = jtu.tree_map(lambda u: u / theta, state) if cayley else state
+        if theta != 1.0 and not cayley:
             rhs = _axpy((1.0 - theta) * dt, model.linear(t, state), rhs)
         rhs = _axpy(dt, model.explicit(t, state), rhs)
         f0, f1 = model.forcing(t), model.forcing(t1)
         rhs = _axpy(theta * dt, f1, rhs)
         if theta != 1.0:
             rhs = _axpy((1.0 - theta) * dt, f0, rhs)
-        structure = self._structure(model, t1, state, stepper_state)
         solver = self._solver(model, state)
         new, result, iters = solver.solve(model, t1, theta * dt, rhs, structure)
+        if cayley:
+            new = _axpy(-(1.0 - theta) / theta, state, new)
         return new, stepper_state, result, iters
 
     def can_propagate(self, model, state0):
@@ -331,16 +343,22 @@ class IMEX(_AbstractLinearImplicit):
     def step(self, model, t, dt, state, stepper_state):
         stored, n_prev = stepper_state
         t1 = t + dt
-        rhs = _axpy(0.5 * dt, model.linear(t, state), state)
+        structure = self._structure(model, t1, state, stored)
+        cayley = isinstance(structure, FactoredSymbol)  # see _cayley
+        if cayley:
+            rhs = jtu.tree_map(lambda u: 2.0 * u, state)
+        else:
+            rhs = _axpy(0.5 * dt, model.linear(t, state), state)
         n_now = model.explicit(t, state)
         if n_now is not None:
             rhs = _axpy(1.5 * dt, n_now, rhs)
             rhs = _axpy(-0.5 * dt, n_prev, rhs)
         rhs = _axpy(0.5 * dt, _add(model.forcing(t), model.forcing(t1)), rhs)
-        structure = self._structure(model, t1, state, stored)
         new, result, iters = self._solver(model, state).solve(
             model, t1, 0.5 * dt, rhs, structure
         )
+        if cayley:
+            new = _axpy(-1.0, state, new)
         return new, (stored, n_now), result, iters
 
 
