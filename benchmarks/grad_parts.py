@@ -30,9 +30,7 @@ if __package__ in (None, ""):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--kinds", nargs="+", default=["fft", "stepwise", "nonlinear"]
-    )
+    parser.add_argument("--kinds", nargs="+", default=["fft", "stepwise", "nonlinear"])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
