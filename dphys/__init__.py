@@ -18,6 +18,7 @@ from ._linear_solve import (
     FFT as FFT,
     AbstractLinearSolver as AbstractLinearSolver,
     Auto as Auto,
+    FactoredSymbol as FactoredSymbol,
     Krylov as Krylov,
     Tridiagonal as Tridiagonal,
     krylov_solve as krylov_solve,

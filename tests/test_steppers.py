@@ -344,12 +344,10 @@ def test_fft_structure_factored_once_per_run(stepper, theta):
     # per-mode inverse is then built and differentiated once per run); a step from
     # the factored state equals one from the raw symbol, and the factored part is
     # the constant part that simulate closes over.
-    from dphys._linear_solve import FactoredSymbol
-
     model, dt = MODELS["linear-reaction"], 0.01
     ss = stepper.init(model, 0.0, dt, U0)
     const, var = stepper.split_state(ss)
-    assert isinstance(const, FactoredSymbol)
+    assert isinstance(const, dphys.FactoredSymbol)
     symbol = dphys.probe_symbol(model, 0.0, U0)
     np.testing.assert_allclose(const.symbol, symbol)
     np.testing.assert_allclose(const.inverse, 1.0 / (1.0 - theta * dt * symbol))
