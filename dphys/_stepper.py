@@ -222,8 +222,9 @@ class _AbstractTheta(_AbstractLinearImplicit):
         t1 = t + dt
         structure = self._structure(model, t1, state, stepper_state)
         # Without the explicit half (1-θ)Δt L u when the solve is factored (see
-        # _cayley); it is 0 for backward Euler.
-        cayley = theta != 1.0 and isinstance(structure, FactoredSymbol)
+        # _cayley); it is 0 for backward Euler, and θ = 0 (nothing to solve, no
+        # division by θ) keeps the textbook form.
+        cayley = 0.0 < theta < 1.0 and isinstance(structure, FactoredSymbol)
         rhs = jtu.tree_map(lambda u: u / theta, state) if cayley else state
         if theta != 1.0 and not cayley:
             rhs = _axpy((1.0 - theta) * dt, model.linear(t, state), rhs)

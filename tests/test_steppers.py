@@ -381,8 +381,10 @@ class _ForcedReaction(Reaction):
         lambda s: dphys.CrankNicolson(solver=s),
         lambda s: dphys.Theta(0.7, solver=s),
         lambda s: dphys.IMEX(solver=s),
+        lambda s: dphys.Theta(0.0, solver=s, allow_unstable=True),
+        lambda s: dphys.BackwardEuler(solver=s),
     ],
-    ids=["cn", "theta0.7", "imex"],
+    ids=["cn", "theta0.7", "imex", "explicit", "be"],
 )
 def test_factored_fft_step_equals_krylov_step_with_forcing_and_explicit_part(make):
     # With a factored FFT solve the θ/IMEX steps skip the explicit half (1-θ)Δt L u
