@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from . import _measure
 from ._problems import Problem, kappa_field_p6
@@ -114,20 +113,12 @@ def scan_impl(
     """
     H = sensor_fn(problem)
     every = problem.obs_every(grad_steps)
-    n_obs = len(y)
 
     def forward(u0, kappa):
         return _measure.scan_steps(make_step(kappa), u0, steps)
 
     def cost(u0, kappa):
-        step = make_step(kappa)
-
-        def segment(u, _):
-            u = _measure.scan_steps(step, u, every)
-            return u, H(u)
-
-        _, hs = lax.scan(segment, u0, None, length=n_obs)
-        return jnp.sum((hs - y) ** 2)
+        return _measure.segment_misfit(make_step(kappa), u0, every, H, y)
 
     return Impl(
         name,
@@ -165,7 +156,6 @@ def dphys_impl(
     adjoint = dphys.Checkpointed() if adjoint is None else adjoint
     H = sensor_fn(problem)
     every = problem.obs_every(grad_steps)
-    n_obs = len(y)
 
     def forward(u0, kappa):
         traj = dphys.simulate(
@@ -185,7 +175,7 @@ def dphys_impl(
             stepper,
             u0,
             dt=problem.dt,
-            n_steps=every * n_obs,
+            n_steps=every * len(y),
             saveat=dphys.SaveAt(t1=False, every=every, fn=lambda t, u: H(u)),
             fast_forward=fast_forward,
             adjoint=adjoint,

@@ -490,6 +490,18 @@ def scan_steps(step: Callable, x, n: int):
     return lax.scan(lambda v, _: (step(v), None), x, None, length=n)[0]
 
 
+def segment_misfit(step: Callable, x0, every: int, observe: Callable, y):
+    """$\sum_k \|\mathrm{observe}(x_k) - y_k\|^2$ with $x_k$ ``every`` steps after
+    $x_{k-1}$, one observation per row of ``y`` (the peers' P5-style cost)."""
+
+    def segment(x, _):
+        x = scan_steps(step, x, every)
+        return x, observe(x)
+
+    _, hs = lax.scan(segment, x0, None, length=y.shape[0])
+    return jnp.sum((hs - y) ** 2)
+
+
 def device_name() -> str:
     """``platform:device_kind`` of the default JAX device."""
     dev = jax.devices()[0]

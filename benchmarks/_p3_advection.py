@@ -127,18 +127,9 @@ class P3:
 # ---------------------------------------------------------------- implementations
 def _cost_from_segments(step_fn, every, y, H):
     """J = sum_k ||H u(t_k) - y_k||^2, ``every`` steps of ``step_fn(c)`` apart."""
-    import jax.numpy as jnp
-    from jax import lax
 
     def cost(u0, c):
-        step = step_fn(c)
-
-        def body(u, _):
-            u = _measure.scan_steps(step, u, every)
-            return u, H(u)
-
-        _, hs = lax.scan(body, u0, None, length=y.shape[0])
-        return jnp.sum((hs - y) ** 2)
+        return _measure.segment_misfit(step_fn(c), u0, every, H, y)
 
     return cost
 

@@ -293,14 +293,8 @@ def _gmres_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
     every = max(1, grad_steps // N_OBS)
 
     def cost(eta0, g):
-        from jax import lax
-
-        def body(x, _):
-            x = _measure.scan_steps(step_fn(g), x, every)
-            return x, x[0][sensors]
-
-        _, hs = lax.scan(body, start(eta0), None, length=N_OBS)
-        return jnp.sum((hs - y) ** 2)
+        observe = lambda x: x[0][sensors]
+        return _measure.segment_misfit(step_fn(g), start(eta0), every, observe, y)
 
     notes = {
         "tol": tol,
@@ -362,16 +356,9 @@ def _gmres_nonlinear_fns(p: P4, steps, grad_steps, y, sensors, tol=1e-10):
     every = max(1, grad_steps // N_OBS)
 
     def cost(eta0, g):
-        from jax import lax
-
         step, start = step_fn(g)
-
-        def body(carry, _):
-            carry = _measure.scan_steps(step, carry, every)
-            return carry, carry[0].eta[sensors]
-
-        _, hs = lax.scan(body, start(eta0), None, length=N_OBS)
-        return jnp.sum((hs - y) ** 2)
+        observe = lambda carry: carry[0].eta[sensors]
+        return _measure.segment_misfit(step, start(eta0), every, observe, y)
 
     notes = {
         "tol": tol,
