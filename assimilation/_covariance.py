@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 
 import equinox as eqx
@@ -305,7 +306,7 @@ class Diffusion(AbstractCovariance):
             # U and U^T are the same solves applied to different vectors: B is
             # symmetric and the adjoint exact only to the solve's tolerance, so
             # solve to rounding level (rtol is floored at 100 eps).
-            solver = dphys.Krylov(rtol=1e-14)
+            solver = dataclasses.replace(solver, rtol=1e-14)
         solver.check(model, v)
         structure = solver.init(model, 0.0, v)
         for _ in range(self.n_steps):

@@ -159,10 +159,9 @@ class AbstractLinearSolver(eqx.Module):
 class FactoredSymbol(eqx.Module):
     r"""A Fourier symbol with its per-mode inverse for one $\gamma$ (see
     :meth:`FFT.factor`): ``symbol`` $S_k$ and ``inverse`` $(I-\gamma S_k)^{-1}$, both
-    ``(n, n, *modes)``."""
+    ``(n, n, *modes)``. Only valid for solves with that $\gamma$."""
 
     symbol: jax.Array
-    gamma: jax.Array
     inverse: jax.Array
 
 
@@ -190,8 +189,7 @@ class FFT(AbstractLinearSolver):
         r"""The symbol with its per-mode inverse $(I - \gamma S_k)^{-1}$."""
         if isinstance(structure, FactoredSymbol):
             structure = structure.symbol
-        gamma = jnp.asarray(gamma)
-        return FactoredSymbol(structure, gamma, self.inverse_symbol(structure, gamma))
+        return FactoredSymbol(structure, self.inverse_symbol(structure, gamma))
 
     def _apply_modes(self, mat, hats):
         # mat: (n, n, *modes); hats: (n, *modes)

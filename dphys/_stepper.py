@@ -67,12 +67,6 @@ def _select(pred, a, b):
     return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-# _cayley: with a constant L and A = I - θΔt L,  u + (1-θ)Δt L u = u/θ - (1-θ)/θ A u,
-# so  A^{-1}(u + (1-θ)Δt L u + E) = A^{-1}(u/θ + E) - (1-θ)/θ u  (θ > 0). With a
-# factored (FFT) solve this skips the stencil pass for L u in the step and in its
-# transpose; it is used only then (autonomous models, constant γ = θΔt).
-
-
 def _check_theta(theta: float, allow_unstable: bool, owner: str) -> None:
     r"""The θ-method is A-stable exactly for θ >= 1/2.
 
@@ -187,6 +181,38 @@ class _AbstractLinearImplicit(AbstractStepper):
             return structure
         return None
 
+    def _theta_solve(self, model, t, dt, theta, state, explicit, structure):
+        r"""Solve the θ-step for $u^{n+1}$; returns ``(state, result, iterations)``.
+
+        $(I-\theta\Delta t L)u^{n+1} = u^n + (1-\theta)\Delta t\,L u^n + E
+        + \Delta t[\theta f(t+\Delta t) + (1-\theta) f(t)]$, ``explicit`` being $E$
+        (or ``None``).
+
+        With a factored solve (constant $L$ and $A = I-\theta\Delta t L$, θ in
+        (0, 1)), $u + (1-\theta)\Delta t\,Lu = u/\theta - \frac{1-\theta}{\theta}Au$,
+        so $u^{n+1} = A^{-1}(u/\theta + \dots) - \frac{1-\theta}{\theta}u$: no
+        stencil pass for $Lu$ in the step nor in its transpose. θ = 1 has no
+        explicit half and θ = 0 (nothing to solve) would divide by θ.
+        """
+        t1 = t + dt
+        factored = 0.0 < theta < 1.0 and isinstance(structure, FactoredSymbol)
+        if factored:
+            rhs = jtu.tree_map(lambda u: u / theta, state)
+        elif theta != 1.0:
+            rhs = _axpy((1.0 - theta) * dt, model.linear(t, state), state)
+        else:
+            rhs = state
+        rhs = _add(explicit, rhs)
+        rhs = _axpy(theta * dt, model.forcing(t1), rhs)
+        if theta != 1.0:
+            rhs = _axpy((1.0 - theta) * dt, model.forcing(t), rhs)
+        new, result, iters = self._solver(model, state).solve(
+            model, t1, theta * dt, rhs, structure
+        )
+        if factored:
+            new = _axpy(-(1.0 - theta) / theta, state, new)
+        return new, result, iters
+
 
 class _AbstractTheta(_AbstractLinearImplicit):
     r"""θ-method on $L$, forward Euler on $N$:
@@ -218,25 +244,12 @@ class _AbstractTheta(_AbstractLinearImplicit):
             # is one FFT pair (see docs/design.md).
             new = self.propagate(model, t, dt, state, stepper_state, 1)
             return new, stepper_state, RESULTS.successful, jnp.asarray(0)
-        theta = self.theta
-        t1 = t + dt
-        structure = self._structure(model, t1, state, stepper_state)
-        # Without the explicit half (1-θ)Δt L u when the solve is factored (see
-        # _cayley); it is 0 for backward Euler, and θ = 0 (nothing to solve, no
-        # division by θ) keeps the textbook form.
-        cayley = 0.0 < theta < 1.0 and isinstance(structure, FactoredSymbol)
-        rhs = jtu.tree_map(lambda u: u / theta, state) if cayley else state
-        if theta != 1.0 and not cayley:
-            rhs = _axpy((1.0 - theta) * dt, model.linear(t, state), rhs)
-        rhs = _axpy(dt, model.explicit(t, state), rhs)
-        f0, f1 = model.forcing(t), model.forcing(t1)
-        rhs = _axpy(theta * dt, f1, rhs)
-        if theta != 1.0:
-            rhs = _axpy((1.0 - theta) * dt, f0, rhs)
-        solver = self._solver(model, state)
-        new, result, iters = solver.solve(model, t1, theta * dt, rhs, structure)
-        if cayley:
-            new = _axpy(-(1.0 - theta) / theta, state, new)
+        structure = self._structure(model, t + dt, state, stepper_state)
+        n_now = model.explicit(t, state)
+        explicit = None if n_now is None else jtu.tree_map(lambda a: dt * a, n_now)
+        new, result, iters = self._theta_solve(
+            model, t, dt, self.theta, state, explicit, structure
+        )
         return new, stepper_state, result, iters
 
     def can_propagate(self, model, state0):
@@ -343,23 +356,16 @@ class IMEX(_AbstractLinearImplicit):
 
     def step(self, model, t, dt, state, stepper_state):
         stored, n_prev = stepper_state
-        t1 = t + dt
-        structure = self._structure(model, t1, state, stored)
-        cayley = isinstance(structure, FactoredSymbol)  # see _cayley
-        if cayley:
-            rhs = jtu.tree_map(lambda u: 2.0 * u, state)
-        else:
-            rhs = _axpy(0.5 * dt, model.linear(t, state), state)
+        structure = self._structure(model, t + dt, state, stored)
         n_now = model.explicit(t, state)
+        explicit = None
         if n_now is not None:
-            rhs = _axpy(1.5 * dt, n_now, rhs)
-            rhs = _axpy(-0.5 * dt, n_prev, rhs)
-        rhs = _axpy(0.5 * dt, _add(model.forcing(t), model.forcing(t1)), rhs)
-        new, result, iters = self._solver(model, state).solve(
-            model, t1, 0.5 * dt, rhs, structure
+            explicit = jtu.tree_map(
+                lambda a, b: dt * (1.5 * a - 0.5 * b), n_now, n_prev
+            )
+        new, result, iters = self._theta_solve(
+            model, t, dt, 0.5, state, explicit, structure
         )
-        if cayley:
-            new = _axpy(-1.0, state, new)
         return new, (stored, n_now), result, iters
 
 
