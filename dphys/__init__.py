@@ -26,7 +26,7 @@ from ._linear_solve import (
     probe_symbol as probe_symbol,
     probe_tridiagonal as probe_tridiagonal,
 )
-from ._model import AbstractModel as AbstractModel
+from ._model import AbstractModel as AbstractModel, Augmented as Augmented
 from ._results import RESULTS as RESULTS
 from ._simulate import (
     SaveAt as SaveAt,

@@ -118,6 +118,16 @@ class AbstractModel(eqx.Module):
         """
         return None
 
+    @property
+    def unwrapped(self) -> AbstractModel:
+        """The model that defines the implicit operator $L$: ``self``, or for a
+        wrapper such as :class:`Augmented` the innermost wrapped model.
+
+        Model-specific solvers (e.g. ``pdes.HelmholtzKrylov``) read the coefficients
+        of $L$ from it, so they keep working when terms are added around the model.
+        """
+        return self
+
     def vector_field(self, t, state):
         """The full right-hand side $L u + N(u) + f$."""
         out = self.linear(t, state)
@@ -128,3 +138,146 @@ class AbstractModel(eqx.Module):
         if f is not None:
             out = jax.tree_util.tree_map(jnp.add, out, f)
         return out
+
+
+def _tree_add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+class Augmented(AbstractModel):
+    r"""Any model plus an extra explicit tendency and/or an extra forcing.
+
+    $$ \frac{du}{dt} = L(t)u + \big[N(t,u) + E(t,u)\big] + \big[f(t) + g(t)\big], $$
+
+    where $L, N, f$ are ``model``'s and $E$ (``explicit``) and $g$ (``forcing``) are
+    the added terms. The implicit part $L$ is untouched, so every structured solver
+    of ``model`` (FFT, tridiagonal, the model's preferred solver) still applies and
+    IMEX/BDF2 steppers treat $E$ explicitly. This is how a weak-constraint
+    model-error forcing, a learned correction (an ``eqx.Module`` with weights is a
+    valid ``explicit``: its array leaves are differentiable leaves of this model)
+    or a known source is added to a model without writing a new class.
+
+    Every :class:`AbstractModel` hook is forwarded to ``model`` (a test checks that
+    none is missed), and any other attribute (``mass``, ``energy``, ``rest_state``,
+    physical parameters) is looked up on ``model``, so diagnostics and solvers that
+    need the wrapped model's internals keep working.
+
+    Attributes:
+        model: the wrapped model.
+        explicit_term: ``E(t, state) -> tendency`` (same pytree as the state, in
+            state units per time unit), or ``None``.
+        forcing_term: ``g``: a constant pytree with the state's structure, a
+            callable ``g(t) -> pytree``, or ``None``.
+
+    Example:
+        >>> import dphys, pdes, jax.numpy as jnp
+        >>> grid = dphys.Grid(32, lengths=1.0, boundary="periodic")
+        >>> damped = dphys.Augmented(pdes.Heat(grid, kappa=1e-2),
+        ...                          explicit=lambda t, u: -0.5 * u**3)
+        >>> damped.has_explicit
+        True
+    """
+
+    model: AbstractModel
+    explicit_term: object
+    forcing_term: object
+
+    def __init__(self, model: AbstractModel, *, explicit=None, forcing=None):
+        if not isinstance(model, AbstractModel):
+            raise TypeError(
+                f"`model` must be a dphys.AbstractModel (e.g. pdes.Heat), got "
+                f"{type(model).__name__}."
+            )
+        if explicit is not None and not callable(explicit):
+            raise TypeError(
+                "`explicit` must be a function `explicit(t, state) -> tendency` (an "
+                f"equinox Module with `__call__` is fine) or None, got "
+                f"{type(explicit).__name__}."
+            )
+        if explicit is None and forcing is None:
+            raise ValueError(
+                "`Augmented` needs at least one of `explicit=` or `forcing=`; without "
+                "them use the model itself."
+            )
+        self.model = model
+        self.explicit_term = explicit
+        self.forcing_term = forcing
+
+    @property
+    def grid(self) -> Grid:
+        return self.model.grid
+
+    # -- the added terms
+    def linear(self, t, state):
+        return self.model.linear(t, state)
+
+    def explicit(self, t, state):
+        extra = None if self.explicit_term is None else self.explicit_term(t, state)
+        return _tree_add(self.model.explicit(t, state), extra)
+
+    def forcing(self, t):
+        g = self.forcing_term
+        if g is not None and callable(g):
+            g = g(t)
+        return _tree_add(self.model.forcing(t), g)
+
+    # -- every other hook is the wrapped model's
+    @property
+    def translation_invariant(self) -> bool:
+        return self.model.translation_invariant
+
+    @property
+    def symmetric(self) -> bool:
+        return self.model.symmetric
+
+    @property
+    def autonomous(self) -> bool:
+        # Only L's time dependence matters here (solver factorisation reuse); a
+        # time-dependent forcing is handled by every stepper at every step.
+        return self.model.autonomous
+
+    def preferred_solver(self, like):
+        return self.model.preferred_solver(like)
+
+    @property
+    def unwrapped(self) -> AbstractModel:
+        return self.model.unwrapped
+
+    def check_state(self, state) -> None:
+        return self.model.check_state(state)
+
+    def check_run(self, state, dt) -> None:
+        return self.model.check_run(state, dt)
+
+    def validate(self, state):
+        return self.model.validate(state)
+
+    @property
+    def invalid_state_message(self) -> str | None:
+        return self.model.invalid_state_message
+
+    def vector_field(self, t, state):
+        out = self.model.vector_field(t, state)
+        if self.explicit_term is not None:
+            out = _tree_add(out, self.explicit_term(t, state))
+        g = self.forcing_term
+        if g is not None:
+            out = _tree_add(out, g(t) if callable(g) else g)
+        return out
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails: model-specific attributes
+        # (diagnostics such as `mass`, parameters such as `kappa`) of the wrapped
+        # model. Dunder names and the field itself are never forwarded, so copying
+        # and unpickling (which probe attributes before `model` is set) still work.
+        if name.startswith("__") or name == "model":
+            raise AttributeError(name)
+        try:
+            model = object.__getattribute__(self, "model")
+        except AttributeError:
+            raise AttributeError(name) from None
+        return getattr(model, name)

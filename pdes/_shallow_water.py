@@ -849,7 +849,10 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
         )
 
     def check(self, model, like):
-        if not isinstance(model, ShallowWater):
+        # The coefficients of L are the wrapped ShallowWater's (see
+        # dphys.AbstractModel.unwrapped); added explicit terms or forcings do not
+        # change the implicit system.
+        if not isinstance(model.unwrapped, ShallowWater):
             raise ValueError(
                 "`HelmholtzKrylov()` solves pdes.ShallowWater's implicit systems only, "
                 f"got {type(model).__name__}; use `dphys.Krylov()` for other models."
@@ -865,6 +868,7 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
         carry tangents, and the preconditioner does not change the solution.
         """
         sg = jax.lax.stop_gradient
+        model = model.unwrapped
         hbar = jnp.mean(model._depth_field(like))
         g = model._p(model.g, like)
         rbar = jnp.mean(model._p(model.drag, like))
@@ -874,6 +878,7 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
     def precondition(self, model, coefficients, b):
         r"""Apply the exact inverse of $I-\gamma L_0$ (see the class docstring)."""
         hbar, g, rbar, gamma = coefficients
+        model = model.unwrapped
         grid = model.grid
         eta = b.eta
         masks = model._masks(eta)
