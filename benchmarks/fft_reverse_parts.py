@@ -61,8 +61,8 @@ def main(argv=None) -> None:
 
     import dphys
     import pdes
-    from dphys import _linear_solve as ls
     from dphys._adjoint import nested_scan
+    from dphys._solver import _fft as ls
 
     from . import _p4_shallow_water as p4
 

@@ -38,7 +38,7 @@ def main(argv=None) -> None:
 
     import dphys
     import pdes
-    import pdes._shallow_water as sw
+    import pdes._cgrid as cgrid
 
     from . import _measure
 
@@ -65,20 +65,20 @@ def main(argv=None) -> None:
         "jnp.roll": lambda a, k, ax: jnp.roll(a, k, axis=ax),
         "dphys.operators.roll": dphys.operators.roll,
     }
-    saved = sw._fwd, sw._bwd
+    saved = cgrid.fwd, cgrid.bwd
     jobs, checks = {}, {}
     try:
         for name, shift in shifts.items():
             # The model's stencils read these two helpers when traced.
-            sw._fwd = lambda a, ax, shift=shift: shift(a, -1, ax)
-            sw._bwd = lambda a, ax, shift=shift: shift(a, 1, ax)
+            cgrid.fwd = lambda a, ax, shift=shift: shift(a, -1, ax)
+            cgrid.bwd = lambda a, ax, shift=shift: shift(a, 1, ax)
             jobs[name] = (
                 _measure.Compiled(loop(tendency), (state,)),
                 _measure.Compiled(loop(vjp), (state,)),
             )
             checks[name] = jax.jit(vjp)(state)
     finally:
-        sw._fwd, sw._bwd = saved
+        cgrid.fwd, cgrid.bwd = saved
     _measure.interleaved([j for pair in jobs.values() for j in pair], args.repeats, 20)
     a, b = (jax.tree.leaves(c) for c in checks.values())
     agree = max(

@@ -14,7 +14,7 @@ from ._adjoint import (
     nested_scan as nested_scan,
 )
 from ._grid import Grid as Grid
-from ._linear_solve import (
+from ._solver import (
     FFT as FFT,
     AbstractLinearSolver as AbstractLinearSolver,
     Auto as Auto,

@@ -1,7 +1,7 @@
 r"""How a trajectory is differentiated.
 
 Each implicit step is differentiated by its solver (one transposed solve, see
-:mod:`dphys._linear_solve`). What remains is the time loop: reverse mode needs the
+:mod:`dphys._solver`). What remains is the time loop: reverse mode needs the
 states of the forward pass in reverse order. :class:`Checkpointed` stores only a few
 of them and recomputes the rest:
 

@@ -24,7 +24,7 @@ from ._grid import Grid
 
 
 if TYPE_CHECKING:
-    from ._linear_solve import AbstractLinearSolver
+    from ._solver import AbstractLinearSolver
 
 
 class AbstractModel(eqx.Module):

@@ -32,16 +32,10 @@ import jax.tree_util as jtu
 import optimistix as optx
 
 from ._checks import describe, static_bool, static_int, static_real
-from ._linear_solve import (
-    FFT,
-    AbstractLinearSolver,
-    Auto,
-    FactoredSymbol,
-    _PytreeKrylov,
-    resolve_solver,
-)
 from ._model import AbstractModel
 from ._results import RESULTS
+from ._solver import FFT, AbstractLinearSolver, Auto, FactoredSymbol, resolve_solver
+from ._solver._krylov import _PytreeKrylov
 
 
 def _axpy(a, x, y):

@@ -2,8 +2,5 @@
 
 from ._advection import Advection as Advection
 from ._heat import Heat as Heat, check_positive as check_positive
-from ._shallow_water import (
-    HelmholtzKrylov as HelmholtzKrylov,
-    ShallowWater as ShallowWater,
-    SWState as SWState,
-)
+from ._helmholtz import HelmholtzKrylov as HelmholtzKrylov
+from ._shallow_water import ShallowWater as ShallowWater, SWState as SWState

@@ -25,8 +25,8 @@ nonlinear: momentum advection, the flux $\nabla\cdot(\eta\,\mathbf u)$ (plus the
 difference between the upwind and centred face depths), quadratic drag and, in the
 nonlinear model, the wind. With :class:`dphys.IMEX` this is CN/AB2, second order.
 
-See :class:`ShallowWater` for the grid layout and :class:`HelmholtzKrylov` for the
-implicit solve.
+See :class:`ShallowWater` for the grid layout, :mod:`pdes._cgrid` for the stencils
+and :class:`pdes.HelmholtzKrylov` (:mod:`pdes._helmholtz`) for the implicit solve.
 """
 
 from __future__ import annotations
@@ -36,19 +36,17 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.scipy.fft as jsfft
 import jax.tree_util as jtu
 import numpy as np
 
 import dphys
-from dphys.operators import roll
 
+from . import _cgrid as cg
 from ._heat import check_positive
 
 
 CONTINUITY_SCHEMES: tuple[str, ...] = ("upwind", "centered")
 MOMENTUM_SCHEMES: tuple[str, ...] = ("advective", "vector_invariant")
-_WALL = "neumann"
 
 
 class SWState(eqx.Module):
@@ -71,71 +69,6 @@ class SWState(eqx.Module):
     eta: jax.Array
     u: jax.Array
     v: jax.Array
-
-
-# ------------------------------------------------------------------ C-grid stencils
-#
-# Every field has the grid's shape; staggering is an index convention (cell (j, i),
-# its east face u[j, i], its north face v[j, i]). A shift by one cell is a roll; on
-# an axis with walls the roll wraps around, but every value it brings across the
-# boundary is either multiplied by a zero wall-face velocity or lands on a wall face
-# that is masked afterwards, so the same code serves periodic and walled axes. This
-# also makes each averaging operator the exact transpose of its partner (avg_fwd of
-# avg_bwd), which is what makes the discrete gravity-wave and Coriolis terms
-# energy-conserving.
-
-
-def _fwd(a, ax):
-    """``a[i+1]`` along grid axis ``ax`` (negative array axis)."""
-    return roll(a, -1, ax)
-
-
-def _bwd(a, ax):
-    """``a[i-1]`` along grid axis ``ax``."""
-    return roll(a, 1, ax)
-
-
-def _avg_fwd(a, ax):
-    """Average of cell i and i+1: cell centre -> face (or face -> corner)."""
-    return 0.5 * (a + _fwd(a, ax))
-
-
-def _avg_bwd(a, ax):
-    """Average of i-1 and i: face -> cell centre (or corner -> face)."""
-    return 0.5 * (a + _bwd(a, ax))
-
-
-def _face_masks(grid: dphys.Grid):
-    """Masks (1 active, 0 wall) of the u and v faces, NumPy, grid-shaped."""
-    mask_u = np.ones(grid.shape)
-    mask_v = np.ones(grid.shape)
-    if grid.boundary[-1] == _WALL:
-        mask_u[..., -1] = 0.0
-    if grid.ndim == 2 and grid.boundary[0] == _WALL:
-        mask_v[-1, :] = 0.0
-    return mask_u, mask_v
-
-
-def _laplacian_eigenvalues(grid: dphys.Grid):
-    """Eigenvalues of the C-grid Laplacian $D\\,G$ on the transform's modes.
-
-    Periodic axes: $-\\frac{4}{\\Delta^2}\\sin^2(\\pi k/N)$ on ``rfftn`` modes (the
-    last periodic axis is the half spectrum). Wall axes (cell-centred Neumann):
-    $-\\frac{4}{\\Delta^2}\\sin^2(\\pi k/2N)$ on DCT-II modes.
-    """
-    periodic = [a for a in range(grid.ndim) if grid.boundary[a] == "periodic"]
-    lam = np.zeros(())
-    for a, (n, d) in enumerate(zip(grid.shape, grid.spacing, strict=True)):
-        if grid.boundary[a] == "periodic":
-            k = np.fft.rfftfreq(n) * n if a == periodic[-1] else np.fft.fftfreq(n) * n
-            s = -(4.0 / d**2) * np.sin(np.pi * k / n) ** 2
-        else:
-            k = np.arange(n)
-            s = -(4.0 / d**2) * np.sin(np.pi * k / (2 * n)) ** 2
-        shape = [1] * grid.ndim
-        shape[a] = s.size
-        lam = lam + s.reshape(shape)
-    return lam
 
 
 class ShallowWater(dphys.AbstractModel):
@@ -297,7 +230,7 @@ class ShallowWater(dphys.AbstractModel):
     ):
         if not isinstance(grid, dphys.Grid):
             raise TypeError(f"`grid` must be a dphys.Grid, got {type(grid).__name__}.")
-        bad = [b for b in grid.boundary if b not in ("periodic", _WALL)]
+        bad = [b for b in grid.boundary if b not in ("periodic", cg.WALL)]
         if bad:
             raise ValueError(
                 f"`grid.boundary` must be 'periodic' or 'neumann' (walls: zero normal "
@@ -323,7 +256,7 @@ class ShallowWater(dphys.AbstractModel):
                     "`beta` needs a 2D grid (a y axis); got a 1D grid. Use `beta=None` "
                     "(f-plane) in 1D."
                 )
-            if grid.boundary[0] != _WALL:
+            if grid.boundary[0] != cg.WALL:
                 raise ValueError(
                     "`beta` needs walls in y (`boundary=('neumann', ...)`): f varies "
                     "with y, so a periodic y axis would make f jump at the seam; got "
@@ -392,6 +325,8 @@ class ShallowWater(dphys.AbstractModel):
         """
         if self.grid.periodic and self.translation_invariant:
             return None
+        from ._helmholtz import HelmholtzKrylov
+
         return HelmholtzKrylov()
 
     # ------------------------------------------------------------------ helpers
@@ -401,7 +336,7 @@ class ShallowWater(dphys.AbstractModel):
         return jnp.asarray(value).astype(like.dtype)
 
     def _masks(self, like):
-        mask_u, mask_v = _face_masks(self.grid)
+        mask_u, mask_v = cg.face_masks(self.grid)
         return jnp.asarray(mask_u, like.dtype), jnp.asarray(mask_v, like.dtype)
 
     @property
@@ -413,8 +348,8 @@ class ShallowWater(dphys.AbstractModel):
 
     def _face_depths(self, h):
         """Centred face averages of a cell field: at u faces and at v faces/centres."""
-        hu = _avg_fwd(h, -1)
-        hv = _avg_fwd(h, -2) if self._two_d else h
+        hu = cg.avg_fwd(h, -1)
+        hv = cg.avg_fwd(h, -2) if self._two_d else h
         return hu, hv
 
     def _to_faces(self, value):
@@ -434,38 +369,14 @@ class ShallowWater(dphys.AbstractModel):
         yv = jnp.asarray((y_faces - y_c)[:, None], dtype)
         return f0 + jnp.asarray(self.beta).astype(dtype) * yv
 
-    def _grad(self, eta, masks):
-        gx = (_fwd(eta, -1) - eta) / self.grid.spacing[-1] * masks[0]
-        if self._two_d:
-            gy = (_fwd(eta, -2) - eta) / self.grid.spacing[0] * masks[1]
-        else:
-            gy = jnp.zeros_like(eta)
-        return gx, gy
-
-    def _div(self, fx, fy, masks):
-        fx = fx * masks[0]
-        out = (fx - _bwd(fx, -1)) / self.grid.spacing[-1]
-        if self._two_d:
-            fy = fy * masks[1]
-            out = out + (fy - _bwd(fy, -2)) / self.grid.spacing[0]
-        return out
-
-    def _v_to_u(self, a):
-        """Average from v points to u points (2D: four points; 1D: two)."""
-        a = _avg_bwd(a, -2) if self._two_d else a
-        return _avg_fwd(a, -1)
-
-    def _u_to_v(self, a):
-        """Average from u points to v points (the transpose of :meth:`_v_to_u`)."""
-        a = _avg_bwd(a, -1)
-        return _avg_fwd(a, -2) if self._two_d else a
-
     def _coriolis(self, u, v, hu, hv, masks):
         """Depth-weighted skew Coriolis terms (see the class docstring)."""
         f = self.coriolis_parameter(u)
         u, v = u * masks[0], v * masks[1]
-        cu = 0.5 * (self._v_to_u(f * v) + self._v_to_u(f * hv * v) / hu)
-        cv = -0.5 * (f * self._u_to_v(u) + f * self._u_to_v(hu * u) / hv)
+        cu = 0.5 * (cg.v_to_u(self.grid, f * v) + cg.v_to_u(self.grid, f * hv * v) / hu)
+        cv = -0.5 * (
+            f * cg.u_to_v(self.grid, u) + f * cg.u_to_v(self.grid, hu * u) / hv
+        )
         return cu * masks[0], cv * masks[1]
 
     # ------------------------------------------------------------------ the model
@@ -482,8 +393,8 @@ class ShallowWater(dphys.AbstractModel):
         r_u, r_v = self._to_faces(self._p(self.drag, eta))
         hu, hv = self._face_depths(self._depth_field(eta))
         u, v = u * masks[0], v * masks[1]
-        deta = -self._div(hu * u, hv * v, masks)
-        gx, gy = self._grad(eta, masks)
+        deta = -cg.divergence(self.grid, hu * u, hv * v, masks)
+        gx, gy = cg.gradient(self.grid, eta, masks)
         cu, cv = self._coriolis(u, v, hu, hv, masks)
         du = (-g * gx + cu - r_u * u) * masks[0]
         dv = (-g * gy + cv - r_v * v) * masks[1]
@@ -514,8 +425,8 @@ class ShallowWater(dphys.AbstractModel):
     def _quadratic_drag(self, u, v, hu, hv, masks):
         cd_u, cd_v = self._to_faces(self._p(self.quadratic_drag, u))
         u, v = u * masks[0], v * masks[1]
-        speed_u = _safe_norm(u, self._v_to_u(v))
-        speed_v = _safe_norm(self._u_to_v(u), v)
+        speed_u = _safe_norm(u, cg.v_to_u(self.grid, v))
+        speed_v = _safe_norm(cg.u_to_v(self.grid, u), v)
         return (
             -cd_u * speed_u * u / hu * masks[0],
             -cd_v * speed_v * v / hv * masks[1],
@@ -531,13 +442,13 @@ class ShallowWater(dphys.AbstractModel):
         hbar_u, hbar_v = self._face_depths(h)
         # Continuity: full flux h_f u minus the linear flux H_u u already in L.
         if self.continuity == "upwind":
-            hf_u = jnp.where(u > 0, h, _fwd(h, -1))
-            hf_v = jnp.where(v > 0, h, _fwd(h, -2)) if self._two_d else hbar_v
+            hf_u = jnp.where(u > 0, h, cg.fwd(h, -1))
+            hf_v = jnp.where(v > 0, h, cg.fwd(h, -2)) if self._two_d else hbar_v
         else:
             hf_u, hf_v = hbar_u, hbar_v
         fx = hf_u * u * masks[0]
         fy = hf_v * v * masks[1]
-        deta = -self._div(fx - Hu * u, fy - Hv * v, masks)
+        deta = -cg.divergence(self.grid, fx - Hu * u, fy - Hv * v, masks)
         if self.momentum == "advective":
             du, dv = self._advection_sd(u, v, fx, fy, hbar_u, hbar_v, masks)
         else:
@@ -566,23 +477,25 @@ class ShallowWater(dphys.AbstractModel):
         def along_own(w, q_faces, ax, d):
             # w and its flux q live on the same faces; average q to the cells
             # between faces, take the upwind w there, difference back to faces.
-            qc = _avg_bwd(q_faces, ax)
-            wstar = jnp.where(qc > 0, _bwd(w, ax), w)
+            qc = cg.avg_bwd(q_faces, ax)
+            wstar = jnp.where(qc > 0, cg.bwd(w, ax), w)
             flux = qc * wstar
-            return ((_fwd(flux, ax) - flux) - w * (_fwd(qc, ax) - qc)) / d
+            return ((cg.fwd(flux, ax) - flux) - w * (cg.fwd(qc, ax) - qc)) / d
 
         def across(w, p_corner, ax, d):
             # p_corner: flux across the edges between w points along axis ax, located
             # half a cell forward of w; the upwind w there.
-            wstar = jnp.where(p_corner > 0, w, _fwd(w, ax))
+            wstar = jnp.where(p_corner > 0, w, cg.fwd(w, ax))
             flux = p_corner * wstar
-            return ((flux - _bwd(flux, ax)) - w * (p_corner - _bwd(p_corner, ax))) / d
+            return (
+                (flux - cg.bwd(flux, ax)) - w * (p_corner - cg.bwd(p_corner, ax))
+            ) / d
 
         adv_u = along_own(u, fx, -1, dx)
         if self._two_d:
             dy = self.grid.spacing[0]
-            adv_u = adv_u + across(u, _avg_fwd(fy, -1), -2, dy)
-            adv_v = along_own(v, fy, -2, dy) + across(v, _avg_fwd(fx, -2), -1, dx)
+            adv_u = adv_u + across(u, cg.avg_fwd(fy, -1), -2, dy)
+            adv_v = along_own(v, fy, -2, dy) + across(v, cg.avg_fwd(fx, -2), -1, dx)
         else:
             # 1.5D: v at cell centres, advected by the face flux fx.
             adv_v = across(v, fx, -1, dx)
@@ -600,20 +513,20 @@ class ShallowWater(dphys.AbstractModel):
         f = self.coriolis_parameter(u)
         if self._two_d:
             dy = self.grid.spacing[0]
-            zeta = (_fwd(v, -1) - v) / dx - (_fwd(u, -2) - u) / dy
-            h_corner = _avg_fwd(_avg_fwd(h, -1), -2)
+            zeta = (cg.fwd(v, -1) - v) / dx - (cg.fwd(u, -2) - u) / dy
+            h_corner = cg.avg_fwd(cg.avg_fwd(h, -1), -2)
             q = (f + zeta) / h_corner
-            du = _avg_bwd(q * _avg_fwd(fy, -1), -2)
-            dv = -_avg_bwd(q * _avg_fwd(fx, -2), -1)
-            ke = 0.5 * (_avg_bwd(u * u, -1) + _avg_bwd(v * v, -2))
-            dv = dv - (_fwd(ke, -2) - ke) / dy
+            du = cg.avg_bwd(q * cg.avg_fwd(fy, -1), -2)
+            dv = -cg.avg_bwd(q * cg.avg_fwd(fx, -2), -1)
+            ke = 0.5 * (cg.avg_bwd(u * u, -1) + cg.avg_bwd(v * v, -2))
+            dv = dv - (cg.fwd(ke, -2) - ke) / dy
         else:
-            zeta = (_fwd(v, -1) - v) / dx
-            q = (f + zeta) / _avg_fwd(h, -1)
-            du = q * _avg_fwd(h * v, -1)
-            dv = -_avg_bwd(q * fx, -1)
-            ke = 0.5 * (_avg_bwd(u * u, -1) + v * v)
-        du = du - (_fwd(ke, -1) - ke) / dx
+            zeta = (cg.fwd(v, -1) - v) / dx
+            q = (f + zeta) / cg.avg_fwd(h, -1)
+            du = q * cg.avg_fwd(h * v, -1)
+            dv = -cg.avg_bwd(q * fx, -1)
+            ke = 0.5 * (cg.avg_bwd(u * u, -1) + v * v)
+        du = du - (cg.fwd(ke, -1) - ke) / dx
         cu, cv = self._coriolis(u, v, Hu, Hv, masks)
         return du - cu, dv - cv
 
@@ -701,7 +614,7 @@ class ShallowWater(dphys.AbstractModel):
                 f"({int(np.sum(h <= 0))} cells). Shallow water needs wet cells "
                 "everywhere; raise `depth` or lower `eta` there."
             )
-        mask_u, mask_v = _face_masks(self.grid)
+        mask_u, mask_v = cg.face_masks(self.grid)
         for name, mask in (("u", mask_u), ("v", mask_v)):
             wall = np.abs(np.asarray(getattr(state, name))) * (1.0 - mask)
             if np.any(wall > 0):
@@ -780,176 +693,4 @@ def _safe_norm(a, b):
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
 
 
-# ---------------------------------------------------------------------- the solver
-
-
-class HelmholtzKrylov(dphys.AbstractLinearSolver):
-    r"""GMRES for $(I-\gamma L)x=b$ preconditioned by an exact Helmholtz solve.
-
-    The preconditioner is the exact inverse of $I-\gamma L_0$, where $L_0$ is
-    :class:`ShallowWater`'s operator with the depth replaced by its mean $\bar H$,
-    no rotation and the mean drag $\bar r$. Eliminating the velocities,
-
-    $$ \big(I - \alpha\,D G\big)\,\eta = b_\eta - \gamma\bar H s\,D b_{\mathbf u},
-       \qquad \mathbf u = s\,(b_{\mathbf u} - \gamma g\,G\eta),\qquad
-       s = \frac{1}{1+\gamma\bar r},\quad \alpha = \gamma^2 g\bar H s, $$
-
-    and the Helmholtz operator $I-\alpha DG$ is diagonal in the Fourier basis along
-    periodic axes and the DCT-II basis along walled axes (cell-centred Neumann
-    Laplacian), so one FFT/DCT pair solves it exactly. GMRES then only has to
-    correct for variable depth, rotation and the $\beta$ effect, which takes a few
-    iterations when $\gamma f \lesssim 1$ however large the gravity-wave Courant
-    number is (the generic :class:`dphys.Krylov` needs iterations
-    growing with that Courant number).
-
-    GMRES (:func:`dphys.krylov_solve`: left-preconditioned, restarted, starting
-    from $x_0 = Mb$) works on the energy-scaled unknowns $z = (\sqrt g\,\eta,
-    \sqrt{\bar H}u, \sqrt{\bar H}v)$, in which every component has the same units
-    and the operator is skew for constant depth, and stops on the norm of the true
-    residual, $\|b_z - A z\|_2 \le \mathrm{atol} + \mathrm{rtol}\,\|b_z\|_2$. The
-    Arnoldi process stops as soon as the preconditioned residual is small, so a step
-    costs only the iterations it needs.
-
-    After GMRES, $\eta$ is recomputed from the continuity equation,
-    $\eta = b_\eta + \gamma L_\eta(\mathbf u)$, so the discrete mass balance holds
-    to round-off whatever the solver tolerance.
-
-    Derivatives: ``lineax.linear_solve`` (implicit function theorem: one tangent or
-    one transposed solve per step, with the transposed preconditioner; memory
-    independent of the iteration count). An unconverged tangent or adjoint solve
-    raises; an unconverged forward solve gives ``RESULTS.linear_solve_failed``.
-
-    :class:`dphys.Auto` picks this solver for :class:`ShallowWater` whenever the FFT
-    does not apply (walls, variable depth or drag, beta-plane), through
-    :meth:`ShallowWater.preferred_solver`.
-
-    Attributes:
-        rtol, atol: stopping tolerances on the energy-scaled residual (2-norm; atol
-            in m^{3/2}/s, default 0). The relative test makes tangent and adjoint
-            solves as accurate as the forward one whatever their scale. ``rtol`` is
-            raised to the rounding level of the state's dtype (float64: 2.2e-15,
-            float32: about 1e-5; see :func:`dphys.krylov_solve`).
-        restart: Arnoldi steps per GMRES cycle (memory: ``restart + 1`` vectors).
-        max_steps: cap on Arnoldi steps (products with $I-\gamma L$) per solve;
-            reaching it is a failed solve.
-    """
-
-    rtol: float = eqx.field(static=True, default=1e-10)
-    atol: float = eqx.field(static=True, default=0.0)
-    restart: int = eqx.field(static=True, default=5)
-    max_steps: int = eqx.field(static=True, default=200)
-
-    def __check_init__(self):
-        # The same option checks (and messages) as dphys.Krylov's.
-        dphys.Krylov(
-            rtol=self.rtol,
-            atol=self.atol,
-            max_steps=self.max_steps,
-            restart=self.restart,
-        )
-
-    def check(self, model, like):
-        # The coefficients of L are the wrapped ShallowWater's (see
-        # dphys.AbstractModel.unwrapped); added explicit terms or forcings do not
-        # change the implicit system.
-        if not isinstance(model.unwrapped, ShallowWater):
-            raise ValueError(
-                "`HelmholtzKrylov()` solves pdes.ShallowWater's implicit systems only, "
-                f"got {type(model).__name__}; use `dphys.Krylov()` for other models."
-            )
-
-    def init(self, model, t, like):
-        return None
-
-    def _coefficients(self, model, gamma, like):
-        r"""$(\bar H, g, \bar r, \gamma)$ for the preconditioner, without derivatives.
-
-        Computed outside the preconditioner's closure: lineax refuses options that
-        carry tangents, and the preconditioner does not change the solution.
-        """
-        sg = jax.lax.stop_gradient
-        model = model.unwrapped
-        hbar = jnp.mean(model._depth_field(like))
-        g = model._p(model.g, like)
-        rbar = jnp.mean(model._p(model.drag, like))
-        gamma = jnp.asarray(gamma).astype(like.dtype)
-        return tuple(sg(c) for c in (hbar, g, rbar, gamma))
-
-    def precondition(self, model, coefficients, b):
-        r"""Apply the exact inverse of $I-\gamma L_0$ (see the class docstring)."""
-        hbar, g, rbar, gamma = coefficients
-        model = model.unwrapped
-        grid = model.grid
-        eta = b.eta
-        masks = model._masks(eta)
-        s = 1.0 / (1.0 + gamma * rbar)
-        alpha = gamma**2 * g * hbar * s
-        bu, bv = b.u * masks[0], b.v * masks[1]
-        rhs = eta - gamma * hbar * s * model._div(bu, bv, masks)
-        lam = jnp.asarray(_laplacian_eigenvalues(grid), eta.dtype)
-        new_eta = _helmholtz_solve(grid, rhs, 1.0 - alpha * lam)
-        gx, gy = model._grad(new_eta, masks)
-        # Wall-face entries are outside the dynamics (L maps them to zero, so the
-        # system there is the identity): pass them through, which keeps M invertible.
-        walls_u, walls_v = b.u * (1.0 - masks[0]), b.v * (1.0 - masks[1])
-        return SWState(
-            new_eta,
-            s * (bu - gamma * g * gx) + walls_u,
-            s * (bv - gamma * g * gy) + walls_v,
-        )
-
-    def solve(self, model, t, gamma, rhs, structure):
-        coefficients = self._coefficients(model, gamma, rhs.eta)
-        hbar, g = coefficients[0], coefficients[1]
-        # Energy scaling z = (sqrt(g) eta, sqrt(H) u, sqrt(H) v): all components in
-        # the same units and size, and L becomes skew for constant depth.
-        scale = SWState(jnp.sqrt(g), jnp.sqrt(hbar), jnp.sqrt(hbar))
-        to_z = lambda x: jtu.tree_map(jnp.multiply, x, scale)
-        from_z = lambda z: jtu.tree_map(jnp.divide, z, scale)
-        rhs_z = to_z(rhs)
-
-        def mv(z):
-            lz = to_z(model.linear(t, from_z(z)))
-            return jtu.tree_map(lambda a, c: a - gamma * c, z, lz)
-
-        def precond(z):
-            return to_z(self.precondition(model, coefficients, from_z(z)))
-
-        x, result, steps = dphys.krylov_solve(
-            mv,
-            rhs_z,
-            method="gmres",
-            preconditioner=precond,
-            rtol=self.rtol,
-            atol=self.atol,
-            max_steps=self.max_steps,
-            restart=self.restart,
-            initial_guess="preconditioned",
-        )
-        x = from_z(x)
-        # Mass to round-off: eta from the continuity row with the solved velocities.
-        eta = rhs.eta + gamma * model.linear(t, x).eta
-        return SWState(eta, x.u, x.v), result, steps
-
-
-def _helmholtz_solve(grid: dphys.Grid, rhs, symbol):
-    """Solve ``symbol * transform(x) = transform(rhs)`` (DCT-II on walls, rFFT else)."""
-    walls = [a - grid.ndim for a in range(grid.ndim) if grid.boundary[a] == _WALL]
-    periodic = [a - grid.ndim for a in range(grid.ndim) if grid.boundary[a] != _WALL]
-    x = rhs
-    for ax in walls:
-        x = jsfft.dct(x, type=2, axis=ax, norm="ortho")
-    if periodic:
-        xh = jnp.fft.rfftn(x, axes=periodic)
-        xh = xh / symbol
-        x = jnp.fft.irfftn(
-            xh, s=[grid.shape[a] for a in periodic], axes=periodic
-        ).astype(rhs.dtype)
-    else:
-        x = x / symbol
-    for ax in walls:
-        x = jsfft.idct(x, type=2, axis=ax, norm="ortho")
-    return x
-
-
-__all__ = ["SWState", "ShallowWater", "HelmholtzKrylov"]
+__all__ = ["SWState", "ShallowWater"]

@@ -11,7 +11,7 @@ import pytest
 
 import dphys
 import pdes
-from dphys._linear_solve import resolve_solver
+from dphys._solver import resolve_solver
 
 
 def _hooks():

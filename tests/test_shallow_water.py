@@ -362,7 +362,7 @@ def test_vector_invariant_semi_discrete_energy_conservation():
     key = jax.random.key(3)
     k1, k2, k3 = jax.random.split(key, 3)
     shape = model.grid.shape
-    mu, mv = (jnp.asarray(m) for m in pdes._shallow_water._face_masks(model.grid))
+    mu, mv = (jnp.asarray(m) for m in pdes._cgrid.face_masks(model.grid))
     state = SWState(
         5.0 * jax.random.normal(k1, shape),
         0.5 * jax.random.normal(k2, shape) * mu,
@@ -371,10 +371,7 @@ def test_vector_invariant_semi_discrete_energy_conservation():
 
     def sadourny_energy(s):
         h = model.depth + s.eta
-        ke = 0.5 * (
-            pdes._shallow_water._avg_bwd(s.u**2, -1)
-            + pdes._shallow_water._avg_bwd(s.v**2, -2)
-        )
+        ke = 0.5 * (pdes._cgrid.avg_bwd(s.u**2, -1) + pdes._cgrid.avg_bwd(s.v**2, -2))
         return model.grid.integrate(h * ke + 0.5 * model.g * s.eta**2)
 
     tendency = model.vector_field(0.0, state)
@@ -555,7 +552,7 @@ def test_taylor_linear_closed_basin_state_depth_drag_g(getkey):
 
 
 def _face_mask(grid, which):
-    mu, mv = pdes._shallow_water._face_masks(grid)
+    mu, mv = pdes._cgrid.face_masks(grid)
     return jnp.asarray(mu if which == "u" else mv)
 
 
@@ -687,7 +684,7 @@ def test_fast_forward_of_coupled_fields_equals_solving_each_step(theta):
 def test_per_mode_inverse_derivatives_match_dense_inverse(n, getkey):
     # The per-mode inverse has a hand-written JVP; its first and second derivatives
     # must equal those of jnp.linalg.inv on the same matrices.
-    from dphys._linear_solve import _mode_inv
+    from dphys._solver._fft import _mode_inv
 
     shape = (n, n, 4, 3)
     a = jax.random.normal(getkey(), shape) + 1j * jax.random.normal(getkey(), shape)
