@@ -37,7 +37,13 @@ class SaveAt(eqx.Module):
             or repeated list would misalign them with the caller's).
         fn: observation hook ``fn(t, state) -> pytree``; when given, ``ys`` holds
             ``fn`` at the save times instead of full states, so a 4D-Var cost only
-            ever stores sensor values, never the trajectory.
+            ever stores sensor values, never the trajectory. The hook is data, not
+            configuration: an ``eqx.Module`` hook (e.g. an observation operator
+            with sensor weights, or a network) has its arrays traced, so calling
+            :func:`simulate` again with new values reuses the compiled program and
+            ``jax.grad`` differentiates through them. A plain function is static
+            and compared by identity: pass the same function object (not a fresh
+            ``lambda`` per call) to avoid recompiling.
 
     Saving at step indices whose greatest common divisor is ``g`` runs the loop as
     ``n_steps / g`` segments of ``g`` steps: the cost does not grow with the number
@@ -45,7 +51,8 @@ class SaveAt(eqx.Module):
 
     Raises:
         TypeError: a flag that is not a bool, non-integer ``every``/``steps``, a
-            non-callable ``fn``, or a traced value (all options are static).
+            non-callable ``fn``, or a traced save option (all but ``fn`` are
+            static).
         ValueError: ``every < 1``; ``steps`` negative, not strictly increasing or not
             one-dimensional. Indices beyond ``n_steps`` are reported by
             :func:`simulate`.
@@ -55,7 +62,8 @@ class SaveAt(eqx.Module):
     t1: bool = eqx.field(static=True, default=True)
     every: int | None = eqx.field(static=True, default=None)
     steps: tuple[int, ...] | None = eqx.field(static=True, default=None)
-    fn: Callable[[Any, Any], Any] | None = eqx.field(static=True, default=None)
+    # Not static: a Module hook's arrays are traced data (see the docstring).
+    fn: Callable[[Any, Any], Any] | None = None
 
     def __init__(self, *, t0=False, t1=True, every=None, steps=None, fn=None):
         why = "it decides what is saved"
