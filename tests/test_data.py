@@ -367,3 +367,22 @@ def test_io_exports_are_lazy():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["UnitsError", "TimeAxisError", "DomainError"])
+def test_moved_error_classes_name_their_new_location(name):
+    """The observation-data errors live in assimilation.io; the core's old spelling
+    fails with a message naming the new place (the core never imports
+    assimilation)."""
+    import assimilation
+    import assimilation.io as aio
+
+    cls = getattr(aio, name)
+    assert issubclass(cls, dio.DataError) and issubclass(cls, ValueError)
+    assert getattr(assimilation, name) is cls
+    with pytest.raises(ImportError, match=f"use `assimilation.io.{name}`"):
+        getattr(dio, name)
+    with pytest.raises(ImportError, match=f"use `assimilation.io.{name}`"):
+        exec(f"from dphys.io import {name}", {})
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchError'"):
+        dio.NoSuchError  # noqa: B018
