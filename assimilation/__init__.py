@@ -1,5 +1,10 @@
 """Variational data assimilation and calibration on top of :mod:`pdes`/:mod:`dphys`."""
 
+from ._assimilate import (
+    Analysis as Analysis,
+    History as History,
+    assimilate as assimilate,
+)
 from ._control import (
     AbstractTransform as AbstractTransform,
     Bounded as Bounded,
@@ -18,24 +23,20 @@ from ._covariance import (
     Diagonal as Diagonal,
     Diffusion as Diffusion,
 )
+from ._methods import (
+    LBFGS as LBFGS,
+    AbstractMethod as AbstractMethod,
+    GaussNewton as GaussNewton,
+    IterationState as IterationState,
+)
+from ._minimize import minimize as minimize
 from ._observation import (
     AbstractObservationOperator as AbstractObservationOperator,
     Interpolation as Interpolation,
     Observations as Observations,
     TimeInterpolation as TimeInterpolation,
 )
-from ._variational import (
-    LBFGS as LBFGS,
-    AbstractMethod as AbstractMethod,
-    Analysis as Analysis,
-    GaussNewton as GaussNewton,
-    History as History,
-    IterationState as IterationState,
-    Posterior as Posterior,
-    assimilate as assimilate,
-    minimize as minimize,
-    posterior as posterior,
-)
+from ._posterior import Posterior as Posterior, posterior as posterior
 from ._twin import (
     TwinResult as TwinResult,
     make_observations as make_observations,
@@ -43,42 +44,43 @@ from ._twin import (
 )
 
 
-# The I/O edges (xarray, netCDF, TOML configurations, Dask batches, the command line)
-# are imported on first use, so that `import assimilation` does not load them.
+# The edges (xarray, netCDF, TOML configurations, Dask batches, figures, the command
+# line) are imported on first use, so that `import assimilation` does not load them.
 _LAZY = {
-    # assimilation._data: observations and fields from netCDF, validated
-    "DataError": "_data",
-    "DomainError": "_data",
-    "GridMismatchError": "_data",
-    "MissingVariableError": "_data",
-    "TimeAxisError": "_data",
-    "UnitsError": "_data",
-    "analysis_to_dataset": "_data",
-    "convert_units": "_data",
-    "model_times": "_data",
-    "observations_to_dataset": "_data",
-    "read_field": "_data",
-    "read_observations": "_data",
-    # assimilation._batch: resumable batch runs
-    "BatchError": "_batch",
-    "BatchReport": "_batch",
-    "Case": "_batch",
-    "CaseResult": "_batch",
-    "run_batch": "_batch",
-    "split_windows": "_batch",
-    # assimilation._config: TOML run configurations
-    "ConfigError": "_config",
-    "load_config": "_config",
-    "validate_config": "_config",
-    # assimilation._plot
-    "plot_analysis": "_plot",
+    # assimilation.io: observations and fields from netCDF, validated; CF writers
+    "DataError": "io",
+    "DomainError": "io",
+    "GridMismatchError": "io",
+    "MissingVariableError": "io",
+    "TimeAxisError": "io",
+    "UnitsError": "io",
+    "analysis_to_dataset": "io",
+    "convert_units": "io",
+    "model_times": "io",
+    "observations_to_dataset": "io",
+    "read_field": "io",
+    "read_observations": "io",
+    # assimilation.runs: TOML run configurations, resumable batch runs, figures
+    "BatchError": "runs",
+    "BatchReport": "runs",
+    "Case": "runs",
+    "CaseResult": "runs",
+    "run_batch": "runs",
+    "split_windows": "runs",
+    "ConfigError": "runs",
+    "load_config": "runs",
+    "validate_config": "runs",
+    "plot_analysis": "runs",
 }
+_SUBPACKAGES = ("io", "runs", "learn", "cli")
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
@@ -86,4 +88,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))

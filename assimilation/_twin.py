@@ -26,10 +26,11 @@ import numpy as np
 
 import dphys
 
+from ._assimilate import Analysis, assimilate
 from ._control import Control
 from ._cost import FourDVar
+from ._methods import AbstractMethod
 from ._observation import Interpolation, Observations, TimeInterpolation
-from ._variational import AbstractMethod, Analysis, assimilate
 
 
 def make_observations(

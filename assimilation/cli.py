@@ -9,7 +9,7 @@
     dphys --version
 
 The command is thin: it parses its arguments and a TOML configuration
-(:mod:`assimilation._config`), runs the library, and writes netCDF with CF
+(:mod:`assimilation.runs`), runs the library, and writes netCDF with CF
 attributes, the full configuration and a ``history`` entry. Bad input (a missing
 file, an invalid configuration, data that fail validation) ends with one line
 ``dphys: error: ...`` on stderr and exit status 2, and no output file is left under
@@ -226,12 +226,12 @@ def _write_outputs(out, cfg: dict, argv: Sequence[str], *, figure: bool = True):
     """Write the analysis netCDF (atomically) and the figure; return their paths."""
     from dphys.io import write_netcdf
 
-    from ._config import output_dataset
+    from .runs import output_dataset
 
     ds = output_dataset(out, _provenance(cfg, argv))
     paths = [write_netcdf(ds, cfg["output"]["path"])]
     if figure and cfg["output"]["figure"]:
-        from ._plot import plot_analysis
+        from .runs import plot_analysis
 
         paths.append(
             plot_analysis(
@@ -246,7 +246,7 @@ def _write_outputs(out, cfg: dict, argv: Sequence[str], *, figure: bool = True):
 
 
 def _run_and_report(cfg, argv, *, quiet: bool, figure: bool = True) -> int:
-    from ._config import build_run, run
+    from .runs import build_run, run
 
     start = time.perf_counter()
     setup = build_run(cfg)  # reads and validates every input first
@@ -265,7 +265,7 @@ def _run_and_report(cfg, argv, *, quiet: bool, figure: bool = True) -> int:
 
 
 def _cmd_demo(args, argv) -> int:
-    from ._config import validate_config
+    from .runs import validate_config
 
     cfg = validate_config(
         demo_config(
@@ -285,7 +285,7 @@ def _cmd_demo(args, argv) -> int:
 
 
 def _cmd_assimilate(args, argv) -> int:
-    from ._config import load_config
+    from .runs import load_config
 
     cfg = load_config(args.config)
     if args.out is not None:
@@ -299,8 +299,7 @@ def _cmd_assimilate(args, argv) -> int:
 
 
 def _cmd_batch(args, argv) -> int:
-    from ._batch import config_cases, run_batch, run_config_case
-    from ._config import ConfigError, load_config
+    from .runs import ConfigError, config_cases, load_config, run_batch, run_config_case
 
     cfg = load_config(args.config)
     if cfg["batch"] is None:
@@ -414,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dphys import SimulationError
 
-    from ._batch import BatchError
+    from .runs import BatchError
 
     try:
         return commands[args.command](args, argv)

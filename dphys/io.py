@@ -61,12 +61,9 @@ from ._simulate import Trajectory
 __all__ = [
     "CONVENTIONS",
     "DataError",
-    "DomainError",
     "GridMismatchError",
     "MissingVariableError",
     "TIME_DIM",
-    "TimeAxisError",
-    "UnitsError",
     "X_DIM",
     "atomic_write",
     "Y_DIM",
@@ -130,16 +127,26 @@ class GridMismatchError(DataError):
     """Coordinates or shapes in the data do not match the model's grid."""
 
 
-class UnitsError(DataError):
-    """A ``units`` attribute differs from the model's and cannot be converted."""
+# The errors of observation data (units, time axes, sensor positions) belong to the
+# data-assimilation layer: `assimilation.io.UnitsError`, `TimeAxisError`, `DomainError`.
+_MOVED = {
+    "UnitsError": "assimilation.io.UnitsError",
+    "TimeAxisError": "assimilation.io.TimeAxisError",
+    "DomainError": "assimilation.io.DomainError",
+}
 
 
-class TimeAxisError(DataError):
-    """A time axis is non-monotonic, has duplicates or lies outside the window."""
-
-
-class DomainError(DataError):
-    """Positions (e.g. sensors) lie outside a non-periodic domain."""
+def __getattr__(name):
+    # The core never imports the assimilation layer, so the moved classes are not
+    # re-exported: an old import fails with a message naming the new location. An
+    # ImportError (not AttributeError, which `from dphys.io import X` would replace
+    # with a generic "cannot import name") so that both spellings show it.
+    if name in _MOVED:
+        raise ImportError(
+            f"`dphys.io.{name}` moved to the data-assimilation layer: use "
+            f"`{_MOVED[name]}` (also `assimilation.{name}`)."
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- grids -----------------------------------------------------------------------------

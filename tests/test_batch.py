@@ -1,4 +1,4 @@
-"""assimilation._batch: atomic outputs, resume, keep_going, Dask, configured batches."""
+"""assimilation.runs batches: atomic outputs, resume, keep_going, Dask, cases."""
 
 import json
 import time
@@ -9,15 +9,16 @@ import pytest
 import xarray as xr
 
 import dphys.io as dio
-from assimilation._batch import (
+from assimilation.cli import demo_config, main
+from assimilation.runs import (
     BatchError,
     Case,
+    ConfigError,
     config_cases,
     run_batch,
     split_windows,
+    validate_config,
 )
-from assimilation._config import ConfigError, validate_config
-from assimilation.cli import demo_config, main
 
 
 class Recorder:

@@ -13,9 +13,9 @@ import xarray as xr
 import dphys
 import dphys.io as dio
 from assimilation import Observations
-from assimilation._config import ConfigError, load_config, validate_config
-from assimilation._data import observations_to_dataset
 from assimilation.cli import demo_config, main
+from assimilation.io import observations_to_dataset
+from assimilation.runs import ConfigError, load_config, validate_config
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -343,7 +343,7 @@ def model_config(name):
 
 def test_config_builds_advection_and_shallow_water():
     import pdes
-    from assimilation._config import build_run
+    from assimilation.runs import build_run
 
     setup = build_run(validate_config(model_config("advection")))
     assert isinstance(setup.model, pdes.Advection)
@@ -381,7 +381,7 @@ def test_shallow_water_config_errors(edit, message):
 
 @pytest.mark.slow
 def test_shallow_water_twin_end_to_end(tmp_path):
-    from assimilation._config import output_dataset, run
+    from assimilation.runs import output_dataset, run
 
     cfg = model_config("shallow_water")
     cfg["background"]["length_scale"] = 1e4
@@ -398,7 +398,7 @@ def test_shallow_water_twin_end_to_end(tmp_path):
 def test_run_failure_inside_jit_is_one_line(tmp_path, capsys, monkeypatch):
     import equinox as eqx
 
-    import assimilation._config as config
+    import assimilation.runs as config
 
     def fail(*args, **kwargs):
         raise eqx.EquinoxRuntimeError(

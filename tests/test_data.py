@@ -1,4 +1,4 @@
-"""assimilation._data: reading observations and fields, and every validation error."""
+"""assimilation.io: reading observations and fields, and every validation error."""
 
 import logging
 import pathlib
@@ -12,7 +12,7 @@ import xarray as xr
 import dphys
 import dphys.io as dio
 from assimilation import Observations
-from assimilation._data import (
+from assimilation.io import (
     DataError,
     DomainError,
     GridMismatchError,
@@ -151,7 +151,7 @@ def test_time_axis_errors():
 
 
 def test_outside_window_dropped_with_count(caplog):
-    with caplog.at_level(logging.WARNING, logger="assimilation._data"):
+    with caplog.at_level(logging.WARNING, logger="assimilation.io"):
         obs = read_observations(
             obs_dataset(), GRID, time_units="h", window=(0.5, 2.0), outside="drop"
         )
@@ -167,7 +167,7 @@ def test_round_off_at_the_edges_is_snapped(caplog):
     ds = obs_dataset(
         times=(0.1, 0.2, t32), positions=(0.0, 500.0, 1000.0 + 1e-7), time_units="s"
     )
-    with caplog.at_level(logging.INFO, logger="assimilation._data"):
+    with caplog.at_level(logging.INFO, logger="assimilation.io"):
         obs = read_observations(ds, GRID, time_units="s", window=(0.0, 0.4))
     assert float(obs.times[-1]) == 0.4
     assert float(obs.positions[-1, 0]) == 1000.0
@@ -209,7 +209,7 @@ def test_periodic_positions_are_wrapped(caplog):
         sigma=jnp.ones(2),
     )
     ds = observations_to_dataset(obs)
-    with caplog.at_level(logging.WARNING, logger="assimilation._data"):
+    with caplog.at_level(logging.WARNING, logger="assimilation.io"):
         back = read_observations(ds, PERIODIC)
     np.testing.assert_allclose(np.asarray(back.positions), [[0.5, 4.0], [1.0, 2.0]])
     assert "wrapped 1 sensor position(s) `y`" in caplog.text
@@ -232,7 +232,7 @@ def test_units_conversion_and_refusal(caplog):
     # no units attribute: assumed to be the model's, and said so
     bare = obs_dataset()
     del bare["u"].attrs["units"]
-    with caplog.at_level(logging.WARNING, logger="assimilation._data"):
+    with caplog.at_level(logging.WARNING, logger="assimilation.io"):
         read_observations(bare, GRID, units="K", time_units="h")
     assert "`u` has no `units` attribute; assuming the model's units 'K'" in caplog.text
     assert unit_conversion("celsius", "kelvin") == (1.0, 273.15)
@@ -348,7 +348,7 @@ def test_io_exports_are_lazy():
     import sys
 
     import assimilation
-    from assimilation import _data
+    from assimilation import io as _data
 
     assert assimilation.read_observations is _data.read_observations
     assert issubclass(assimilation.GridMismatchError, ValueError)
@@ -367,3 +367,22 @@ def test_io_exports_are_lazy():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["UnitsError", "TimeAxisError", "DomainError"])
+def test_moved_error_classes_name_their_new_location(name):
+    """The observation-data errors live in assimilation.io; the core's old spelling
+    fails with a message naming the new place (the core never imports
+    assimilation)."""
+    import assimilation
+    import assimilation.io as aio
+
+    cls = getattr(aio, name)
+    assert issubclass(cls, dio.DataError) and issubclass(cls, ValueError)
+    assert getattr(assimilation, name) is cls
+    with pytest.raises(ImportError, match=f"use `assimilation.io.{name}`"):
+        getattr(dio, name)
+    with pytest.raises(ImportError, match=f"use `assimilation.io.{name}`"):
+        exec(f"from dphys.io import {name}", {})
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchError'"):
+        dio.NoSuchError  # noqa: B018

@@ -48,9 +48,7 @@ __all__ = [
     "BatchReport",
     "Case",
     "CaseResult",
-    "config_cases",
     "run_batch",
-    "run_config_case",
     "split_windows",
 ]
 
@@ -385,109 +383,3 @@ def split_windows(start: float, end: float, length: float) -> list[tuple[float, 
     edges = [start + k * length for k in range(n)] + [end]
     windows = [(edges[k], min(edges[k + 1], end)) for k in range(n)]
     return [(a, b) for a, b in windows if b > a]
-
-
-# ------------------------------------------------------------ configured batches
-def config_cases(cfg: dict, *, provenance: dict | None = None) -> list[Case]:
-    """The cases of a configuration's ``[batch]`` section.
-
-    Exactly one of:
-
-    * ``seeds = [0, 1, ...]``: one twin experiment per seed (``case seed-<n>``);
-    * ``n_windows = N`` and ``window_length = L`` (model time): consecutive windows
-      starting at ``time.t0``, each with ``n_steps = L / dt`` and observations
-      outside it dropped (``window-000``, ...);
-    * ``cases = [{name = "...", set = {"dotted.key" = value, ...}}, ...]``:
-      explicit cases overriding keys of the base configuration.
-
-    Every case's configuration is validated before anything runs.
-
-    Raises:
-        ConfigError: an invalid ``[batch]`` section or case configuration.
-    """
-    import copy
-
-    from ._config import ConfigError, set_dotted, validate_config
-
-    batch = cfg["batch"]
-    given = [k for k in ("seeds", "n_windows", "cases") if batch[k] is not None]
-    if len(given) != 1:
-        raise ConfigError(
-            "[batch] needs exactly one of `seeds`, `n_windows` (with "
-            f"`window_length`) or `cases`; got {given or 'none'}."
-        )
-    overrides: list[tuple[str, dict]] = []
-    if batch["seeds"] is not None:
-        if cfg["twin"] is None:
-            raise ConfigError("`batch.seeds` needs a [twin] section to reseed.")
-        seeds = batch["seeds"] if isinstance(batch["seeds"], list) else [batch["seeds"]]
-        overrides = [(f"seed-{s}", {"twin.seed": s}) for s in seeds]
-    elif batch["n_windows"] is not None:
-        length = batch["window_length"]
-        if length is None:
-            raise ConfigError("`batch.n_windows` needs `batch.window_length`.")
-        dt, t0 = cfg["time"]["dt"], cfg["time"]["t0"]
-        n_steps = round(length / dt)
-        if n_steps < 1 or abs(n_steps * dt - length) > 1e-9 * max(length, 1.0):
-            raise ConfigError(
-                f"`batch.window_length` = {length} must be a whole number of time "
-                f"steps (time.dt = {dt})."
-            )
-        for k, (a, _) in enumerate(
-            split_windows(t0, t0 + batch["n_windows"] * length, length)
-        ):
-            sets = {"time.t0": a, "time.n_steps": n_steps}
-            if cfg["observations"] is not None:
-                sets["observations.outside"] = "drop"
-            overrides.append((f"window-{k:03d}", sets))
-    else:
-        raw = batch["cases"]
-        if not isinstance(raw, list) or not raw:
-            raise ConfigError("`batch.cases` must be a non-empty array of tables.")
-        for i, item in enumerate(raw):
-            if (
-                not isinstance(item, dict)
-                or set(item) - {"name", "set"}
-                or ("name" not in item)
-            ):
-                raise ConfigError(
-                    f"`batch.cases[{i}]` must be a table with `name` and optional "
-                    f"`set` (dotted keys to override), got {item!r}."
-                )
-            sets = item.get("set", {})
-            if not isinstance(sets, dict):
-                raise ConfigError(f"`batch.cases[{i}].set` must be a table.")
-            overrides.append((str(item["name"]), _flatten(sets)))
-    cases = []
-    for name, sets in overrides:
-        case_cfg = copy.deepcopy(cfg)
-        case_cfg["batch"] = None
-        for key, value in sets.items():
-            set_dotted(case_cfg, key, value)
-        try:
-            case_cfg = validate_config(case_cfg)
-            case = Case(name, {"config": case_cfg, "attrs": dict(provenance or {})})
-        except ValueError as err:
-            raise ConfigError(f"batch case {name!r}: {err}") from None
-        cases.append(case)
-    return cases
-
-
-def _flatten(table: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def run_config_case(case: Case) -> xr.Dataset:
-    """Run the configured assimilation of ``case`` (from :func:`config_cases`) and
-    return its output dataset. Module-level so that Dask workers can run it."""
-    from ._config import output_dataset, run
-
-    out = run(case.payload["config"])
-    return output_dataset(out, case.payload.get("attrs"))

@@ -1,0 +1,64 @@
+r"""Observations and gridded fields from xarray / netCDF, validated at the boundary.
+
+Data enter the package here and nowhere else. Everything that can be wrong with a
+file is checked before any number reaches a cost function, and every problem ends in
+a :class:`~dphys.io.DataError` (a ``ValueError``) that names the variable, says what
+was received and how to fix it, or in a documented correction that is logged (module
+logger ``assimilation.io``) with a count:
+
+| problem | default | correction (opt-in) |
+|---|---|---|
+| missing variable / coordinate / dimension | :class:`MissingVariableError` | - |
+| grid coordinates differ from the model grid | :class:`GridMismatchError` | - |
+| ``units`` differ from the model's | converted if known, else :class:`UnitsError` | - |
+| no ``units`` attribute | assumed to be the model's (logged) | - |
+| times not strictly increasing | :class:`TimeAxisError` | - |
+| times outside the assimilation window | :class:`TimeAxisError` | ``outside="drop"`` |
+| sensor outside a non-periodic axis | :class:`DomainError` | - |
+| sensor outside a periodic axis | wrapped into the domain (logged) | - |
+| NaN values | kept: NaN means missing and is masked in the cost | - |
+
+Known unit conversions: K and degC; m, km, cm, mm; s, min, h, day (with the usual
+spellings, e.g. ``"hours"``, ``"celsius"``). Anything else must match exactly.
+
+Observation files hold one sensor (station) dimension:
+
+.. code-block:: text
+
+    dimensions: time, station
+    variables:  u(time, station)                  # any name; NaN = missing
+                x(station) [, y(station)]          # sensor positions
+                time(time)  units = "days since 2000-01-01", calendar = "noleap"
+                sigma(station) or u:sigma           # optional error std
+
+Times are converted to model time: ``(t - reference)`` in the model's ``time_units``,
+for every CF calendar (``standard``, ``noleap``, ``360_day``, ...) through
+:mod:`cftime`. Gridded fields (backgrounds, truths) are ``(time, y, x)`` or
+``(y, x)`` arrays whose coordinates must be the model grid's points.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    DataError as DataError,
+    DomainError as DomainError,
+    GridMismatchError as GridMismatchError,
+    MissingVariableError as MissingVariableError,
+    TimeAxisError as TimeAxisError,
+    UnitsError as UnitsError,
+)
+from ._gridded import read_field as read_field
+from ._names import (
+    ITERATION_DIM as ITERATION_DIM,
+    PARAMETER_DIM as PARAMETER_DIM,
+    SIGMA_NAME as SIGMA_NAME,
+    STATION_DIM as STATION_DIM,
+)
+from ._readers import open_dataset as open_dataset
+from ._stations import read_observations as read_observations
+from ._time import model_times as model_times
+from ._units import convert_units as convert_units, unit_conversion as unit_conversion
+from ._writers import (
+    analysis_to_dataset as analysis_to_dataset,
+    observations_to_dataset as observations_to_dataset,
+)

@@ -1,0 +1,234 @@
+"""Time axes: CF dates in any calendar to model time; order and window checks."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+
+import cftime
+import numpy as np
+import xarray as xr
+
+from dphys.io import (
+    TIME_DIM,
+)
+
+from ._errors import (
+    TimeAxisError,
+    UnitsError,
+)
+from ._units import _UNITS, _canonical, convert_units
+
+
+logger = logging.getLogger(__name__)
+
+
+# -- time axes -------------------------------------------------------------------------
+_SINCE = re.compile(r"^\s*(\w+)\s+since\s+(.+?)\s*$")
+
+
+def _reference_date(reference, calendar: str):
+    """``reference`` (ISO string, datetime or cftime) as a date in ``calendar``."""
+    if isinstance(reference, cftime.datetime):
+        text = reference.isoformat()
+    elif isinstance(reference, (_dt.datetime, _dt.date)):
+        text = reference.isoformat()
+    elif isinstance(reference, np.datetime64):
+        text = str(np.datetime_as_string(reference, unit="s"))
+    else:
+        text = str(reference)
+    text = text.replace("T", " ")
+    try:
+        return cftime.num2date(0, f"seconds since {text}", calendar=calendar)
+    except (ValueError, TypeError) as err:
+        raise TimeAxisError(
+            f"`reference` {reference!r} is not a valid date in the {calendar!r} "
+            f"calendar ({err}); give an ISO date such as '2000-01-01T00:00:00'."
+        ) from err
+
+
+def model_times(
+    time: xr.DataArray,
+    *,
+    time_units: str | None,
+    reference=None,
+    name: str = TIME_DIM,
+) -> np.ndarray:
+    r"""Convert a time coordinate to model time, float64 numbers in ``time_units``.
+
+    Handles, in this order:
+
+    * CF-encoded numbers, ``units = "<unit> since <date>"`` with an optional
+      ``calendar`` attribute (any cftime calendar: ``standard``/``gregorian``,
+      ``proleptic_gregorian``, ``noleap``/``365_day``, ``all_leap``, ``360_day``,
+      ``julian``): $t = (\text{date} - \text{reference})$ in ``time_units``, counted in
+      that calendar. ``reference=None`` uses the ``since`` date.
+    * already decoded ``datetime64`` or cftime objects (needs ``reference``);
+    * plain numbers with ``units`` such as ``"s"``, ``"hours"``, ``"days"``
+      (converted), no ``units`` (taken as model time, logged) or ``"1"``.
+
+    Args:
+        time: the time coordinate.
+        time_units: the model's time unit (``"s"``, ``"h"``, ``"d"``, ...); ``"1"``
+            for dimensionless model time; ``None`` to take plain numbers as they are
+            (no unit check).
+        reference: the date of model time 0 (e.g. the window start).
+        name: the variable name used in error messages.
+
+    Raises:
+        UnitsError: dates given but the model time unit is dimensionless/unknown.
+        TimeAxisError: a bad reference date, or non-finite times.
+    """
+    values = time.values
+    units = time.attrs.get("units", time.encoding.get("units"))
+    calendar = str(
+        time.attrs.get("calendar", time.encoding.get("calendar", "standard"))
+    )
+
+    def model_seconds():
+        unit = _canonical(time_units or "1")
+        if unit not in _UNITS or _UNITS[unit][0] != "time":
+            raise UnitsError(
+                f"`{name}` holds dates but the model's `time_units` is "
+                f"{time_units!r}, not a time unit; set `time_units` (e.g. 's', 'h', "
+                "'days') so dates can be converted to model time."
+            )
+        return _UNITS[unit][1]
+
+    if np.issubdtype(values.dtype, np.datetime64):
+        if reference is None:
+            raise TimeAxisError(
+                f"`{name}` holds decoded dates; pass `reference` (the date of model "
+                "time 0, e.g. the window start) to convert them to model time."
+            )
+        ref = np.datetime64(_reference_date(reference, "standard").isoformat())
+        seconds = (values - ref) / np.timedelta64(1, "s")
+        out = np.asarray(seconds, dtype=np.float64) / model_seconds()
+    elif values.dtype == object:
+        if values.size == 0 or not isinstance(values.flat[0], cftime.datetime):
+            raise TimeAxisError(
+                f"`{name}` has object dtype but does not hold cftime dates "
+                f"(first value {values.flat[0] if values.size else None!r})."
+            )
+        if reference is None:
+            raise TimeAxisError(
+                f"`{name}` holds decoded dates; pass `reference` (the date of model "
+                "time 0, e.g. the window start) to convert them to model time."
+            )
+        cal = values.flat[0].calendar
+        ref = _reference_date(reference, cal)
+        seconds = cftime.date2num(
+            values, f"seconds since {ref.isoformat()}", calendar=cal
+        )
+        out = np.asarray(seconds, dtype=np.float64) / model_seconds()
+    elif units is not None and _SINCE.match(str(units)):
+        unit_word, since = _SINCE.match(str(units)).groups()
+        try:
+            unit_seconds = _UNITS[_canonical(unit_word)][1]
+            if _UNITS[_canonical(unit_word)][0] != "time":
+                raise KeyError(unit_word)
+        except KeyError:
+            raise UnitsError(
+                f"`{name}` has units {units!r}; its time unit {unit_word!r} is not one "
+                "of seconds, minutes, hours, days."
+            ) from None
+        ref = _reference_date(since if reference is None else reference, calendar)
+        try:
+            ref_num = cftime.date2num(ref, str(units), calendar=calendar)
+        except ValueError as err:
+            raise TimeAxisError(
+                f"`{name}`: cannot decode units {units!r}: {err}"
+            ) from err
+        out = (np.asarray(values, dtype=np.float64) - float(ref_num)) * (
+            unit_seconds / model_seconds()
+        )
+    else:
+        if units is None:
+            logger.warning(
+                "`%s` has no `units` attribute; taking it as model time (%s)",
+                name,
+                time_units or "dimensionless",
+            )
+        numbers = np.asarray(values, dtype=np.float64)
+        out = convert_units(numbers, units, time_units, variable=name, difference=True)
+        if reference is not None and units is not None:
+            raise TimeAxisError(
+                f"`{name}` holds plain numbers ({units!r}), not dates, so `reference` "
+                f"{reference!r} cannot apply; drop `reference` or encode the times as "
+                "'<unit> since <date>'."
+            )
+    out = np.asarray(out, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(out)):
+        bad = int(np.sum(~np.isfinite(out)))
+        raise TimeAxisError(f"`{name}` has {bad} non-finite time value(s).")
+    return out
+
+
+def _check_time_axis(t: np.ndarray, name: str) -> None:
+    diffs = np.diff(t)
+    if np.any(diffs == 0):
+        i = int(np.argmax(diffs == 0))
+        raise TimeAxisError(
+            f"`{name}` has duplicate times: entries {i} and {i + 1} are both "
+            f"{t[i]:.6g} (model time); merge or drop them, e.g. "
+            f"`ds.drop_duplicates('{name}')`."
+        )
+    if np.any(diffs < 0):
+        i = int(np.argmax(diffs < 0))
+        raise TimeAxisError(
+            f"`{name}` is not increasing: entry {i + 1} ({t[i + 1]:.6g}) comes after "
+            f"entry {i} ({t[i]:.6g}) (model time); sort the data, e.g. "
+            f"`ds.sortby('{name}')`."
+        )
+
+
+# Times and positions within this fraction of the window length / domain length
+# outside it are snapped onto its edge (logged) rather than refused: values stored
+# as float32, or converted between units, miss an edge by a few ulps.
+_EDGE_RTOL = 1e-6
+
+
+def _apply_window(t: np.ndarray, window, outside: str, name: str):
+    """``(keep, t)``: a mask of the times to keep and the times, with those within
+    round-off of an edge snapped onto it; raise or log for times outside."""
+    if outside not in ("error", "drop"):
+        raise ValueError(f"`outside` must be 'error' or 'drop', got {outside!r}.")
+    keep = np.ones(t.shape, dtype=bool)
+    if window is None:
+        return keep, t
+    t0, t1 = (float(w) for w in window)
+    if not t1 >= t0:
+        raise ValueError(
+            f"`window` must be (start, end) with end >= start, got {window}."
+        )
+    tol = _EDGE_RTOL * max(t1 - t0, 1e-3 * max(abs(t0), abs(t1), 1.0))
+    near = ((t < t0) & (t >= t0 - tol)) | ((t > t1) & (t <= t1 + tol))
+    if np.any(near):
+        logger.info(
+            "snapped %d time(s) of `%s` within %.3g of the window edges onto them",
+            int(near.sum()),
+            name,
+            tol,
+        )
+        t = np.where(near, np.clip(t, t0, t1), t)
+    keep = (t >= t0) & (t <= t1)
+    n_out = int(np.sum(~keep))
+    if n_out and outside == "error":
+        first = float(t[~keep][0])
+        raise TimeAxisError(
+            f"`{name}` has {n_out} of {t.size} times outside the assimilation window "
+            f"[{t0:.6g}, {t1:.6g}] (model time), e.g. {first:.6g}. Select the window's "
+            "data first (`ds.sel(time=slice(...))`), widen the window, or drop them "
+            "with `outside='drop'`."
+        )
+    if n_out:
+        logger.warning(
+            "dropped %d of %d times of `%s` outside the window [%g, %g]",
+            n_out,
+            t.size,
+            name,
+            t0,
+            t1,
+        )
+    return keep, t

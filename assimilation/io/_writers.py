@@ -1,0 +1,404 @@
+"""CF-1.8 datasets of observations and analyses (the writers)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+import dphys
+from dphys.io import (
+    TIME_DIM,
+    spatial_dims,
+)
+
+from .._observation import Observations
+from ._errors import (
+    UnitsError,
+)
+from ._names import ITERATION_DIM, PARAMETER_DIM, SIGMA_NAME, STATION_DIM
+from ._time import _reference_date
+from ._units import _UNITS, _canonical
+
+
+logger = logging.getLogger(__name__)
+
+
+# -- writing ---------------------------------------------------------------------------
+def observations_to_dataset(
+    obs: Observations,
+    *,
+    variable: str = "u",
+    units: str | None = None,
+    length_units: str | None = None,
+    time_units: str | None = None,
+    reference=None,
+    calendar: str = "standard",
+    attrs: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Observations as a CF dataset in the layout :func:`read_observations` reads.
+
+    With ``reference`` (a date) the times are written CF-encoded as
+    ``"<time_units> since <reference>"`` in ``calendar``; otherwise as model time.
+    """
+    ndim = int(np.shape(obs.positions)[1])
+    pos = np.asarray(obs.positions)
+    t = np.asarray(obs.times, dtype=np.float64)
+    time_attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
+    if reference is not None:
+        if (
+            time_units is None
+            or _canonical(time_units) not in _UNITS
+            or _UNITS[_canonical(time_units)][0] != "time"
+        ):
+            raise UnitsError(
+                f"`time_units` must be a time unit to write dates, got {time_units!r}."
+            )
+        word = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days"}[
+            _canonical(time_units)
+        ]
+        ref = _reference_date(reference, calendar)
+        time_attrs.update(
+            units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
+        )
+    else:
+        time_attrs.update(units=time_units or "1", long_name="model time")
+    value_attrs = {"long_name": f"observed {variable}"}
+    if getattr(obs, "field", None) is not None:
+        value_attrs["field"] = obs.field
+    if units is not None:
+        value_attrs["units"] = units
+    pos_attrs = {"units": length_units or "1"}
+    coords = {
+        TIME_DIM: xr.DataArray(t, dims=(TIME_DIM,), attrs=time_attrs),
+        STATION_DIM: xr.DataArray(
+            np.arange(pos.shape[0]),
+            dims=(STATION_DIM,),
+            attrs={"long_name": "sensor index"},
+        ),
+    }
+    for axis, name in enumerate(spatial_dims(ndim)):
+        coords[name] = xr.DataArray(
+            pos[:, axis],
+            dims=(STATION_DIM,),
+            attrs={**pos_attrs, "long_name": f"sensor {name} position"},
+        )
+    data = {
+        variable: xr.DataArray(
+            np.asarray(obs.values), dims=(TIME_DIM, STATION_DIM), attrs=value_attrs
+        ),
+        SIGMA_NAME: xr.DataArray(
+            np.asarray(obs.sigma),
+            dims=(STATION_DIM,),
+            attrs={
+                "long_name": "observation error standard deviation",
+                **({"units": units} if units is not None else {}),
+            },
+        ),
+    }
+    return xr.Dataset(
+        data, coords=coords, attrs={"Conventions": "CF-1.8", **(attrs or {})}
+    )
+
+
+# -- analysis output -------------------------------------------------------------------
+def _state_vars(prefix, state, grid, units, long_name):
+    """One variable per state field: ``prefix`` (single array) or ``prefix_<field>``."""
+    from dphys.io import to_dataset
+
+    ds = to_dataset(state, grid, name=prefix, units=units)
+    out = {}
+    for name in ds.data_vars:
+        new = name if name == prefix else f"{prefix}_{name}"
+        da = ds[name].drop_vars(list(ds[name].coords))
+        da.attrs["long_name"] = long_name + ("" if name == prefix else f" ({name})")
+        out[new] = da
+    return out
+
+
+def _time_coordinate(times, time_units, reference, calendar):
+    attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
+    unit = _canonical(time_units) if time_units else None
+    if reference is not None and unit in ("s", "min", "h", "d"):
+        word = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days"}[unit]
+        ref = _reference_date(reference, calendar)
+        attrs.update(
+            units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
+        )
+    else:
+        attrs.update(units=time_units or "1", long_name="model time")
+    return xr.DataArray(
+        np.asarray(times, dtype=np.float64), dims=(TIME_DIM,), attrs=attrs
+    )
+
+
+def analysis_to_dataset(
+    analysis,
+    grid: dphys.Grid,
+    obs: Observations,
+    *,
+    units: str | None = None,
+    length_units: str | None = None,
+    time_units: str | None = None,
+    reference=None,
+    calendar: str = "standard",
+    truth: Mapping[str, Any] | None = None,
+    scores: Mapping[str, Any] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    parameter_units: Mapping[str, str] | None = None,
+) -> xr.Dataset:
+    r"""An :class:`assimilation.Analysis` as a CF-1.8 dataset.
+
+    Variables (single-field states; a multi-field state gets one variable per field,
+    ``analysis_eta``, ``analysis_u``, ...):
+
+    * ``analysis``, ``background``, ``increment`` ($x_a - x_b$) at the window start;
+      ``analysis_std`` (posterior std, when available); ``analysis_final``,
+      ``background_final`` (forecasts at the window end); ``truth``,
+      ``truth_final`` for twin experiments;
+    * per calibrated parameter ``p``: ``p`` (analysis), ``p_background``,
+      ``p_increment``, ``p_std`` and ``p_std_unconstrained`` (Laplace posterior),
+      ``p_truth`` (twin), ``p_history(iteration, ...)``;
+      ``parameter_correlation(parameter, parameter2)`` between all scalar entries;
+    * convergence ``cost``, ``background_cost``, ``obs_cost``, ``grad_norm``,
+      ``step_norm``, ``inner_iterations``, ``elapsed`` on ``iteration``;
+    * the observations ``obs(time, station)``, ``sigma(station)``, sensor positions
+      ``station_x`` (``station_y``), and the residuals ``obs_minus_background`` and
+      ``obs_minus_analysis`` (NaN where missing).
+
+    Global attributes: the grid (as :func:`dphys.io.grid_attrs`), the method,
+    termination reason and message, costs, twin scores, and whatever ``attrs``
+    holds (the CLI adds ``history``, ``source`` and the full configuration).
+    """
+    from dphys.io import grid_attrs, grid_coords
+
+    data: dict[str, xr.DataArray] = {}
+    data.update(
+        _state_vars(
+            "analysis", analysis.initial_state, grid, units, "analysis initial state"
+        )
+    )
+    data.update(
+        _state_vars(
+            "background",
+            analysis.background_state,
+            grid,
+            units,
+            "background initial state",
+        )
+    )
+    if "initial_state" in analysis.increments:
+        data.update(
+            _state_vars(
+                "increment",
+                analysis.increments["initial_state"],
+                grid,
+                units,
+                "analysis increment of the initial state",
+            )
+        )
+    if analysis.initial_state_std is not None:
+        data.update(
+            _state_vars(
+                "analysis_std",
+                analysis.initial_state_std,
+                grid,
+                units,
+                "posterior standard deviation of the initial state",
+            )
+        )
+    data.update(
+        _state_vars(
+            "analysis_final",
+            analysis.final_state,
+            grid,
+            units,
+            "forecast from the analysis at the window end",
+        )
+    )
+    data.update(
+        _state_vars(
+            "background_final",
+            analysis.background_final_state,
+            grid,
+            units,
+            "forecast from the background at the window end",
+        )
+    )
+    if truth is not None:
+        data.update(
+            _state_vars("truth", truth["state0"], grid, units, "true initial state")
+        )
+        data.update(
+            _state_vars(
+                "truth_final",
+                truth["final"],
+                grid,
+                units,
+                "true state at the window end",
+            )
+        )
+
+    sdims = spatial_dims(grid.ndim)
+
+    def param_dims(value, lead=()):
+        shape = np.shape(value)[len(lead) :]
+        if shape == ():
+            return lead
+        if shape == grid.shape:
+            return (*lead, *sdims)
+        raise ValueError(f"parameter of shape {shape} is neither scalar nor a field")
+
+    for name, value in analysis.parameters.items():
+        value = np.asarray(value)
+        pu = (parameter_units or {}).get(name)
+        pu = {"units": pu} if pu else {}
+        data[name] = xr.DataArray(
+            value,
+            dims=param_dims(value),
+            attrs={"long_name": f"analysis of parameter {name}", **pu},
+        )
+        bg = np.asarray(analysis.background_parameters[name])
+        data[f"{name}_background"] = xr.DataArray(
+            bg, dims=param_dims(bg), attrs={"long_name": f"background {name}", **pu}
+        )
+        inc = np.asarray(analysis.increments.get(name, value - bg))
+        data[f"{name}_increment"] = xr.DataArray(
+            inc,
+            dims=param_dims(inc),
+            attrs={"long_name": f"analysis increment of {name}", **pu},
+        )
+        if analysis.parameter_std is not None:
+            s = np.asarray(analysis.parameter_std[name])
+            data[f"{name}_std"] = xr.DataArray(
+                s,
+                dims=param_dims(s),
+                attrs={
+                    "long_name": f"posterior standard deviation of {name} (Laplace, "
+                    "delta method)",
+                    **pu,
+                },
+            )
+            su = np.asarray(analysis.parameter_std_unconstrained[name])
+            data[f"{name}_std_unconstrained"] = xr.DataArray(
+                su,
+                dims=param_dims(su),
+                attrs={
+                    "long_name": f"posterior standard deviation of the "
+                    f"transformed (unconstrained) {name}"
+                },
+            )
+        if truth is not None and name in truth.get("parameters", {}):
+            tv = np.asarray(truth["parameters"][name])
+            data[f"{name}_truth"] = xr.DataArray(
+                tv, dims=param_dims(tv), attrs={"long_name": f"true {name}", **pu}
+            )
+        hist = np.asarray(analysis.history.parameters[name])
+        data[f"{name}_history"] = xr.DataArray(
+            hist,
+            dims=param_dims(hist, (ITERATION_DIM,)),
+            attrs={"long_name": f"{name} at each iteration", **pu},
+        )
+    if analysis.parameter_correlation is not None and analysis.parameter_labels:
+        data["parameter_correlation"] = xr.DataArray(
+            np.asarray(analysis.parameter_correlation),
+            dims=(PARAMETER_DIM, PARAMETER_DIM + "2"),
+            coords={
+                PARAMETER_DIM: list(analysis.parameter_labels),
+                PARAMETER_DIM + "2": list(analysis.parameter_labels),
+            },
+            attrs={
+                "long_name": "posterior correlation between parameter entries",
+                "units": "1",
+            },
+        )
+
+    hist = analysis.history
+    for key, long_name, u in (
+        ("cost", "4D-Var cost J = Jb + Jo", "1"),
+        ("background_cost", "background term Jb", "1"),
+        ("obs_cost", "observation term Jo", "1"),
+        ("grad_norm", "norm of the gradient in the whitened control space", "1"),
+        ("step_norm", "norm of the control step", "1"),
+        ("inner_iterations", "inner (CG or line-search) iterations", "1"),
+        ("elapsed", "wall-clock time since the start", "s"),
+    ):
+        data[key] = xr.DataArray(
+            np.asarray(getattr(hist, key)),
+            dims=(ITERATION_DIM,),
+            attrs={"long_name": long_name, "units": u},
+        )
+
+    pos = np.asarray(obs.positions)
+    station = {
+        STATION_DIM: xr.DataArray(
+            np.arange(pos.shape[0]),
+            dims=(STATION_DIM,),
+            attrs={"long_name": "sensor index"},
+        )
+    }
+    for axis, dim in enumerate(sdims):
+        data[f"station_{dim}"] = xr.DataArray(
+            pos[:, axis],
+            dims=(STATION_DIM,),
+            attrs={"long_name": f"sensor {dim} position", "units": length_units or "1"},
+        )
+    value_attrs = {"units": units} if units is not None else {}
+    for key, values, long_name in (
+        ("obs", obs.values, "observed values (NaN: missing)"),
+        (
+            "obs_minus_background",
+            analysis.obs_minus_background,
+            "observation minus background forecast",
+        ),
+        (
+            "obs_minus_analysis",
+            analysis.obs_minus_analysis,
+            "observation minus analysis forecast",
+        ),
+    ):
+        data[key] = xr.DataArray(
+            np.asarray(values),
+            dims=(TIME_DIM, STATION_DIM),
+            attrs={"long_name": long_name, **value_attrs},
+        )
+    data["sigma"] = xr.DataArray(
+        np.asarray(obs.sigma),
+        dims=(STATION_DIM,),
+        attrs={"long_name": "observation error standard deviation", **value_attrs},
+    )
+
+    coords = {
+        **grid_coords(grid, length_units=length_units),
+        **station,
+        TIME_DIM: _time_coordinate(obs.times, time_units, reference, calendar),
+        ITERATION_DIM: xr.DataArray(
+            np.arange(hist.n_iterations + 1),
+            dims=(ITERATION_DIM,),
+            attrs={"long_name": "iteration (0: start)"},
+        ),
+    }
+    gattrs: dict[str, Any] = {
+        "Conventions": "CF-1.8",
+        "title": "dphys 4D-Var analysis",
+        **grid_attrs(grid),
+        "method": analysis.method,
+        "termination": analysis.termination,
+        "converged": int(bool(analysis.converged)),
+        "n_iterations": int(analysis.n_iterations),
+        "cost_background": float(analysis.cost_background),
+        "cost_analysis": float(analysis.cost_analysis),
+        "message": analysis.message,
+    }
+    for key, value in (scores or {}).items():
+        if isinstance(value, Mapping):
+            for name, v in value.items():
+                gattrs[f"{key}_{name}"] = float(v)
+        else:
+            gattrs[key] = float(value)
+    if attrs:
+        gattrs.update(attrs)
+    return xr.Dataset(data, coords=coords, attrs=gattrs)

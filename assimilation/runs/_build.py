@@ -1,0 +1,337 @@
+"""Building a run (model, background, control, observations) from a configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ._schema import STATE_FIELDS, ConfigError
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """Everything a configured run needs, built by :func:`build_run`.
+
+    ``truth_model``/``truth_state0``/``twin_key`` are set only for twin experiments,
+    whose observations are made by :func:`run` from the truth.
+    """
+
+    config: dict
+    grid: Any
+    model: Any
+    stepper: Any
+    state0: Any
+    control: Any
+    method: Any
+    dt: float
+    n_steps: int
+    t0: float
+    obs: Any = None
+    truth_model: Any = None
+    truth_state0: Any = None
+    twin_key: Any = None
+    obs_positions: Any = None
+    obs_times: Any = None
+
+
+@dataclasses.dataclass
+class RunOutput:
+    """The result of :func:`run`: the analysis, the observations used and, for a
+    twin experiment, the truth and the scores."""
+
+    setup: RunSetup
+    analysis: Any
+    obs: Any
+    truth: dict | None = None
+    scores: dict | None = None
+    seconds: float = 0.0
+
+
+def _grid(cfg):
+    import dphys
+
+    g = cfg["model"]["grid"]
+    shape = g["shape"] if isinstance(g["shape"], list) else [g["shape"]]
+    try:
+        return dphys.Grid(
+            tuple(shape),
+            lengths=_tuple(g["lengths"]),
+            boundary=_tuple(g["boundary"]),
+            origin=_tuple(g["origin"]),
+        )
+    except ValueError as err:
+        raise ConfigError(f"[model.grid]: {err}") from err
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _make_model(name, grid, values):
+    import pdes
+
+    try:
+        if name == "heat":
+            return pdes.Heat(grid, values["kappa"], source=values.get("source"))
+        if name == "advection":
+            vel = values["velocity"]
+            vel = tuple(vel) if isinstance(vel, list) else (vel,) * grid.ndim
+            if len(vel) != grid.ndim:
+                raise ConfigError(
+                    f"`model.parameters.velocity` needs {grid.ndim} component(s) (one "
+                    f"per grid axis, array order), got {list(vel)}."
+                )
+            return pdes.Advection(
+                grid,
+                velocity=vel,
+                kappa=values.get("kappa"),
+                scheme=values.get("scheme", "centered"),
+            )
+        return pdes.ShallowWater(
+            grid,
+            values["depth"],
+            g=values["g"],
+            f0=values["f0"],
+            drag=values["drag"],
+            nonlinear=values["nonlinear"],
+        )
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"[model] {name}: {err}") from err
+
+
+def _stepper(name):
+    import dphys
+
+    return {
+        "backward_euler": dphys.BackwardEuler,
+        "crank_nicolson": dphys.CrankNicolson,
+        "bdf2": dphys.BDF2,
+        "imex": dphys.IMEX,
+    }[name]()
+
+
+def _covariance(grid, std, length_scale):
+    from .._covariance import Diagonal, Diffusion
+
+    if length_scale > 0:
+        return Diffusion(grid, length_scale, std=std)
+    return Diagonal(std, shape=grid.shape)
+
+
+def _per_field(value, field, default):
+    """A per-field setting: a number for every field, or a table (missing: default)."""
+    return float(value.get(field, default) if isinstance(value, dict) else value)
+
+
+def _background_state(cfg, grid):
+    import jax.numpy as jnp
+    import jax.tree_util as jtu
+
+    from ..io import TimeAxisError, read_field
+
+    model = cfg["model"]
+    bg = cfg["background"]
+    fields = STATE_FIELDS[model["name"]]
+    dtype = jnp.result_type(float)
+
+    def one(field, variable):
+        if bg["path"] is None:
+            return jnp.full(grid.shape, _per_field(bg["value"], field, 0.0), dtype)
+        times, values = read_field(
+            bg["path"],
+            variable,
+            grid,
+            units=model["units"],
+            length_units=model["length_units"],
+            time_units=model["time_units"],
+            reference=cfg["time"]["reference"],
+        )
+        if times is None:
+            return jnp.asarray(values, dtype)
+        t0 = cfg["time"]["t0"]
+        hit = np.flatnonzero(
+            np.isclose(np.asarray(times), t0, rtol=0, atol=1e-9 * max(1.0, abs(t0)))
+        )
+        if hit.size == 0:
+            raise TimeAxisError(
+                f"background `{variable}` in {bg['path']!r} has no time equal to the "
+                f"window start t0 = {t0:g} (its times: {np.asarray(times)[:5]}...); "
+                "give the background at t0, or a file without a time dimension."
+            )
+        return jnp.asarray(values[int(hit[0])], dtype)
+
+    if fields is None:
+        state0 = one(None, bg["variable"])
+        cov = _covariance(grid, bg["std"], bg["length_scale"])
+        return state0, cov
+    import pdes
+
+    arrays = {f: one(f, f) for f in fields}
+    covs = {
+        f: _covariance(grid, _per_field(bg["std"], f, 1.0), bg["length_scale"])
+        for f in fields
+    }
+    state0 = pdes.SWState(**arrays)
+    cov = jtu.tree_map(
+        lambda f: covs[f], pdes.SWState(*fields), is_leaf=lambda x: isinstance(x, str)
+    )
+    return state0, cov
+
+
+def _transform(spec):
+    from .._control import Bounded, Identity, Log, Softplus
+
+    return {
+        "identity": Identity,
+        "log": Log,
+        "softplus": Softplus,
+        "bounded": lambda: Bounded(spec["lower"], spec["upper"]),
+    }[spec["transform"]]()
+
+
+def build_run(cfg: dict) -> RunSetup:
+    """Build the model, background, control and observations of a configuration.
+
+    Args:
+        cfg: a configuration validated by :func:`validate_config`.
+
+    Raises:
+        ConfigError: values the model or covariance constructors refuse.
+        DataError: observation or background files that fail validation.
+    """
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    from .._control import Control, InitialState, Parameter
+    from .._methods import LBFGS, GaussNewton
+    from ..io import read_observations
+
+    grid = _grid(cfg)
+    model_cfg = cfg["model"]
+    values = dict(model_cfg["parameters"])
+    control_cfg = cfg["control"]
+    dtype = jnp.result_type(float)
+
+    params, backgrounds = [], {}
+    for name, spec in control_cfg["parameters"].items():
+        value = spec["background"] if spec["background"] is not None else values[name]
+        try:
+            transform = _transform(spec)
+            if spec["field"]:
+                bg = jnp.full(grid.shape, float(value), dtype)
+                cov = _covariance(grid, spec["sigma"], spec["length_scale"])
+                params.append(
+                    Parameter(name, background=bg, transform=transform, covariance=cov)
+                )
+            else:
+                bg = jnp.asarray(float(value), dtype)
+                params.append(
+                    Parameter(
+                        name, background=bg, transform=transform, sigma=spec["sigma"]
+                    )
+                )
+        except ValueError as err:
+            raise ConfigError(f"[control.parameters.{name}]: {err}") from err
+        backgrounds[name] = bg
+    model = _make_model(model_cfg["name"], grid, {**values, **backgrounds})
+    state0, b_cov = _background_state(cfg, grid)
+    try:
+        control = Control(
+            initial_state=InitialState(b_cov) if control_cfg["initial_state"] else None,
+            parameters=params,
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"[control]: {err}") from err
+
+    solver = cfg["solver"]
+    opts = dict(
+        max_iterations=solver["max_iterations"],
+        gtol=solver["gtol"],
+        ftol=solver["ftol"],
+    )
+    method = (
+        GaussNewton(**opts) if solver["method"] == "gauss_newton" else LBFGS(**opts)
+    )
+
+    time_cfg = cfg["time"]
+    dt, n_steps, t0 = time_cfg["dt"], time_cfg["n_steps"], time_cfg["t0"]
+    setup = RunSetup(
+        cfg,
+        grid,
+        model,
+        _stepper(time_cfg["stepper"]),
+        state0,
+        control,
+        method,
+        dt,
+        n_steps,
+        t0,
+    )
+    twin = cfg["twin"]
+    if twin is None:
+        obs_cfg = cfg["observations"]
+        setup.obs = read_observations(
+            obs_cfg["path"],
+            grid,
+            variable=obs_cfg["variable"],
+            sigma=obs_cfg["sigma"],
+            units=model_cfg["units"],
+            length_units=model_cfg["length_units"],
+            time_units=model_cfg["time_units"],
+            reference=time_cfg["reference"],
+            window=(t0, t0 + n_steps * dt),
+            outside=obs_cfg["outside"],
+            field=obs_cfg["field"],
+        )
+        return setup
+
+    # Twin experiment: a truth drawn from the prior, seeded.
+    key = jr.key(twin["seed"])
+    k_state, k_param, k_pos, k_obs = jr.split(key, 4)
+    truth_values = dict(values)
+    for i, p in enumerate(params):
+        true = twin["truth"].get(p.name)
+        base = (
+            backgrounds[p.name]
+            if true is None
+            else jnp.full(jnp.shape(backgrounds[p.name]), float(true), dtype)
+        )
+        if jnp.ndim(base) and control_cfg["parameters"][p.name]["field"]:
+            xi = p.covariance.sample(key=jr.fold_in(k_param, i))
+            base = base * jnp.exp(xi)
+        truth_values[p.name] = base
+    setup.truth_model = _make_model(model_cfg["name"], grid, truth_values)
+    leaves_cov = b_cov
+    if STATE_FIELDS[model_cfg["name"]] is None:
+        setup.truth_state0 = state0 + leaves_cov.sample(key=k_state)
+    else:
+        import jax.tree_util as jtu
+
+        from .._covariance import AbstractCovariance
+
+        covs = jtu.tree_leaves(
+            leaves_cov, is_leaf=lambda c: isinstance(c, AbstractCovariance)
+        )
+        keys = jr.split(k_state, len(covs))
+        draws = [c.sample(key=k) for c, k in zip(covs, keys, strict=True)]
+        noise = jtu.tree_unflatten(jtu.tree_structure(state0), draws)
+        setup.truth_state0 = jtu.tree_map(jnp.add, state0, noise)
+    lo = jnp.asarray(grid.origin, dtype)
+    hi = lo + jnp.asarray(grid.lengths, dtype)
+    pos = lo + (hi - lo) * jr.uniform(k_pos, (twin["n_sensors"], grid.ndim), dtype)
+    if grid.ndim == 1:
+        pos = jnp.sort(pos, axis=0)
+    setup.obs_positions = pos
+    every = twin["obs_every"]
+    if every > n_steps:
+        raise ConfigError(
+            f"`twin.obs_every` = {every} is larger than `time.n_steps` = {n_steps}; "
+            "there would be no observation time."
+        )
+    setup.obs_times = t0 + dt * jnp.arange(every, n_steps + 1, every, dtype=dtype)
+    setup.twin_key = k_obs
+    return setup

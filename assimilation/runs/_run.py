@@ -1,0 +1,178 @@
+"""Running a configured assimilation and writing its output dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._build import RunSetup, build_run
+from ._schema import ConfigError
+
+
+@dataclasses.dataclass
+class RunOutput:
+    """The result of :func:`run`: the analysis, the observations used and, for a
+    twin experiment, the truth and the scores."""
+
+    setup: RunSetup
+    analysis: Any
+    obs: Any
+    truth: dict | None = None
+    scores: dict | None = None
+    seconds: float = 0.0
+
+
+def _rmse(a, b) -> float:
+    import jax.tree_util as jtu
+
+    d = np.concatenate(
+        [
+            np.ravel(np.asarray(x) - np.asarray(y))
+            for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)
+        ]
+    )
+    return float(np.sqrt(np.mean(d**2)))
+
+
+def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput:
+    """Build (unless ``setup`` is given) and run a configured assimilation.
+
+    For a twin experiment, synthetic observations are made from the truth first
+    (:func:`assimilation.make_observations`) and the analysis is scored against the
+    truth.
+
+    Args:
+        cfg: a validated configuration.
+        callback: progress callback passed to :func:`assimilation.assimilate`.
+        setup: a prebuilt :class:`RunSetup`.
+
+    Returns:
+        A :class:`RunOutput`.
+    """
+    import time
+
+    import dphys
+
+    from .._assimilate import assimilate
+    from .._cost import FourDVar
+    from .._twin import make_observations
+
+    start = time.perf_counter()
+    setup = build_run(cfg) if setup is None else setup
+    twin = cfg["twin"]
+    if twin is not None:
+        setup.obs = make_observations(
+            setup.truth_model,
+            setup.stepper,
+            setup.truth_state0,
+            positions=setup.obs_positions,
+            times=setup.obs_times,
+            sigma=twin["sigma"],
+            dt=setup.dt,
+            n_steps=setup.n_steps,
+            t0=setup.t0,
+            key=setup.twin_key,
+            missing=twin["missing"],
+            field=twin["field"],
+        )
+    try:
+        cost = FourDVar(
+            setup.model,
+            setup.stepper,
+            setup.state0,
+            setup.obs,
+            setup.control,
+            dt=setup.dt,
+            n_steps=setup.n_steps,
+            t0=setup.t0,
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"cannot set up the 4D-Var cost: {err}") from err
+    analysis = assimilate(
+        cost, setup.method, callback=callback, uncertainty=cfg["solver"]["uncertainty"]
+    )
+    out = RunOutput(setup, analysis, setup.obs)
+    if twin is not None:
+        truth_final = dphys.simulate(
+            setup.truth_model,
+            setup.stepper,
+            setup.truth_state0,
+            dt=setup.dt,
+            n_steps=setup.n_steps,
+            t0=setup.t0,
+        ).final
+        truth_params = {
+            p.name: np.asarray(p.select(setup.truth_model))
+            for p in cost.control.parameters
+        }
+        out.truth = {
+            "state0": setup.truth_state0,
+            "final": truth_final,
+            "parameters": truth_params,
+        }
+        scores = {
+            "rmse_initial_background": _rmse(
+                analysis.background_state, setup.truth_state0
+            ),
+            "rmse_initial_analysis": _rmse(analysis.initial_state, setup.truth_state0),
+            "rmse_final_background": _rmse(
+                analysis.background_final_state, truth_final
+            ),
+            "rmse_final_analysis": _rmse(analysis.final_state, truth_final),
+            "within_2sigma": {},
+        }
+        if analysis.parameter_std_unconstrained is not None:
+            import jax.numpy as jnp
+
+            for p in cost.control.parameters:
+                z_t = np.asarray(p.transform.inverse(jnp.asarray(truth_params[p.name])))
+                z_a = np.asarray(
+                    p.transform.inverse(jnp.asarray(analysis.parameters[p.name]))
+                )
+                s = np.asarray(analysis.parameter_std_unconstrained[p.name])
+                scores["within_2sigma"][p.name] = float(
+                    np.mean(np.abs(z_t - z_a) <= 2 * s)
+                )
+        out.scores = scores
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def output_dataset(out: RunOutput, attrs: Mapping[str, Any] | None = None):
+    """The CF dataset of a :class:`RunOutput` (see :func:`analysis_to_dataset`)."""
+    from ..io import analysis_to_dataset
+
+    cfg = out.setup.config
+    model = cfg["model"]
+    return analysis_to_dataset(
+        out.analysis,
+        out.setup.grid,
+        out.obs,
+        units=model["units"],
+        length_units=model["length_units"],
+        time_units=model["time_units"],
+        reference=cfg["time"]["reference"],
+        calendar=cfg["time"]["calendar"],
+        truth=out.truth,
+        scores=out.scores,
+        attrs=attrs,
+        parameter_units=parameter_units(model),
+    )
+
+
+def parameter_units(model: Mapping[str, Any]) -> dict[str, str]:
+    """CF ``units`` of each model parameter from the model's units (when known)."""
+    u, length, t = model["units"], model["length_units"], model["time_units"]
+    out = {}
+    if length and t:
+        out.update(
+            kappa=f"{length}2 {t}-1", g=f"{length} {t}-2", f0=f"{t}-1", drag=f"{t}-1"
+        )
+    if length:
+        out["depth"] = length
+    if u and t:
+        out["source"] = f"{u} {t}-1"
+    return out
