@@ -104,7 +104,8 @@ def check_memory_budget(
     """
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int | float):
         raise TypeError(
-            f"`budget_bytes` must be a number of bytes, got {type(budget_bytes).__name__}."
+            "`budget_bytes` must be a number of bytes, got "
+            f"{type(budget_bytes).__name__}."
         )
     if not budget_bytes > 0:
         raise ValueError(f"`budget_bytes` must be > 0, got {budget_bytes!r}.")
@@ -112,7 +113,8 @@ def check_memory_budget(
     if need > budget_bytes:
         raise MemoryBudgetError(
             f"{what} needs {need / 2**20:.1f} MiB of device memory (compiled memory "
-            f"analysis) but `budget_bytes` allows {budget_bytes / 2**20:.1f} MiB; raise "
+            f"analysis) but `budget_bytes` allows {budget_bytes / 2**20:.1f} MiB; "
+            "raise "
             "the budget or choose a cheaper configuration (e.g. a checkpointed, "
             "truncated or implicit gradient mode, or a smaller batch)."
         )

@@ -111,7 +111,8 @@ class TrainState(eqx.Module):
 def _raw_key(key, name: str = "key"):
     if key is None:
         raise TypeError(
-            f"`{name}` is required (keyword-only): pass e.g. `{name}=jax.random.key(0)`."
+            f"`{name}` is required (keyword-only): pass e.g. "
+            f"`{name}=jax.random.key(0)`."
         )
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -154,12 +155,17 @@ def freeze(model, where: Callable, base: Callable = eqx.is_inexact_array):
         True
     """
     spec = jtu.tree_map(base, model)
-    return eqx.tree_at(where, spec, replace_fn=lambda node: jtu.tree_map(
-        lambda _: False, node))
+    return eqx.tree_at(
+        where, spec, replace_fn=lambda node: jtu.tree_map(lambda _: False, node)
+    )
 
 
 def init_train(
-    model, optimizer: optax.GradientTransformation, *, key, trainable=eqx.is_inexact_array
+    model,
+    optimizer: optax.GradientTransformation,
+    *,
+    key,
+    trainable=eqx.is_inexact_array,
 ) -> TrainState:
     """The initial :class:`TrainState` of ``model`` under ``optimizer``.
 
@@ -222,7 +228,8 @@ def _split_out(out, name: str):
     if isinstance(out, tuple):
         if len(out) != 2 or not isinstance(out[1], dict):
             raise TypeError(
-                f"`{name}` must return a scalar loss or `(loss, aux)` with `aux` a dict "
+                f"`{name}` must return a scalar loss or `(loss, aux)` with `aux` a "
+                "dict "
                 f"of scalar diagnostics; got a tuple of length {len(out)}."
             )
         loss, aux = out
@@ -272,6 +279,11 @@ def _batch_objective(params, frozen, batch, key, loss_fn, batch_loss, name="loss
     return jnp.mean(losses), jtu.tree_map(jnp.mean, aux)
 
 
+def _norm(tree):
+    leaves = jtu.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
+
+
 def _step_impl(state: TrainState, batch, loss_fn, optimizer, batch_loss, mesh):
     batch = _constrain(batch, mesh)
     key = jr.fold_in(jr.fold_in(state.key, _LOSS), state.step)
@@ -283,7 +295,7 @@ def _step_impl(state: TrainState, batch, loss_fn, optimizer, batch_loss, mesh):
     state = dataclasses.replace(
         state, params=params, opt_state=opt_state, step=state.step + 1
     )
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": _norm(grads), **aux}
     return state, metrics
 
 
@@ -319,7 +331,9 @@ def train_step(
 
 
 @eqx.filter_jit
-def _fit_step(state, data, perm, b, *, loss_fn, optimizer, batch_loss, batch_size, mesh):
+def _fit_step(
+    state, data, perm, b, *, loss_fn, optimizer, batch_loss, batch_size, mesh
+):
     idx = lax.dynamic_slice_in_dim(perm, b * batch_size, batch_size)
     batch = jtu.tree_map(lambda x: x[idx], data)
     return _step_impl(state, batch, loss_fn, optimizer, batch_loss, mesh)
@@ -368,16 +382,25 @@ def _evaluate(params, frozen, data, n, loss_fn, *, key, batch_size, batch_loss, 
         weight = (pos < n).astype(np.float64)
         pos = np.minimum(pos, n - 1)  # padding repeats the last example, weight 0
         chunks = [
-            (pos[c * batch_size : (c + 1) * batch_size],
-             weight[c * batch_size : (c + 1) * batch_size])
+            (
+                pos[c * batch_size : (c + 1) * batch_size],
+                weight[c * batch_size : (c + 1) * batch_size],
+            )
             for c in range(n_chunks)
         ]
     for c, (idx, w) in enumerate(chunks):
         k = jr.fold_in(key, c) if batch_loss else key
         w = jnp.ones(len(idx)) if w is None else jnp.asarray(w)
         s, aux = _eval_chunk(
-            params, frozen, data, jnp.asarray(idx), w, k,
-            loss_fn=loss_fn, batch_loss=batch_loss, mesh=mesh,
+            params,
+            frozen,
+            data,
+            jnp.asarray(idx),
+            w,
+            k,
+            loss_fn=loss_fn,
+            batch_loss=batch_loss,
+            mesh=mesh,
         )
         total = total + s
         aux_total = aux if aux_total is None else jtu.tree_map(jnp.add, aux_total, aux)
@@ -414,8 +437,15 @@ def evaluate(
     params, frozen = eqx.partition(model, eqx.is_inexact_array)
     params, frozen, data = _place((params, frozen, data), mesh)
     return _evaluate(
-        params, frozen, data, n, loss_fn,
-        key=key, batch_size=batch_size, batch_loss=batch_loss, mesh=mesh,
+        params,
+        frozen,
+        data,
+        n,
+        loss_fn,
+        key=key,
+        batch_size=batch_size,
+        batch_loss=batch_loss,
+        mesh=mesh,
     )
 
 
@@ -426,7 +456,9 @@ def _check_dataset(data, name: str):
     leaves = jtu.tree_leaves(data)
     if not leaves:
         raise ValueError(f"`{name}` has no array leaves; give a pytree of arrays.")
-    bad = [type(x).__name__ for x in leaves if not isinstance(x, jax.Array | np.ndarray)]
+    bad = [
+        type(x).__name__ for x in leaves if not isinstance(x, jax.Array | np.ndarray)
+    ]
     if bad:
         raise TypeError(
             f"`{name}` must be a pytree whose leaves are arrays with a leading example "
@@ -524,7 +556,8 @@ RESULT_VALUES = ("completed", "early_stopped", "stopped_by_callback", "non_finit
 
 def _new_history() -> dict[str, list]:
     return {
-        k: [] for k in ("epoch", "step", "train_loss", "val_loss", "grad_norm", "time_s")
+        k: []
+        for k in ("epoch", "step", "train_loss", "val_loss", "grad_norm", "time_s")
     }
 
 
@@ -540,17 +573,21 @@ def _gradient_check(state, batch, loss_fn, batch_loss):
     low = [d for d in dtypes if jnp.finfo(d).bits < 64]
     if low:
         warnings.warn(
-            f"`check_gradients=True` with trainable parameters in {sorted(map(str, low))}"
+            "`check_gradients=True` with trainable parameters in "
+            f"{sorted(map(str, low))}"
             ": Taylor tests need float64 (round-off swamps the remainder in float32), "
             "so the check is recorded but not enforced. Enable "
-            "`jax.config.update('jax_enable_x64', True)` and train in float64 to check.",
+            "`jax.config.update('jax_enable_x64', True)` and train in float64 to "
+            "check.",
             stacklevel=3,
         )
     key = jr.fold_in(jr.fold_in(state.key, _LOSS), state.step)
 
     @jax.jit
     def f(params):
-        return _batch_objective(params, state.frozen, batch, key, loss_fn, batch_loss)[0]
+        return _batch_objective(params, state.frozen, batch, key, loss_fn, batch_loss)[
+            0
+        ]
 
     res = dphys.testing.taylor_test(f, state.params, key=jr.fold_in(state.key, 99))
     if not low and not res.passed:
@@ -664,7 +701,8 @@ def fit(
     batch_size = _check_batch_size(batch_size, n)
     if (n_epochs is None) == (n_steps is None):
         raise ValueError(
-            "Give exactly one of `n_epochs` and `n_steps` (the length of training); got "
+            "Give exactly one of `n_epochs` and `n_steps` (the length of training); "
+            "got "
             f"n_epochs={n_epochs!r}, n_steps={n_steps!r}."
         )
     for name, v in (("n_epochs", n_epochs), ("n_steps", n_steps)):
@@ -688,17 +726,23 @@ def fit(
                 "one."
             )
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"`patience` must be a positive int or None, got {patience!r}.")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or (
-        checkpoint_every < 1
+            raise ValueError(
+                f"`patience` must be a positive int or None, got {patience!r}."
+            )
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or (checkpoint_every < 1)
     ):
         raise ValueError(
-            f"`checkpoint_every` must be a positive int (epochs), got {checkpoint_every!r}."
+            "`checkpoint_every` must be a positive int (epochs), got "
+            f"{checkpoint_every!r}."
         )
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}.")
     eval_batch_size = (
-        batch_size if eval_batch_size is None
+        batch_size
+        if eval_batch_size is None
         else _check_batch_size(eval_batch_size, max(n_val, 1), "eval_batch_size")
     )
     if val_data is not None:
@@ -708,6 +752,8 @@ def fit(
     if mesh is not None and val_data is not None and eval_batch_size % mesh.size:
         eval_batch_size = max(mesh.size, eval_batch_size - eval_batch_size % mesh.size)
     device = None if devices is None or mesh is not None else list(devices)[0]
+    if device == jax.devices()[0]:
+        device = None  # the default device: leave arrays uncommitted
 
     state = init_train(model, optimizer, key=key, trainable=trainable)
     steps_per_epoch = n // batch_size
@@ -762,7 +808,10 @@ def fit(
         perm0 = jnp.arange(n)
         stats["step_memory_bytes"] = memory_breakdown(
             lambda s, d, p, b: _fit_step(s, d, p, b, **step_kw),
-            state, train_data, perm0, jnp.asarray(0),
+            state,
+            train_data,
+            perm0,
+            jnp.asarray(0),
         )["total"]
 
     def save(state, history, elapsed, result):
@@ -784,8 +833,12 @@ def fit(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_epochs_total, initial=min(start_epoch, n_epochs_total),
-                   desc="fit", unit="epoch")
+        bar = tqdm(
+            total=n_epochs_total,
+            initial=min(start_epoch, n_epochs_total),
+            desc="fit",
+            unit="epoch",
+        )
     t_start = time.perf_counter()
     compile_s = None
     epoch = start_epoch
@@ -809,8 +862,14 @@ def fit(
         val = None
         if val_data is not None:
             val = _evaluate(
-                state.params, state.frozen, val_data, n_val, val_loss_fn,
-                key=k_val, batch_size=eval_batch_size, batch_loss=bool(batch_loss),
+                state.params,
+                state.frozen,
+                val_data,
+                n_val,
+                val_loss_fn,
+                key=k_val,
+                batch_size=eval_batch_size,
+                batch_loss=bool(batch_loss),
                 mesh=mesh,
             )
         monitored = means["loss"] if val is None else val["loss"]
@@ -948,10 +1007,20 @@ def select_best(
         raise ValueError("`val_data` is required: candidates are compared on it.")
     results, losses = {}, {}
     for label, m in models.items():
-        ckpt = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / str(label)
+        ckpt = (
+            None
+            if checkpoint_dir is None
+            else pathlib.Path(checkpoint_dir) / str(label)
+        )
         res = fit(
-            m, loss_fn, train_data, val_data=val_data, val_loss_fn=val_loss_fn,
-            key=key, checkpoint_dir=ckpt, **fit_kwargs,
+            m,
+            loss_fn,
+            train_data,
+            val_data=val_data,
+            val_loss_fn=val_loss_fn,
+            key=key,
+            checkpoint_dir=ckpt,
+            **fit_kwargs,
         )
         results[label] = res
         losses[label] = res.stats["best_loss"]

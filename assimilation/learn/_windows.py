@@ -83,7 +83,8 @@ class Windows(eqx.Module):
         """The true states at model step ``step`` (one of ``save_steps``)."""
         if step not in self.save_steps:
             raise ValueError(
-                f"`step` = {step} was not saved; the saved steps are {self.save_steps}. "
+                f"`step` = {step} was not saved; the saved steps are "
+                f"{self.save_steps}. "
                 "Pass it in `make_windows(save_steps=...)`."
             )
         i = self.save_steps.index(step)
@@ -129,7 +130,9 @@ def with_obs(cost, values):
             f"{cost.obs.values.shape}, got {values.shape}. To score many windows, vmap "
             "over the window axis: `jax.vmap(lambda y: f(with_obs(cost, y)))(obs)`."
         )
-    return eqx.tree_at(lambda c: c.obs.values, cost, values.astype(cost.obs.values.dtype))
+    return eqx.tree_at(
+        lambda c: c.obs.values, cost, values.astype(cost.obs.values.dtype)
+    )
 
 
 # --------------------------------------------------------------------- generation
@@ -148,7 +151,7 @@ def _sample_prior(prior, mean, key):
     keys = jr.split(key, len(covs))
     draws = [
         m + c.sample(key=k, dtype=jnp.result_type(m)).astype(jnp.result_type(m))
-        for c, m, k in zip(covs, means, keys)
+        for c, m, k in zip(covs, means, keys, strict=True)
     ]
     return jtu.tree_unflatten(treedef, draws)
 
@@ -195,8 +198,9 @@ class _Generator(eqx.Module):
         sigma = self.sigma.astype(clean.dtype)
         values = clean + sigma * jr.normal(k_noise, clean.shape, clean.dtype)
         if self.missing > 0:
-            values = jnp.where(jr.uniform(k_miss, clean.shape) < self.missing,
-                               jnp.nan, values)
+            values = jnp.where(
+                jr.uniform(k_miss, clean.shape) < self.missing, jnp.nan, values
+            )
         i_final = self.steps.index(self.n_steps)
         final = jtu.tree_map(lambda s: s[i_final], states)
         saved = None
@@ -206,14 +210,28 @@ class _Generator(eqx.Module):
 
 
 @eqx.filter_jit
+def _generate_chunk(gen: _Generator, keys):
+    return jax.vmap(gen)(keys)
+
+
 def _generate(gen: _Generator, keys, chunk_size: int):
-    # Pad to whole chunks (the padding windows are computed and dropped): one loop
-    # body to compile instead of a second one for the remainder.
+    # One compiled program per chunk shape, reused for every chunk and every dataset
+    # drawn with the same generator (train/validation/test sets of any size); the
+    # last chunk is padded (its extra windows are computed and dropped).
     n = keys.shape[0]
-    n_pad = -(-n // chunk_size) * chunk_size
-    keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (n_pad - n, *keys.shape[1:]))])
-    out = jax.lax.map(gen, keys, batch_size=chunk_size)
-    return jtu.tree_map(lambda x: x[:n], out)
+    parts = []
+    for start in range(0, n, chunk_size):
+        chunk = keys[start : start + chunk_size]
+        m = chunk.shape[0]
+        if m < chunk_size:
+            chunk = jnp.concatenate(
+                [chunk, jnp.broadcast_to(chunk[:1], (chunk_size - m, *chunk.shape[1:]))]
+            )
+        out = _generate_chunk(gen, chunk)
+        parts.append(jtu.tree_map(lambda x, m=m: x[:m], out))
+    if len(parts) == 1:
+        return parts[0]
+    return jtu.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
 def make_windows(
@@ -238,9 +256,10 @@ def make_windows(
     (and beyond, up to the largest of ``save_steps``), sample it exactly as the
     template cost does (its observation operator and time interpolation) and add
     Gaussian noise with the template's per-sensor $\sigma_s$. Windows are generated
-    with :func:`jax.lax.map` in vmapped chunks of ``chunk_size``, in one compiled
-    program; the result depends only on ``key`` (``chunk_size`` changes it by
-    round-off only, through the order of batched floating-point operations).
+    in vmapped chunks of ``chunk_size`` by one compiled program (reused for every
+    chunk and every later call with the same template and options); the result
+    depends only on ``key`` (``chunk_size`` changes it by round-off only, through
+    the order of batched floating-point operations).
 
     Args:
         cost: the template cost (e.g. :class:`assimilation.FourDVar`): model,
@@ -274,7 +293,11 @@ def make_windows(
     _check_cost(cost)
     if isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1:
         raise ValueError(f"`n_windows` must be a positive int, got {n_windows!r}.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, int)
+        or chunk_size < 1
+    ):
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
     if not 0.0 <= float(missing) < 1.0:
         raise ValueError(f"`missing` must lie in [0, 1), got {missing!r}.")
@@ -284,7 +307,8 @@ def make_windows(
         leaves = jtu.tree_leaves(prior, is_leaf=_is_cov)
         if not leaves or not all(_is_cov(c) for c in leaves):
             raise TypeError(
-                "`prior` must be an AbstractCovariance (e.g. assimilation.Diffusion), a "
+                "`prior` must be an AbstractCovariance (e.g. assimilation.Diffusion), "
+                "a "
                 "pytree of them (one per state field) or a function `prior(key) -> "
                 f"state`; got {type(prior).__name__}."
             )
@@ -295,26 +319,27 @@ def make_windows(
         )
     mean = cost.state0 if mean is None else mean
     if not callable(prior) or _is_cov(prior):
+        treedef = jtu.tree_structure(prior, is_leaf=_is_cov)
         try:
-            jtu.tree_structure(prior, is_leaf=_is_cov).flatten_up_to(mean)
+            means = treedef.flatten_up_to(mean)
         except (ValueError, TypeError):
             raise ValueError(
                 "`prior` must have one covariance per field of the state (`mean` / "
                 "`cost.state0`)."
             ) from None
-        for c, m in zip(
-            jtu.tree_leaves(prior, is_leaf=_is_cov),
-            jtu.tree_structure(prior, is_leaf=_is_cov).flatten_up_to(mean),
-        ):
+        for c, m in zip(treedef.flatten_up_to(prior), means, strict=True):
             c.check_shape(m, "prior")
     if save_steps == "obs":
         save_steps = tuple(cost.sampling.steps)
     elif isinstance(save_steps, str):
-        raise ValueError(f"`save_steps` must be step indices or 'obs', got {save_steps!r}.")
+        raise ValueError(
+            f"`save_steps` must be step indices or 'obs', got {save_steps!r}."
+        )
     save_steps = tuple(int(s) for s in save_steps)
     if any(s < 0 for s in save_steps) or list(save_steps) != sorted(set(save_steps)):
         raise ValueError(
-            f"`save_steps` must be non-negative and strictly increasing, got {save_steps}."
+            "`save_steps` must be non-negative and strictly increasing, got "
+            f"{save_steps}."
         )
     n_run = max((cost.n_steps, *save_steps))
     steps = tuple(sorted({*cost.sampling.steps, cost.n_steps, *save_steps}))
@@ -337,7 +362,9 @@ def make_windows(
         missing=float(missing),
     )
     keys = jr.split(key, n_windows)
-    values, clean, x0, final, p, saved = _generate(gen, keys, min(chunk_size, n_windows))
+    values, clean, x0, final, p, saved = _generate(
+        gen, keys, min(chunk_size, n_windows)
+    )
     return Windows(
         obs=values,
         clean_obs=clean,
@@ -400,7 +427,7 @@ def split_dataset(data, sizes: Sequence[int | float], *, key) -> tuple:
     bounds = np.cumsum([0, *counts])
     return tuple(
         jtu.tree_map(lambda x, i=perm[a:b]: x[i], data)
-        for a, b in zip(bounds[:-1], bounds[1:])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     )
 
 
@@ -445,14 +472,18 @@ def sensor_splits(n_sensors: int, *, fraction: float, key, n_splits: int = 1):
 
 
 def sensor_folds(n_sensors: int, *, n_folds: int, key):
-    """A random partition of the sensors into folds: ``(n_folds, n_sensors)``, True = hidden.
+    """A random partition of the sensors into folds, ``(n_folds, n_sensors)`` booleans.
+
+    True = hidden.
 
     Every sensor is hidden in exactly one fold (fold sizes differ by at most one), so
     averaging a held-out loss over the folds scores every sensor once (K-fold
     cross-validation over sensors).
     """
-    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or not (
-        2 <= n_folds <= n_sensors
+    if (
+        isinstance(n_folds, bool)
+        or not isinstance(n_folds, int)
+        or not (2 <= n_folds <= n_sensors)
     ):
         raise ValueError(
             f"`n_folds` must be an int in [2, n_sensors={n_sensors}], got {n_folds!r}."
