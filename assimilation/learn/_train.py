@@ -350,7 +350,9 @@ def _permutation(key, epoch, n: int):
 @eqx.filter_jit
 def _eval_chunk(params, frozen, data, idx, weight, key, *, loss_fn, batch_loss, mesh):
     """Weighted sums of the per-example losses (and diagnostics) of ``data[idx]``."""
-    batch = _constrain(jtu.tree_map(lambda x: x[idx], data), mesh)
+    batch = jtu.tree_map(lambda x: x[idx], data)
+    if mesh is not None and idx.shape[0] % mesh.size == 0:
+        batch = _constrain(batch, mesh)  # an uneven last chunk stays replicated
     model = eqx.combine(params, frozen)
     if batch_loss:
         loss, aux = _split_out(loss_fn(model, batch, key), "val_loss_fn")
