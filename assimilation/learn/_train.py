@@ -663,12 +663,13 @@ def fit(
         checkpoint_every: write a checkpoint every this many epochs (and always
             after the last epoch).
         resume: continue from the latest checkpoint in ``checkpoint_dir`` when there
-            is one (same configuration required; the loss history continues). With
+            is one (same configuration required; the saved state, frozen leaves
+            included, replaces ``model``, and the loss history continues). With
             ``False`` training starts afresh and overwrites it.
         progress: show a tqdm progress bar over epochs.
-        callback: ``callback(info)`` after every epoch, with ``info`` a dict of
-            ``epoch``, ``step``, ``train_loss``, ``val_loss``, ``model``, ``state``;
-            returning ``True`` stops training.
+        callback: ``callback(info)`` after every epoch (after its checkpoint), with
+            ``info`` a dict of ``epoch``, ``step``, ``train_loss``, ``val_loss``,
+            ``model``, ``state``; returning ``True`` stops training.
         devices: the devices to shard the batch over (default: all of
             :func:`jax.devices`).
         check_gradients: before training, Taylor-test the gradient of the first
@@ -844,15 +845,17 @@ def fit(
     t_start = time.perf_counter()
     compile_s = None
     epoch = start_epoch
+    host_step = int(state.step)
     while result == "completed" and epoch < n_epochs_total:
         t_epoch = time.perf_counter()
         perm = _permutation(state.key, jnp.asarray(epoch, jnp.int32), n)
         metrics = []
         for b in range(steps_per_epoch):
-            if epoch * steps_per_epoch + b >= total_steps:
+            if host_step >= total_steps:
                 break
             t0 = time.perf_counter()
             state, m = _fit_step(state, train_data, perm, jnp.asarray(b), **step_kw)
+            host_step += 1
             metrics.append(m)
             if compile_s is None:
                 jax.block_until_ready(m["loss"])
@@ -911,7 +914,7 @@ def fit(
                 post["val"] = f"{val['loss']:.4g}"
             bar.set_postfix(post)
             bar.update(1)
-        if callback is not None and result == "completed":
+        if callback is not None:
             stop = callback(
                 {
                     "epoch": epoch,
@@ -922,7 +925,7 @@ def fit(
                     "state": state,
                 }
             )
-            if stop is True:
+            if stop is True and result == "completed":
                 result = "stopped_by_callback"
     if bar is not None:
         bar.close()

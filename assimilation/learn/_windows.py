@@ -195,7 +195,7 @@ class _Generator(eqx.Module):
         obs_rows = rows(self.sampling.steps)
         sensors = jax.vmap(self.obs_op)(jtu.tree_map(lambda s: s[obs_rows], states))
         clean = self.sampling(sensors)
-        sigma = self.sigma.astype(clean.dtype)
+        sigma = self.sigma.astype(clean.dtype)[None, :]  # per sensor, every time
         values = clean + sigma * jr.normal(k_noise, clean.shape, clean.dtype)
         if self.missing > 0:
             values = jnp.where(
