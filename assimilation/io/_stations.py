@@ -16,6 +16,7 @@ from dphys.io import (
     spatial_dims,
 )
 
+from .._checks import check_positive, sensors_in_domain
 from .._observation import Observations
 from ._errors import (
     DataError,
@@ -25,7 +26,7 @@ from ._errors import (
 )
 from ._names import SIGMA_NAME, STATION_DIM
 from ._readers import _time_coord, _variable, open_dataset
-from ._time import _EDGE_RTOL, _apply_window, _check_time_axis, model_times
+from ._time import _apply_window, _check_time_axis, model_times
 from ._units import _checked_units, convert_units
 
 
@@ -108,7 +109,7 @@ def read_observations(
             f"`position_names` must name {grid.ndim} coordinate(s), got {names}."
         )
     cols = []
-    for axis, pname in enumerate(names):
+    for pname in names:
         if pname not in ds.variables:
             raise MissingVariableError(
                 f"observations: no sensor position variable `{pname}`; a {grid.ndim}D "
@@ -125,8 +126,24 @@ def read_observations(
         pos = convert_units(
             np.asarray(p.values, dtype=np.float64), pu, length_units, variable=pname
         )
-        cols.append(_check_positions(pos, grid, axis, pname, ds))
-    positions = np.stack(cols, axis=-1)
+        if not np.all(np.isfinite(pos)):
+            raise DataError(f"sensor positions `{pname}` contain NaN/Inf values.")
+        cols.append(pos)
+    labels = ds[STATION_DIM].values if STATION_DIM in ds.coords else None
+    positions, wrapped, snapped = sensors_in_domain(
+        np.stack(cols, axis=-1),
+        grid,
+        names,
+        labels=labels,
+        error=DomainError,
+        fix="remove them, or fix the grid's `origin`/`lengths` or the positions' units",
+    )
+    for pname, n in wrapped.items():
+        logger.warning(
+            "wrapped %d sensor position(s) `%s` into the periodic domain", n, pname
+        )
+    for pname, n in snapped.items():
+        logger.info("snapped %d sensor position(s) `%s` onto the domain edge", n, pname)
 
     sig = _read_sigma(ds, da, variable, sigma, values.shape[1], data_units, units)
 
@@ -149,48 +166,6 @@ def read_observations(
         sigma=jnp.asarray(sig, dtype=dtype),
         field=field,
     )
-
-
-def _check_positions(pos, grid, axis, name, ds):
-    if not np.all(np.isfinite(pos)):
-        raise DataError(f"sensor positions `{name}` contain NaN/Inf values.")
-    lo = grid.origin[axis]
-    hi = lo + grid.lengths[axis]
-    if grid.boundary[axis] == "periodic":
-        wrapped = lo + np.mod(pos - lo, grid.lengths[axis])
-        n = int(
-            np.sum(~np.isclose(wrapped, pos, rtol=0, atol=1e-12 * grid.lengths[axis]))
-        )
-        if n:
-            logger.warning(
-                "wrapped %d sensor position(s) `%s` into the periodic domain [%g, %g)",
-                n,
-                name,
-                lo,
-                hi,
-            )
-        return wrapped
-    tol = _EDGE_RTOL * grid.lengths[axis]
-    near = ((pos < lo) & (pos >= lo - tol)) | ((pos > hi) & (pos <= hi + tol))
-    if np.any(near):
-        logger.info(
-            "snapped %d sensor position(s) `%s` onto the domain edge",
-            int(near.sum()),
-            name,
-        )
-        pos = np.where(near, np.clip(pos, lo, hi), pos)
-    bad = (pos < lo) | (pos > hi)
-    if np.any(bad):
-        idx = np.flatnonzero(bad)
-        label = ds[STATION_DIM].values[idx[:3]] if STATION_DIM in ds.coords else idx[:3]
-        raise DomainError(
-            f"{idx.size} sensor(s) lie outside the {grid.boundary[axis]} domain "
-            f"[{lo:g}, {hi:g}] along `{name}`: station(s) "
-            f"{np.ravel(label).tolist()} at {[float(v) for v in pos[idx[:3]]]}. "
-            "Remove them, or fix the grid's "
-            "`origin`/`lengths` or the positions' units."
-        )
-    return pos
 
 
 def _read_sigma(ds, da, variable, sigma, n_sensors, data_units, units):
@@ -222,9 +197,10 @@ def _read_sigma(ds, da, variable, sigma, n_sensors, data_units, units):
             f"`sigma` must be a scalar or have one value per sensor ({n_sensors}), got "
             f"shape {sig.shape}."
         )
-    if not np.all(np.isfinite(sig) & (sig > 0)):
-        raise DataError(
-            f"`sigma` must be positive and finite for every sensor, got min "
-            f"{np.min(sig):.3g}; observation errors cannot be zero or negative."
-        )
+    check_positive(
+        sig,
+        "sigma",
+        fix="Observation errors cannot be zero or negative.",
+        error=DataError,
+    )
     return np.array(sig)

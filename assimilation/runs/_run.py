@@ -6,8 +6,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from ._build import RunSetup, build_run
 from ._schema import ConfigError
 
@@ -23,18 +21,6 @@ class RunOutput:
     truth: dict | None = None
     scores: dict | None = None
     seconds: float = 0.0
-
-
-def _rmse(a, b) -> float:
-    import jax.tree_util as jtu
-
-    d = np.concatenate(
-        [
-            np.ravel(np.asarray(x) - np.asarray(y))
-            for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)
-        ]
-    )
-    return float(np.sqrt(np.mean(d**2)))
 
 
 def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput:
@@ -54,11 +40,9 @@ def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput
     """
     import time
 
-    import dphys
-
     from .._assimilate import assimilate
     from .._cost import FourDVar
-    from .._twin import make_observations
+    from .._twin import make_observations, score, truth_of
 
     start = time.perf_counter()
     setup = build_run(cfg) if setup is None else setup
@@ -96,47 +80,19 @@ def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput
     )
     out = RunOutput(setup, analysis, setup.obs)
     if twin is not None:
-        truth_final = dphys.simulate(
+        out.truth = truth_of(
+            cost.control,
             setup.truth_model,
             setup.stepper,
             setup.truth_state0,
             dt=setup.dt,
             n_steps=setup.n_steps,
             t0=setup.t0,
-        ).final
-        truth_params = {
-            p.name: np.asarray(p.select(setup.truth_model))
-            for p in cost.control.parameters
-        }
-        out.truth = {
-            "state0": setup.truth_state0,
-            "final": truth_final,
-            "parameters": truth_params,
-        }
-        scores = {
-            "rmse_initial_background": _rmse(
-                analysis.background_state, setup.truth_state0
-            ),
-            "rmse_initial_analysis": _rmse(analysis.initial_state, setup.truth_state0),
-            "rmse_final_background": _rmse(
-                analysis.background_final_state, truth_final
-            ),
-            "rmse_final_analysis": _rmse(analysis.final_state, truth_final),
-            "within_2sigma": {},
-        }
-        if analysis.parameter_std_unconstrained is not None:
-            import jax.numpy as jnp
-
-            for p in cost.control.parameters:
-                z_t = np.asarray(p.transform.inverse(jnp.asarray(truth_params[p.name])))
-                z_a = np.asarray(
-                    p.transform.inverse(jnp.asarray(analysis.parameters[p.name]))
-                )
-                s = np.asarray(analysis.parameter_std_unconstrained[p.name])
-                scores["within_2sigma"][p.name] = float(
-                    np.mean(np.abs(z_t - z_a) <= 2 * s)
-                )
-        out.scores = scores
+        )
+        scores = score(analysis, cost.control, out.truth)
+        # The dataset records the state RMSEs and the 2-sigma coverage.
+        out.scores = {k: v for k, v in scores.items() if k.startswith("rmse_")}
+        out.scores["within_2sigma"] = scores["within_2sigma"] or {}
     out.seconds = time.perf_counter() - start
     return out
 
