@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax.tree_utils as otu
 
 from ._control import INITIAL_STATE
 from ._cost import AbstractCost
@@ -364,7 +365,7 @@ def _make_analysis(cost, v_a, history, termination, stop, method, uncertainty):
     names = cost.control.names
     parameter_names = cost.control.parameter_names
     increments = {
-        name: jtu.tree_map(jnp.subtract, d_a.values[name], d_b.values[name])
+        name: otu.tree_sub(d_a.values[name], d_b.values[name])
         for name in names
     }
     p_std = p_std_z = corr = state_std = std = None

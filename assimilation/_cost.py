@@ -35,7 +35,6 @@ checkpointed time loop).
 """
 
 import abc
-import dataclasses
 import numbers
 from typing import Any
 
@@ -231,11 +230,6 @@ class _ObservationHook(eqx.Module):
 
 
 def _saveat(steps, hook):
-    fields = {f.name: f for f in dataclasses.fields(dphys.SaveAt)}
-    if fields["fn"].metadata.get("static", False):
-        # A core whose `SaveAt.fn` is static hashes the hook: wrap it in a function.
-        fn = lambda t, y: hook(t, y)
-        return dphys.SaveAt(t1=False, steps=steps, fn=fn)
     return dphys.SaveAt(t1=False, steps=steps, fn=hook)
 
 

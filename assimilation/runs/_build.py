@@ -310,6 +310,7 @@ def build_run(cfg: dict) -> RunSetup:
         setup.truth_state0 = state0 + leaves_cov.sample(key=k_state)
     else:
         import jax.tree_util as jtu
+        import optax.tree_utils as otu
 
         from .._covariance import AbstractCovariance
 
@@ -319,7 +320,7 @@ def build_run(cfg: dict) -> RunSetup:
         keys = jr.split(k_state, len(covs))
         draws = [c.sample(key=k) for c, k in zip(covs, keys, strict=True)]
         noise = jtu.tree_unflatten(jtu.tree_structure(state0), draws)
-        setup.truth_state0 = jtu.tree_map(jnp.add, state0, noise)
+        setup.truth_state0 = otu.tree_add(state0, noise)
     lo = jnp.asarray(grid.origin, dtype)
     hi = lo + jnp.asarray(grid.lengths, dtype)
     pos = lo + (hi - lo) * jr.uniform(k_pos, (twin["n_sensors"], grid.ndim), dtype)
