@@ -365,8 +365,7 @@ def _make_analysis(cost, v_a, history, termination, stop, method, uncertainty):
     names = cost.control.names
     parameter_names = cost.control.parameter_names
     increments = {
-        name: otu.tree_sub(d_a.values[name], d_b.values[name])
-        for name in names
+        name: otu.tree_sub(d_a.values[name], d_b.values[name]) for name in names
     }
     p_std = p_std_z = corr = state_std = std = None
     labels: tuple[str, ...] = ()

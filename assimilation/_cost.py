@@ -416,7 +416,8 @@ class FourDVar(AbstractCost):
         n_win = jtu.tree_leaves(decoded.forcings)[0].shape[0]
         return tuple(
             dphys.Augmented(
-                decoded.model, forcing=jtu.tree_map(lambda f, j=j: f[j], decoded.forcings)
+                decoded.model,
+                forcing=jtu.tree_map(lambda f, j=j: f[j], decoded.forcings),
             )
             for j in range(n_win)
         )
