@@ -329,3 +329,27 @@ def test_eager_cost_calls_with_new_values_trace_the_run_once(periodic_cost, getk
     for v in values[1:]:
         cost(v)
     assert counter.n == traced
+
+
+def test_posterior_pushes_every_block_forward():
+    """Each control variable turns its block of the whitened posterior covariance
+    into standard deviations of its physical value: here the model error,
+    eta = 0.2 w, has std 0.2 sqrt(C_ww) entry by entry."""
+    cost = _periodic_problem(n_windows=2)
+    v = cost.init()
+    post = eqx.filter_jit(da.posterior)(cost, v, method="dense")
+    assert set(post.stds) == {"initial_state", "kappa", "model_error"}
+    assert post.stds["model_error"].shape == (2, 24)
+    cov = jnp.linalg.inv(da.gauss_newton_operator(cost, v).as_matrix())
+    flat, unravel = jax.flatten_util.ravel_pytree(v)
+    index = unravel(jnp.arange(flat.size, dtype=flat.dtype))
+    i = jnp.ravel(index["model_error"]).astype(int)
+    expected = 0.2 * jnp.sqrt(jnp.diagonal(cov)[i]).reshape(2, 24)
+    np.testing.assert_allclose(post.stds["model_error"], expected, rtol=1e-8)
+    # kappa = exp(z): the physical std is kappa times the std of z.
+    kappa = cost.parameters(v)["kappa"]
+    np.testing.assert_allclose(
+        post.stds["kappa"], kappa * post.stds_unconstrained["kappa"], rtol=1e-10
+    )
+    np.testing.assert_allclose(post.std, [post.stds["kappa"]], rtol=1e-12)
+    assert post.labels == ("kappa",)
