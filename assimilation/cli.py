@@ -313,7 +313,13 @@ def _cmd_batch(args, argv) -> int:
     scheduler = args.scheduler if args.scheduler is not None else batch["scheduler"]
     if workers is not None and scheduler is not None:
         raise ConfigError("give either --workers or --scheduler, not both.")
-    cases = config_cases(cfg, provenance=_provenance(cfg, argv))
+    out_dir = str(pathlib.Path(out_dir).resolve())
+    cases = config_cases(
+        cfg,
+        provenance=_provenance(cfg, argv),
+        base_dir=pathlib.Path(args.config).resolve().parent,
+        out_dir=out_dir,
+    )
     print(f"dphys batch: {len(cases)} case(s) -> {out_dir}")
 
     def progress(res, done, total):
@@ -333,6 +339,7 @@ def _cmd_batch(args, argv) -> int:
         scheduler=scheduler,
         progress=progress,
     )
+    print(report.table())
     print(report.summary())
     return 0 if report.ok else 1
 

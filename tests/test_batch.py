@@ -12,13 +12,16 @@ import dphys.io as dio
 from assimilation.cli import demo_config, main
 from assimilation.runs import (
     BatchError,
+    BatchReport,
     Case,
+    CaseResult,
     ConfigError,
     config_cases,
     run_batch,
     split_windows,
     validate_config,
 )
+from assimilation.runs._batch import LOCK_NAME, _exclusive
 
 
 class Recorder:
@@ -63,7 +66,7 @@ def test_outputs_and_manifest(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())["cases"]
     assert {k: v["status"] for k, v in manifest.items()} == dict.fromkeys("abc", "done")
     # nothing but the outputs and the manifest: no temporary files left behind
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) == [
         "a.nc",
         "b.nc",
         "c.nc",
@@ -132,7 +135,9 @@ def test_output_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(xr.Dataset, "to_netcdf", explode)
     report = run_batch(CASES[:1], Recorder(log), out, keep_going=True)
     assert report.failed == ("a",)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) == [
+        "manifest.json"
+    ]
 
 
 def test_bad_cases_are_rejected(tmp_path):
@@ -149,9 +154,69 @@ def test_bad_cases_are_rejected(tmp_path):
         run_batch(CASES, Recorder(log), out, workers=0)
 
 
+def test_changed_case_is_recomputed_unchanged_skipped(tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    run_batch(CASES, Recorder(log), out)
+    # "a" changed (its payload, hence its key); "b", "c" did not
+    fn = Recorder(log)
+    changed = [Case("a", 10), *CASES[1:]]
+    report = run_batch(changed, fn, out)
+    assert fn.calls == ["a"] and report.done == ("a",)
+    assert report.skipped == ("b", "c")
+    assert read_value(out / "a.nc") == (10.0, "a")
+    # an explicit key decides, whatever the payload (e.g. provenance attributes)
+    fn = Recorder(log)
+    run_batch([Case("k", 1, key="v1")], fn, out)
+    run_batch([Case("k", 2, key="v1")], fn, out)
+    assert fn.calls == ["k"]
+    run_batch([Case("k", 2, key="v2")], fn, out)
+    assert fn.calls == ["k", "k"]
+    manifest = json.loads((out / "manifest.json").read_text())["cases"]
+    assert manifest["k"]["key"] == "v2"
+
+
+def test_stale_temporaries_removed_and_one_batch_per_folder(tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    out.mkdir()
+    # what a batch killed during a write leaves behind (atomic_write's names)
+    stale = [out / ".a.nc.k2j3h4.tmp", out / ".manifest.json.x8y7.tmp"]
+    other = out / ".notes.txt.abc.tmp"  # not the batch's: kept
+    for p in (*stale, other):
+        p.write_bytes(b"partial")
+    report = run_batch(CASES, Recorder(log), out)
+    assert report.done == ("a", "b", "c")
+    assert not any(p.exists() for p in stale) and other.exists()
+    with _exclusive(out):
+        with pytest.raises(BatchError, match="another batch is writing to"):
+            run_batch(CASES, Recorder(log), out)
+
+
+def test_report_table():
+    report = BatchReport(
+        (
+            CaseResult("a", "done", 1.25, scores={"rmse": 0.5, "chi2": 1.1}),
+            CaseResult("b", "failed", 0.1, error="DataError: bad file"),
+            CaseResult("c", "skipped", scores={"rmse": 0.25}),
+        ),
+        "out",
+    )
+    lines = report.table().splitlines()
+    assert lines[0].split() == ["case", "status", "seconds", "rmse", "chi2"]
+    assert lines[2].split() == ["a", "done", "1.2", "0.5", "1.1"]
+    assert lines[3].split() == ["b", "failed", "0.1", "-", "-"]
+    assert lines[4].split() == ["c", "skipped", "0.0", "0.25", "-"]
+    assert lines[5] == "b: DataError: bad file"
+
+
 def test_dask_local_cluster(tmp_path):
     out, log = tmp_path / "out", tmp_path / "log"
     pytest.importorskip("dask.distributed")
+    import sys
+
+    import cloudpickle
+
+    # worker processes cannot import this test module: ship Recorder by value
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     fn = Recorder(log)
     report = run_batch(CASES[:2], fn, out, workers=2)
     assert sorted(report.done) == ["a", "b"] and sorted(fn.calls) == ["a", "b"]

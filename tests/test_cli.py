@@ -77,8 +77,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         # and much nearer than the background
         assert abs(kappa - truth) <= 2 * std
         assert abs(kappa - truth) < 0.25 * abs(1e-3 - truth)
-        rmse_b = ds.attrs["rmse_initial_background"]
-        rmse_a = ds.attrs["rmse_initial_analysis"]
+        rmse_b = float(ds["rmse_initial_background"])
+        rmse_a = float(ds["rmse_initial_analysis"])
         assert rmse_a < 0.5 * rmse_b
         # residuals shrink: the analysis fits the observations better
         oma = np.nanstd(ds["obs_minus_analysis"].values)

@@ -44,6 +44,7 @@ def read_observations(
     reference=None,
     window: tuple[float, float] | None = None,
     outside: str = "error",
+    closed: str = "both",
     position_names: Sequence[str] | None = None,
     field: str | None = None,
 ) -> Observations:
@@ -64,6 +65,8 @@ def read_observations(
         window: ``(start, end)`` of the assimilation window in model time.
         outside: ``"error"`` (default) or ``"drop"`` (logged with a count) for times
             outside ``window``.
+        closed: ``"both"``: ``window`` is $[t_0, t_1]$; ``"right"``: $(t_0, t_1]$
+            (consecutive windows then share no observation).
         position_names: names of the position coordinates in array-axis order;
             default ``("x",)`` in 1D, ``("y", "x")`` in 2D.
         field: for multi-field states, the observed field (passed on to
@@ -90,7 +93,7 @@ def read_observations(
         _time_coord(ds, da, variable), time_units=time_units, reference=reference
     )
     _check_time_axis(t, TIME_DIM)
-    keep, t = _apply_window(t, window, outside, variable)
+    keep, t = _apply_window(t, window, outside, variable, closed)
 
     data_units = _checked_units(da, variable, units)
     values = np.asarray(da.values, dtype=np.float64)

@@ -189,11 +189,17 @@ def _check_time_axis(t: np.ndarray, name: str) -> None:
 _EDGE_RTOL = 1e-6
 
 
-def _apply_window(t: np.ndarray, window, outside: str, name: str):
+def _apply_window(t: np.ndarray, window, outside: str, name: str, closed="both"):
     """``(keep, t)``: a mask of the times to keep and the times, with those within
-    round-off of an edge snapped onto it; raise or log for times outside."""
+    round-off of an edge snapped onto it; raise or log for times outside.
+
+    ``closed="both"``: the window is $[t_0, t_1]$; ``"right"``: $(t_0, t_1]$, so that
+    consecutive windows share no observation (a time on $t_0$ belongs to the
+    window before)."""
     if outside not in ("error", "drop"):
         raise ValueError(f"`outside` must be 'error' or 'drop', got {outside!r}.")
+    if closed not in ("both", "right"):
+        raise ValueError(f"`closed` must be 'both' or 'right', got {closed!r}.")
     keep = np.ones(t.shape, dtype=bool)
     if window is None:
         return keep, t
@@ -212,13 +218,14 @@ def _apply_window(t: np.ndarray, window, outside: str, name: str):
             tol,
         )
         t = np.where(near, np.clip(t, t0, t1), t)
-    keep = (t >= t0) & (t <= t1)
+    keep = ((t > t0) if closed == "right" else (t >= t0)) & (t <= t1)
     n_out = int(np.sum(~keep))
     if n_out and outside == "error":
         first = float(t[~keep][0])
         raise TimeAxisError(
             f"`{name}` has {n_out} of {t.size} times outside the assimilation window "
-            f"[{t0:.6g}, {t1:.6g}] (model time), e.g. {first:.6g}. Select the window's "
+            f"{'(' if closed == 'right' else '['}{t0:.6g}, {t1:.6g}] (model time), "
+            f"e.g. {first:.6g}. Select the window's "
             "data first (`ds.sel(time=slice(...))`), widen the window, or drop them "
             "with `outside='drop'`."
         )

@@ -393,12 +393,48 @@ def analysis_to_dataset(
         "cost_analysis": float(analysis.cost_analysis),
         "message": analysis.message,
     }
+    # Scores are scalar variables (not global attributes): they survive
+    # `open_mfdataset` over a batch's outputs, one value per case.
+    score_names = []
+
+    def score(name, value, long_name, units="1"):
+        attrs_ = {"long_name": long_name}
+        if units is not None:
+            attrs_["units"] = units
+        data[name] = xr.DataArray(np.float64(value), attrs=attrs_)
+        score_names.append(name)
+
+    y = np.asarray(obs.values)
+    sig = np.asarray(obs.sigma)
+    for which, d in (
+        ("background", analysis.obs_minus_background),
+        ("analysis", analysis.obs_minus_analysis),
+    ):
+        z2 = (np.asarray(d) / sig) ** 2
+        valid = ~np.isnan(y)
+        score(
+            f"chi2_{which}",
+            float(np.mean(z2[valid])) if valid.any() else np.nan,
+            f"mean squared normalised innovation ((y - H x_{which[0]}) / sigma)^2 "
+            "(1 for a consistent R)",
+        )
+    state_units = units if isinstance(units, str) else None
     for key, value in (scores or {}).items():
         if isinstance(value, Mapping):
             for name, v in value.items():
-                gattrs[f"{key}_{name}"] = float(v)
+                if key == "error":
+                    pu = (parameter_units or {}).get(name)
+                    score(f"{name}_error", v, f"{name}: analysis minus truth", pu)
+                else:
+                    score(f"{key}_{name}", v, f"{key.replace('_', ' ')} of {name}")
         else:
-            gattrs[key] = float(value)
+            score(
+                key,
+                value,
+                key.replace("_", " ").replace("rmse", "RMSE vs truth,"),
+                state_units if key.startswith("rmse") else "1",
+            )
+    gattrs["dphys_scores"] = " ".join(score_names)
     if attrs:
         gattrs.update(attrs)
     return xr.Dataset(data, coords=coords, attrs=gattrs)

@@ -285,6 +285,7 @@ def build_run(cfg: dict) -> RunSetup:
             reference=time_cfg["reference"],
             window=(t0, t0 + n_steps * dt),
             outside=obs_cfg["outside"],
+            closed="right" if obs_cfg["window"] == "open_start" else "both",
             field=obs_cfg["field"],
         )
         return setup

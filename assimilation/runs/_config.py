@@ -28,6 +28,17 @@ from ._schema import (
 )
 
 
+# Keys holding file paths: relative values are relative to the configuration file,
+# also inside `[batch] cases ... set = {...}`.
+PATH_KEYS = (
+    "observations.path",
+    "background.path",
+    "output.path",
+    "output.figure",
+    "batch.out_dir",
+)
+
+
 def _suggest(name: str, allowed) -> str:
     close = difflib.get_close_matches(name, list(allowed), n=1)
     return f" Did you mean `{close[0]}`?" if close else ""
@@ -237,17 +248,11 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
         )
     if base_dir is not None:
         base = pathlib.Path(base_dir)
-        for section, key in (
-            ("observations", "path"),
-            ("background", "path"),
-            ("output", "path"),
-            ("output", "figure"),
-        ):
+        for dotted in PATH_KEYS:
+            section, key = dotted.split(".")
             sec = cfg.get(section)
             if sec is not None and sec.get(key):
                 sec[key] = str((base / sec[key]).resolve())
-        if cfg["batch"] is not None:
-            cfg["batch"]["out_dir"] = str((base / cfg["batch"]["out_dir"]).resolve())
     return cfg
 
 

@@ -122,6 +122,15 @@ def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput
                 analysis.background_final_state, truth_final
             ),
             "rmse_final_analysis": _rmse(analysis.final_state, truth_final),
+            # analysis minus truth (scalar) or its root mean square (field)
+            "error": {
+                name: float(
+                    np.asarray(analysis.parameters[name]) - truth_params[name]
+                    if np.ndim(truth_params[name]) == 0
+                    else _rmse(analysis.parameters[name], truth_params[name])
+                )
+                for name in truth_params
+            },
             "within_2sigma": {},
         }
         if analysis.parameter_std_unconstrained is not None:

@@ -235,6 +235,9 @@ SCHEMA = Section(
                 "variable": Key("str", default="u"),
                 "sigma": Key("float", default=None, check=_positive),
                 "outside": Key("str", default="error", choices=("error", "drop")),
+                "window": Key(
+                    "str", default="closed", choices=("closed", "open_start")
+                ),
                 "field": Key("str", default=None),
             },
             required=False,
