@@ -542,7 +542,7 @@ def _run_locked(
             record(_run_case(fn, case, path, keys[case.name], index, cache))
             if failure is not None and not keep_going:
                 break
-    else:
+    elif pending:  # start no cluster when every case is complete
         _run_dask(
             pending,
             keys,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from typing import Any
 
 import numpy as np
 
 from ._schema import STATE_FIELDS, ConfigError
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -47,6 +52,28 @@ class RunOutput:
     truth: dict | None = None
     scores: dict | None = None
     seconds: float = 0.0
+
+
+def set_precision(precision: str) -> None:
+    """Run in ``precision`` (``"float64"``: switch on JAX's x64 mode, logged).
+
+    Configured runs are double precision by default (``[solver] precision``), in
+    every process that runs them (Dask workers included): posterior variances and
+    gradient tolerances need it. ``"float32"`` keeps JAX's default and warns when
+    x64 is already on (arrays are then float64 anyway).
+    """
+    import jax
+
+    on = bool(jax.config.jax_enable_x64)
+    if precision == "float64" and not on:
+        logger.info("switching on JAX's float64 mode ([solver] precision)")
+        jax.config.update("jax_enable_x64", True)
+    elif precision == "float32" and on:
+        warnings.warn(
+            "`solver.precision` is 'float32' but JAX's x64 mode is already on in "
+            "this process; the run uses float64.",
+            stacklevel=2,
+        )
 
 
 def _grid(cfg):
@@ -210,6 +237,7 @@ def build_run(cfg: dict) -> RunSetup:
     from .._methods import LBFGS, GaussNewton
     from ..io import read_observations
 
+    set_precision(cfg["solver"]["precision"])
     grid = _grid(cfg)
     model_cfg = cfg["model"]
     values = dict(model_cfg["parameters"])

@@ -284,6 +284,12 @@ SCHEMA = Section(
                 "gtol": Key("float", default=1e-6, check=_non_negative),
                 "ftol": Key("float", default=1e-12, check=_non_negative),
                 "uncertainty": Key("bool", default=True),
+                "precision": Key(
+                    "str",
+                    default="float64",
+                    choices=("float64", "float32"),
+                    help="floating-point precision of the run",
+                ),
             },
             required=False,
         ),
