@@ -295,12 +295,12 @@ def check_grid_coords(
         if not err <= tol:
             i = int(np.argmax(np.abs(got - expect)))
             raise GridMismatchError(
-                f"{what}'s `{dim}` coordinate does not match the model grid: point "
-                f"{i} is {got[i]:.10g}, the grid's is {expect[i]:.10g} (max difference "
-                f"{err:.3g}, tolerance {tol:.3g} for {stored.dtype} coordinates; "
-                f"stored range [{got[0]:.10g}, {got[-1]:.10g}], grid range "
-                f"[{expect[0]:.10g}, {expect[-1]:.10g}], {grid.boundary[axis]} "
-                f"points, spacing {grid.spacing[axis]:.6g}). Check the grid's origin, "
+                f"{what}'s `{dim}` coordinate does not match the model grid: got "
+                f"[{got[0]:.10g}, ..., {got[-1]:.10g}], expected [{expect[0]:.10g}, "
+                f"..., {expect[-1]:.10g}] (point {i}: {got[i]:.10g} vs "
+                f"{expect[i]:.10g}; max difference {err:.3g}, tolerance {tol:.3g} for "
+                f"{stored.dtype} coordinates; {grid.boundary[axis]} points, spacing "
+                f"{grid.spacing[axis]:.6g}). Check the grid's origin, "
                 "lengths and boundary kind (Dirichlet grids store interior points, "
                 "Neumann grids cell centres)."
             )

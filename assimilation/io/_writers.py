@@ -21,7 +21,7 @@ from ._errors import (
 )
 from ._names import ITERATION_DIM, PARAMETER_DIM, SIGMA_NAME, STATION_DIM
 from ._time import _reference_date
-from ._units import _UNITS, _canonical
+from ._units import time_unit_seconds
 
 
 logger = logging.getLogger(__name__)
@@ -49,17 +49,11 @@ def observations_to_dataset(
     t = np.asarray(obs.times, dtype=np.float64)
     time_attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
     if reference is not None:
-        if (
-            time_units is None
-            or _canonical(time_units) not in _UNITS
-            or _UNITS[_canonical(time_units)][0] != "time"
-        ):
+        word = _time_word(time_units)
+        if word is None:
             raise UnitsError(
                 f"`time_units` must be a time unit to write dates, got {time_units!r}."
             )
-        word = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days"}[
-            _canonical(time_units)
-        ]
         ref = _reference_date(reference, calendar)
         time_attrs.update(
             units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
@@ -119,11 +113,26 @@ def _state_vars(prefix, state, grid, units, long_name):
     return out
 
 
+_TIME_WORDS = {
+    1e-6: "microseconds",
+    1e-3: "milliseconds",
+    1.0: "seconds",
+    60.0: "minutes",
+    3600.0: "hours",
+    86400.0: "days",
+}
+
+
+def _time_word(time_units) -> str | None:
+    """The CF word of a time unit (``"h"`` -> ``"hours"``), None if not one."""
+    seconds = time_unit_seconds(time_units)
+    return None if seconds is None else _TIME_WORDS.get(seconds)
+
+
 def _time_coordinate(times, time_units, reference, calendar):
     attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
-    unit = _canonical(time_units) if time_units else None
-    if reference is not None and unit in ("s", "min", "h", "d"):
-        word = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days"}[unit]
+    word = _time_word(time_units) if time_units else None
+    if reference is not None and word is not None:
         ref = _reference_date(reference, calendar)
         attrs.update(
             units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
@@ -346,7 +355,10 @@ def analysis_to_dataset(
             dims=(STATION_DIM,),
             attrs={"long_name": f"sensor {dim} position", "units": length_units or "1"},
         )
-    value_attrs = {"units": units} if units is not None else {}
+    obs_units = (
+        units.get(getattr(obs, "field", None)) if isinstance(units, Mapping) else units
+    )
+    value_attrs = {"units": obs_units} if obs_units is not None else {}
     for key, values, long_name in (
         ("obs", obs.values, "observed values (NaN: missing)"),
         (

@@ -76,6 +76,33 @@ def set_precision(precision: str) -> None:
         )
 
 
+def state_units(model: dict):
+    """CF units of the state: a string (single-field) or ``{field: units}``.
+
+    Shallow water: ``eta`` in ``length_units`` and ``u``, ``v`` in
+    ``"<length_units> <time_units>-1"`` unless ``model.units`` says otherwise (a
+    string: the units of ``eta``; a table: per field).
+    """
+    units = model["units"]
+    fields = STATE_FIELDS[model["name"]]
+    if fields is None:
+        return units
+    length, t = model["length_units"], model["time_units"]
+    speed = f"{length} {t}-1" if length and t else None
+    out = {"eta": length, "u": speed, "v": speed}
+    if isinstance(units, str):
+        out["eta"] = units
+    elif isinstance(units, dict):
+        out.update(units)
+    out = {k: v for k, v in out.items() if v is not None}
+    return out or None
+
+
+def _field_units(model: dict, field: str | None):
+    units = state_units(model)
+    return units.get(field) if isinstance(units, dict) else units
+
+
 def _grid(cfg):
     import dphys
 
@@ -172,7 +199,7 @@ def _background_state(cfg, grid):
             bg["path"],
             variable,
             grid,
-            units=model["units"],
+            units=_field_units(model, field),
             length_units=model["length_units"],
             time_units=model["time_units"],
             reference=cfg["time"]["reference"],
@@ -307,7 +334,7 @@ def build_run(cfg: dict) -> RunSetup:
             grid,
             variable=obs_cfg["variable"],
             sigma=obs_cfg["sigma"],
-            units=model_cfg["units"],
+            units=_field_units(model_cfg, obs_cfg["field"]),
             length_units=model_cfg["length_units"],
             time_units=model_cfg["time_units"],
             reference=time_cfg["reference"],

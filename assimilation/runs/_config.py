@@ -219,6 +219,18 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
                     f"calibrated: {sorted(control['parameters']) or 'none'}."
                 )
     fields = STATE_FIELDS[model["name"]]
+    if isinstance(model["units"], dict):
+        if fields is None:
+            raise ConfigError(
+                f"`model.units` is a table but model {model['name']!r} has a "
+                'single-field state; give a string (e.g. units = "K").'
+            )
+        extra = sorted(set(model["units"]) - set(fields))
+        if extra:
+            raise ConfigError(
+                f"`model.units` has unknown field(s) {extra}; the state fields are "
+                f"{list(fields)}."
+            )
     bg = cfg["background"]
     for key in ("value", "std"):
         if isinstance(bg[key], dict):

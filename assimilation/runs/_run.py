@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._build import RunSetup, build_run
+from ._build import RunSetup, build_run, state_units
 from ._schema import ConfigError
 
 
@@ -160,7 +160,7 @@ def output_dataset(out: RunOutput, attrs: Mapping[str, Any] | None = None):
         out.analysis,
         out.setup.grid,
         out.obs,
-        units=model["units"],
+        units=state_units(model),
         length_units=model["length_units"],
         time_units=model["time_units"],
         reference=cfg["time"]["reference"],
@@ -182,6 +182,8 @@ def parameter_units(model: Mapping[str, Any]) -> dict[str, str]:
         )
     if length:
         out["depth"] = length
-    if u and t:
+    if isinstance(u, str) and t:
         out["source"] = f"{u} {t}-1"
+    if length and t:
+        out["velocity"] = f"{length} {t}-1"
     return out

@@ -152,6 +152,17 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
         ),
         "a number or a table of numbers per state field",
     ),
+    "str_or_table": (
+        lambda v: (
+            isinstance(v, str)
+            or (
+                isinstance(v, dict)
+                and v != {}
+                and all(isinstance(x, str) for x in v.values())
+            )
+        ),
+        "a string or a table of strings per state field",
+    ),
     "float_or_str": (
         lambda v: _is_number(v) or isinstance(v, str),
         "a number or a string",
@@ -205,7 +216,11 @@ SCHEMA = Section(
                     choices=("heat", "advection", "shallow_water"),
                     help="which PDE",
                 ),
-                "units": Key("str", default=None, help="units of the state"),
+                "units": Key(
+                    "str_or_table",
+                    default=None,
+                    help="units of the state, or a table of units per state field",
+                ),
                 "length_units": Key("str", default=None),
                 "time_units": Key("str", default=None),
                 "grid": Section(
