@@ -47,6 +47,11 @@ from ._errors import (
     TimeAxisError as TimeAxisError,
     UnitsError as UnitsError,
 )
+from ._geo import (
+    EARTH_RADIUS as EARTH_RADIUS,
+    CurvilinearGridError as CurvilinearGridError,
+    TangentPlane as TangentPlane,
+)
 from ._gridded import read_field as read_field
 from ._names import (
     ITERATION_DIM as ITERATION_DIM,
@@ -57,7 +62,11 @@ from ._names import (
 from ._readers import open_dataset as open_dataset
 from ._stations import read_observations as read_observations
 from ._time import model_times as model_times
-from ._units import convert_units as convert_units, unit_conversion as unit_conversion
+from ._units import (
+    convert_units as convert_units,
+    time_unit_seconds as time_unit_seconds,
+    unit_conversion as unit_conversion,
+)
 from ._writers import (
     analysis_to_dataset as analysis_to_dataset,
     observations_to_dataset as observations_to_dataset,

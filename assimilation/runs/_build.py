@@ -98,6 +98,25 @@ def state_units(model: dict):
     return out or None
 
 
+def geometry(model: dict):
+    """The :class:`assimilation.io.TangentPlane` of ``model.grid.geographic_origin``
+    (or None)."""
+    origin = model["grid"].get("geographic_origin")
+    if origin is None:
+        return None
+    from ..io import TangentPlane
+
+    if not isinstance(origin, list) or len(origin) != 2:
+        raise ConfigError(
+            "`model.grid.geographic_origin` must be [lat0, lon0] in degrees, got "
+            f"{origin!r}."
+        )
+    try:
+        return TangentPlane(float(origin[0]), float(origin[1]))
+    except ValueError as err:
+        raise ConfigError(f"`model.grid.geographic_origin`: {err}") from err
+
+
 def _field_units(model: dict, field: str | None):
     units = state_units(model)
     return units.get(field) if isinstance(units, dict) else units
@@ -202,6 +221,7 @@ def _background_state(cfg, grid):
             units=_field_units(model, field),
             length_units=model["length_units"],
             time_units=model["time_units"],
+            geometry=geometry(model),
             reference=cfg["time"]["reference"],
         )
         if times is None:
@@ -337,6 +357,7 @@ def build_run(cfg: dict) -> RunSetup:
             units=_field_units(model_cfg, obs_cfg["field"]),
             length_units=model_cfg["length_units"],
             time_units=model_cfg["time_units"],
+            geometry=geometry(model_cfg),
             reference=time_cfg["reference"],
             window=(t0, t0 + n_steps * dt),
             outside=obs_cfg["outside"],

@@ -229,6 +229,15 @@ SCHEMA = Section(
                         "lengths": Key("floats", default=1.0, check=_positive),
                         "boundary": Key("strs", default="periodic"),
                         "origin": Key("floats", default=0.0, check=_finite),
+                        "geographic_origin": Key(
+                            "floats",
+                            default=None,
+                            check=_finite,
+                            help="[lat0, lon0] in degrees: model lengths are "
+                            "distances from this point on its local tangent plane "
+                            "(x east, y north), so latitude/longitude coordinates "
+                            "of files convert to model lengths",
+                        ),
                     }
                 ),
                 "parameters": MapOf(Key("any"), help="model constructor values"),
