@@ -417,12 +417,10 @@ def to_dataset(
     sdims = spatial_dims(grid.ndim)
     gattrs: dict[str, Any] = {"Conventions": CONVENTIONS, **grid_attrs(grid)}
     coords: dict[str, Any] = dict(grid_coords(grid, length_units=length_units))
-    time_attrs = {
-        "units": time_units or "1",
-        "long_name": "model time",
-        "axis": "T",
-        "standard_name": "time",
-    }
+    time_attrs = {"units": time_units or "1", "long_name": "model time"}
+    if " since " in str(time_units):
+        # CF: a `time` standard name needs a reference date in its units
+        time_attrs.update(axis="T", standard_name="time")
 
     def check_leaf(label, arr, lead):
         if arr.shape[lead:] != grid.shape or arr.ndim != lead + grid.ndim:
@@ -689,8 +687,20 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> pathlib.Path:
         The final path.
     """
     path = pathlib.Path(path)
+    ds = ds.load()
+    # CF: coordinates have no fill value (xarray gives float ones NaN by default);
+    # text goes out as character arrays, which every netCDF reader understands.
+    encoding = {}
+    for name, var in ds.variables.items():
+        enc = {}
+        if name in ds.coords and "_FillValue" not in var.encoding:
+            enc["_FillValue"] = None
+        if var.dtype.kind == "U" and "dtype" not in var.encoding:
+            enc["dtype"] = "S1"
+        if enc:
+            encoding[name] = enc
     with atomic_write(path) as tmp, _NETCDF_LOCK:
-        ds.load().to_netcdf(tmp, engine="netcdf4")
+        ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
     return path
 
 

@@ -47,7 +47,7 @@ def observations_to_dataset(
     ndim = int(np.shape(obs.positions)[1])
     pos = np.asarray(obs.positions)
     t = np.asarray(obs.times, dtype=np.float64)
-    time_attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
+    time_attrs: dict[str, Any] = {}
     if reference is not None:
         word = _time_word(time_units)
         if word is None:
@@ -56,7 +56,10 @@ def observations_to_dataset(
             )
         ref = _reference_date(reference, calendar)
         time_attrs.update(
-            units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
+            units=f"{word} since {ref.isoformat().replace('T', ' ')}",
+            calendar=calendar,
+            standard_name="time",
+            axis="T",
         )
     else:
         time_attrs.update(units=time_units or "1", long_name="model time")
@@ -71,7 +74,11 @@ def observations_to_dataset(
         STATION_DIM: xr.DataArray(
             np.arange(pos.shape[0]),
             dims=(STATION_DIM,),
-            attrs={"long_name": "sensor index"},
+            attrs={
+                "long_name": "sensor index",
+                "units": "1",
+                "cf_role": "timeseries_id",
+            },
         ),
     }
     for axis, name in enumerate(spatial_dims(ndim)):
@@ -94,7 +101,9 @@ def observations_to_dataset(
         ),
     }
     return xr.Dataset(
-        data, coords=coords, attrs={"Conventions": "CF-1.8", **(attrs or {})}
+        data,
+        coords=coords,
+        attrs={"Conventions": "CF-1.8", "featureType": "timeSeries", **(attrs or {})},
     )
 
 
@@ -130,12 +139,15 @@ def _time_word(time_units) -> str | None:
 
 
 def _time_coordinate(times, time_units, reference, calendar):
-    attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
+    attrs: dict[str, Any] = {}
     word = _time_word(time_units) if time_units else None
     if reference is not None and word is not None:
         ref = _reference_date(reference, calendar)
         attrs.update(
-            units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
+            units=f"{word} since {ref.isoformat().replace('T', ' ')}",
+            calendar=calendar,
+            standard_name="time",
+            axis="T",
         )
     else:
         attrs.update(units=time_units or "1", long_name="model time")
@@ -297,7 +309,8 @@ def analysis_to_dataset(
                 dims=param_dims(su),
                 attrs={
                     "long_name": f"posterior standard deviation of the "
-                    f"transformed (unconstrained) {name}"
+                    f"transformed (unconstrained) {name}",
+                    "units": "1",
                 },
             )
         if truth is not None and name in truth.get("parameters", {}):
@@ -312,12 +325,30 @@ def analysis_to_dataset(
             attrs={"long_name": f"{name} at each iteration", **pu},
         )
     if analysis.parameter_correlation is not None and analysis.parameter_labels:
+        # CF coordinate variables are numeric: the entries are indexed, and their
+        # labels are auxiliary (character) coordinates.
+        labels = np.asarray(analysis.parameter_labels, dtype=str)
+        index = np.arange(labels.size, dtype=np.int32)
+        p2 = PARAMETER_DIM + "2"
         data["parameter_correlation"] = xr.DataArray(
             np.asarray(analysis.parameter_correlation),
-            dims=(PARAMETER_DIM, PARAMETER_DIM + "2"),
+            dims=(PARAMETER_DIM, p2),
             coords={
-                PARAMETER_DIM: list(analysis.parameter_labels),
-                PARAMETER_DIM + "2": list(analysis.parameter_labels),
+                PARAMETER_DIM: (
+                    PARAMETER_DIM,
+                    index,
+                    {"long_name": "index of a scalar parameter entry", "units": "1"},
+                ),
+                p2: (
+                    p2,
+                    index,
+                    {"long_name": "index of a scalar parameter entry", "units": "1"},
+                ),
+                "parameter_label": (
+                    PARAMETER_DIM,
+                    labels,
+                    {"long_name": "name of the parameter entry"},
+                ),
             },
             attrs={
                 "long_name": "posterior correlation between parameter entries",
@@ -346,7 +377,11 @@ def analysis_to_dataset(
         STATION_DIM: xr.DataArray(
             np.arange(pos.shape[0]),
             dims=(STATION_DIM,),
-            attrs={"long_name": "sensor index"},
+            attrs={
+                "long_name": "sensor index",
+                "units": "1",
+                "cf_role": "timeseries_id",
+            },
         )
     }
     for axis, dim in enumerate(sdims):
@@ -390,11 +425,14 @@ def analysis_to_dataset(
         ITERATION_DIM: xr.DataArray(
             np.arange(hist.n_iterations + 1),
             dims=(ITERATION_DIM,),
-            attrs={"long_name": "iteration (0: start)"},
+            attrs={"long_name": "iteration (0: start)", "units": "1"},
         ),
     }
     gattrs: dict[str, Any] = {
         "Conventions": "CF-1.8",
+        # the observations and residuals are station time series (the gridded
+        # analysis fields share the file)
+        "featureType": "timeSeries",
         "title": "dphys 4D-Var analysis",
         **grid_attrs(grid),
         "method": analysis.method,
