@@ -3,6 +3,7 @@
 .. code-block:: text
 
     dphys demo [--out DIR] [--seed N] [--quick] [--kappa-field]
+    dphys init MODEL [-o CONFIG.toml]
     dphys assimilate CONFIG.toml [--out FILE] [--figure FILE]
     dphys batch CONFIG.toml [--out-dir DIR] [--workers N | --scheduler ADDR]
                 [--keep-going]
@@ -344,8 +345,42 @@ def _cmd_batch(args, argv) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_init(args, argv) -> int:
+    from .runs import init_config
+
+    text = init_config(args.model)
+    if args.out in (None, "-"):
+        print(text, end="")
+        return 0
+    path = pathlib.Path(args.out)
+    if path.exists() and not args.force:
+        raise FileExistsError(
+            f"{str(path)!r} exists; pass --force to overwrite it, or choose another "
+            "name."
+        )
+    from dphys.io import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    print(
+        f"wrote {path}: a {args.model} twin experiment. Run `dphys assimilate {path}`"
+        f" or `dphys batch {path}`; every key is in docs/config.md."
+    )
+    return 0
+
+
+EPILOG = (
+    "Configuration files: `dphys init MODEL` writes a complete, commented one; every "
+    "key is documented in docs/config.md (generated from the schema)."
+)
+
+
 def _parser() -> _Parser:
-    parser = _Parser(prog=PROG, description="Differentiable-physics data assimilation.")
+    parser = _Parser(
+        prog=PROG,
+        description="Differentiable-physics data assimilation.",
+        epilog=EPILOG,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "-v",
@@ -372,14 +407,27 @@ def _parser() -> _Parser:
     demo.add_argument("--no-figure", action="store_true", help="skip the PNG")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
-    assim = sub.add_parser("assimilate", help="run the assimilation in CONFIG.toml")
+    init = sub.add_parser(
+        "init",
+        help="write a complete, commented configuration for MODEL",
+        epilog=EPILOG,
+    )
+    init.add_argument("model", choices=("heat", "advection", "shallow_water"))
+    init.add_argument("-o", "--out", help="file to write (default: print it on stdout)")
+    init.add_argument("--force", action="store_true", help="overwrite --out")
+
+    assim = sub.add_parser(
+        "assimilate", help="run the assimilation in CONFIG.toml", epilog=EPILOG
+    )
     assim.add_argument("config", help="TOML configuration file")
     assim.add_argument("--out", help="analysis netCDF (overrides output.path)")
     assim.add_argument("--figure", help="figure PNG (overrides output.figure)")
     assim.add_argument("--no-figure", action="store_true", help="skip the figure")
     assim.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
-    batch = sub.add_parser("batch", help="run the cases of CONFIG.toml's [batch]")
+    batch = sub.add_parser(
+        "batch", help="run the cases of CONFIG.toml's [batch]", epilog=EPILOG
+    )
     batch.add_argument("config", help="TOML configuration file with a [batch] section")
     batch.add_argument("--out-dir", help="output directory (overrides batch.out_dir)")
     batch.add_argument(
@@ -415,7 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    commands = {"demo": _cmd_demo, "assimilate": _cmd_assimilate, "batch": _cmd_batch}
+    commands = {
+        "demo": _cmd_demo,
+        "init": _cmd_init,
+        "assimilate": _cmd_assimilate,
+        "batch": _cmd_batch,
+    }
     import equinox as eqx
 
     from dphys import SimulationError
@@ -424,7 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return commands[args.command](args, argv)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        IsADirectoryError,
+        PermissionError,
+    ) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except (SimulationError, BatchError) as err:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._schema import STATE_FIELDS, ConfigError
+from ._schema import COMPONENTS, STATE_FIELDS, ConfigError, component_value
 
 
 logger = logging.getLogger(__name__)
@@ -142,15 +142,81 @@ def _tuple(v):
     return tuple(v) if isinstance(v, list) else v
 
 
+def _component_axis(name: str, grid) -> tuple[str, int] | None:
+    """``("velocity", axis)`` for a component control name, else None."""
+    for vec, comps in COMPONENTS.items():
+        if name == vec and grid.ndim == 1:
+            return vec, 0
+        if name in comps and grid.ndim == 2:
+            return vec, comps.index(name)
+    return None
+
+
+def _where(name, grid):
+    """How a control name selects its model leaf (None: the attribute ``name``)."""
+    comp = _component_axis(name, grid)
+    if comp is None:
+        return None
+    vec, axis = comp
+    return _Component(vec, axis)
+
+
+class _Component:
+    """``model.<vec>[axis]``, picklable (configured cases run in worker processes)."""
+
+    def __init__(self, vec, axis):
+        self.vec, self.axis = vec, axis
+
+    def __call__(self, model):
+        return getattr(model, self.vec)[self.axis]
+
+    def __eq__(self, other):
+        return isinstance(other, _Component) and (self.vec, self.axis) == (
+            other.vec,
+            other.axis,
+        )
+
+    def __hash__(self):
+        return hash((self.vec, self.axis))
+
+
+def _merge_components(grid, values: dict) -> dict:
+    """Put component values (``velocity_x = ...``) back into their vector."""
+    out = dict(values)
+    for key in list(values):
+        comp = _component_axis(key, grid)
+        if comp is None or key == comp[0]:
+            if comp is not None:  # 1D: `velocity` itself is the component
+                vec = out[key]
+                out[key] = [vec] if not isinstance(vec, list) else vec
+            continue
+        vec, axis = comp
+        current = out.get(vec)
+        current = (
+            list(current)
+            if isinstance(current, (list, tuple))
+            else ([current] * grid.ndim)
+        )
+        current[axis] = out.pop(key)
+        out[vec] = current
+    return out
+
+
 def _make_model(name, grid, values):
+    import jax.numpy as jnp
+
     import pdes
+
+    values = _merge_components(grid, values)
 
     try:
         if name == "heat":
             return pdes.Heat(grid, values["kappa"], source=values.get("source"))
         if name == "advection":
             vel = values["velocity"]
-            vel = tuple(vel) if isinstance(vel, list) else (vel,) * grid.ndim
+            vel = tuple(vel) if isinstance(vel, (list, tuple)) else (vel,) * grid.ndim
+            if len(vel) == 1 and grid.ndim == 2 and jnp.ndim(vel[0]) == 0:
+                vel = vel * 2
             if len(vel) != grid.ndim:
                 raise ConfigError(
                     f"`model.parameters.velocity` needs {grid.ndim} component(s) (one "
@@ -167,7 +233,9 @@ def _make_model(name, grid, values):
             values["depth"],
             g=values["g"],
             f0=values["f0"],
+            beta=values.get("beta"),
             drag=values["drag"],
+            quadratic_drag=values.get("quadratic_drag"),
             nonlinear=values["nonlinear"],
         )
     except (ValueError, TypeError) as err:
@@ -249,11 +317,29 @@ def _background_state(cfg, grid):
         f: _covariance(grid, _per_field(bg["std"], f, 1.0), bg["length_scale"])
         for f in fields
     }
-    state0 = pdes.SWState(**arrays)
+    state0 = _zero_walls(pdes.SWState(**arrays), grid)
     cov = jtu.tree_map(
         lambda f: covs[f], pdes.SWState(*fields), is_leaf=lambda x: isinstance(x, str)
     )
     return state0, cov
+
+
+def _zero_walls(state, grid):
+    """A shallow-water state with zero normal velocity on closed-basin walls.
+
+    The wall faces are the last ``u`` column (walls across the last axis) and the
+    last ``v`` row (2D, walls across the first axis), as
+    :class:`pdes.ShallowWater` lays out its C-grid; a draw from B or a constant
+    background is not zero there, and the model refuses such an initial state.
+    """
+    import jax.numpy as jnp
+
+    u, v = state.u, state.v
+    if grid.boundary[-1] != "periodic":
+        u = u.at[..., -1].set(0.0)
+    if grid.ndim == 2 and grid.boundary[0] != "periodic":
+        v = v.at[-1, :].set(0.0)
+    return type(state)(eta=state.eta, u=jnp.asarray(u), v=jnp.asarray(v))
 
 
 def _transform(spec):
@@ -293,20 +379,34 @@ def build_run(cfg: dict) -> RunSetup:
 
     params, backgrounds = [], {}
     for name, spec in control_cfg["parameters"].items():
-        value = spec["background"] if spec["background"] is not None else values[name]
+        value = (
+            spec["background"]
+            if spec["background"] is not None
+            else component_value(values, name)
+        )
         try:
             transform = _transform(spec)
             if spec["field"]:
                 bg = jnp.full(grid.shape, float(value), dtype)
                 cov = _covariance(grid, spec["sigma"], spec["length_scale"])
                 params.append(
-                    Parameter(name, background=bg, transform=transform, covariance=cov)
+                    Parameter(
+                        name,
+                        background=bg,
+                        transform=transform,
+                        covariance=cov,
+                        where=_where(name, grid),
+                    )
                 )
             else:
                 bg = jnp.asarray(float(value), dtype)
                 params.append(
                     Parameter(
-                        name, background=bg, transform=transform, sigma=spec["sigma"]
+                        name,
+                        background=bg,
+                        transform=transform,
+                        sigma=spec["sigma"],
+                        where=_where(name, grid),
                     )
                 )
         except ValueError as err:
@@ -396,7 +496,7 @@ def build_run(cfg: dict) -> RunSetup:
         keys = jr.split(k_state, len(covs))
         draws = [c.sample(key=k) for c, k in zip(covs, keys, strict=True)]
         noise = jtu.tree_unflatten(jtu.tree_structure(state0), draws)
-        setup.truth_state0 = jtu.tree_map(jnp.add, state0, noise)
+        setup.truth_state0 = _zero_walls(jtu.tree_map(jnp.add, state0, noise), grid)
     lo = jnp.asarray(grid.origin, dtype)
     hi = lo + jnp.asarray(grid.lengths, dtype)
     pos = lo + (hi - lo) * jr.uniform(k_pos, (twin["n_sensors"], grid.ndim), dtype)

@@ -23,6 +23,8 @@ from ._schema import (
     SCHEMA,
     STATE_FIELDS,
     ConfigError,
+    component_value as _model_value,
+    control_names,
     Key,
     MapOf,
 )
@@ -180,7 +182,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
         if cfg[section] is None:
             cfg[section] = _validate({}, SCHEMA.keys[section], section)
     control = cfg["control"]
-    controllable = [n for n, (_, _, ok) in known.items() if ok]
+    controllable = control_names(model["name"], len(shape))
     for name, spec in control["parameters"].items():
         if name not in controllable:
             raise ConfigError(
@@ -188,7 +190,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
                 f"calibratable parameter `{name}`.{_suggest(name, controllable)} "
                 f"Calibratable: {', '.join(controllable)}."
             )
-        if params.get(name) is None and spec["background"] is None:
+        if _model_value(params, name) is None and spec["background"] is None:
             raise ConfigError(
                 f"[control.parameters.{name}]: give `background` or set "
                 f"`model.parameters.{name}`, the first guess of the calibration."

@@ -354,10 +354,11 @@ SCHEMA = Section(
 
 
 # Per model: constructor keyword -> (kind, default, controllable as a Parameter).
+# Every differentiable (array) parameter of a model is controllable.
 MODELS: dict[str, dict[str, tuple[str, Any, bool]]] = {
     "heat": {"kappa": ("float", _REQUIRED, True), "source": ("float", None, True)},
     "advection": {
-        "velocity": ("floats", _REQUIRED, False),
+        "velocity": ("floats", _REQUIRED, True),
         "kappa": ("float", None, True),
         "scheme": ("str", "centered", False),
     },
@@ -365,8 +366,44 @@ MODELS: dict[str, dict[str, tuple[str, Any, bool]]] = {
         "depth": ("float", _REQUIRED, True),
         "g": ("float", 9.81, True),
         "f0": ("float", 0.0, True),
+        "beta": ("float", None, True),
         "drag": ("float", 0.0, True),
+        "quadratic_drag": ("float", None, True),
         "nonlinear": ("bool", False, False),
     },
 }
+# A vector parameter is calibrated per component: `velocity` on a 1D grid,
+# `velocity_y` and `velocity_x` on a 2D grid (array order).
+COMPONENTS = {"velocity": ("velocity_y", "velocity_x")}
+
+
+def control_names(model: str, ndim: int) -> list[str]:
+    """The names ``[control.parameters.<name>]`` accepts for ``model``."""
+    out = []
+    for name, (_, _, ok) in MODELS[model].items():
+        if not ok:
+            continue
+        if name in COMPONENTS and ndim == 2:
+            out.extend(COMPONENTS[name])
+        else:
+            out.append(name)
+    return out
+
+
 STATE_FIELDS = {"heat": None, "advection": None, "shallow_water": ("eta", "u", "v")}
+
+
+def component_value(values: dict, name: str):
+    """A model value by control name (``velocity_x`` is a component of
+    ``velocity``); None if unset."""
+    for vec, comps in COMPONENTS.items():
+        if name in comps:
+            v = values.get(vec)
+            if v is None:
+                return None
+            v = v if isinstance(v, list) else [v] * len(comps)
+            return v[comps.index(name)] if len(v) == len(comps) else None
+    v = values.get(name)
+    if isinstance(v, list) and len(v) == 1:
+        return v[0]
+    return v
