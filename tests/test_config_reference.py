@@ -2,7 +2,6 @@
 calibratable parameter (velocity too) and closed-basin shallow-water twins."""
 
 import pathlib
-import tomllib
 
 import numpy as np
 import pytest
@@ -14,10 +13,10 @@ from assimilation.runs import (
     ConfigError,
     build_run,
     config_reference,
-    init_config,
     load_config,
     validate_config,
 )
+from assimilation.runs._config import tomllib
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -23,10 +23,10 @@ from ._schema import (
     SCHEMA,
     STATE_FIELDS,
     ConfigError,
-    component_value as _model_value,
-    control_names,
     Key,
     MapOf,
+    component_value as _model_value,
+    control_names,
 )
 
 

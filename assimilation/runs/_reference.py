@@ -346,7 +346,7 @@ def init_config(model: str) -> str:
                 "# constructor values (docs/config.md: Model parameters)",
                 "[model.parameters]",
             ]
-            for name, (kind, default, ok) in MODELS[model].items():
+            for name, (_, default, _) in MODELS[model].items():
                 text = PARAMETER_HELP.get(name, "")
                 if name in values["parameters"]:
                     lines.append(
