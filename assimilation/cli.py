@@ -101,11 +101,12 @@ def demo_config(
     """The configuration of ``dphys demo``: a seeded heat-equation twin experiment.
 
     A 1D periodic rod of length 1 m (insulated ends with ``kappa_field``); the truth
-    has diffusivity 2e-3 m^2/s (a field with ``kappa_field``) and an initial temperature anomaly drawn from the
-    background-error covariance (std 0.5 K, correlation length 0.1 m). Ten sensors
-    (eight with ``quick``) at seeded random positions record every 5 steps (0.1 s)
-    for 3 s (2 s) with noise 0.02 K. The analysis
-    starts from a zero anomaly and kappa = 1e-3 m^2/s (a factor 2 off; prior std of
+    has diffusivity 2e-3 m^2/s (a field with ``kappa_field``) and an initial
+    temperature anomaly drawn from the background-error covariance (std 0.5 K,
+    correlation length 0.1 m). Ten sensors (eight with ``quick``) at seeded random
+    positions record every 5 steps (0.1 s) for 3 s (2 s) with noise 0.02 K. The
+    analysis starts from a zero anomaly and kappa = 1e-3 m^2/s (a factor 2 off; prior
+    std of
     log kappa 1) and estimates both.
     """
     # Compilation dominates the run time, so the quick run keeps the data and
