@@ -210,6 +210,7 @@ def assimilate(
     v0=None,
     callback: Callable[[int, dict], Any] | None = None,
     uncertainty: bool = True,
+    progress: bool = False,
 ) -> Analysis:
     r"""Minimise a 4D-Var cost and return the :class:`Analysis`.
 
@@ -231,6 +232,8 @@ def assimilate(
             ``grad_norm``, ``step_norm``, ``inner_iterations``, ``elapsed``,
             ``parameters`` (``{name: physical value}``). Return ``True`` to stop.
         uncertainty: compute the posterior parameter std and correlation.
+        progress: show a progress bar of the iterations (cost and gradient norm)
+            and of the posterior phase on stderr (tqdm).
 
     Returns:
         An :class:`Analysis`.
@@ -265,6 +268,14 @@ def assimilate(
         info["parameters"] = {k: np.asarray(x) for k, x in raw["parameters"].items()}
         rows.append(info)
         return info
+
+    bar = _Progress(method.max_iterations) if progress else None
+    if bar is not None:
+        user_callback = callback
+
+        def callback(i, info):
+            bar.update(i, info)
+            return user_callback(i, info) if user_callback is not None else False
 
     core = _step_config(method)
     state, raw = _init_jit(core, cost, v_start)
@@ -313,10 +324,36 @@ def assimilate(
             for name in cost.control.parameter_names
         },
     )
-    return _make_analysis(cost, v_a, history, termination, method, uncertainty)
+    if bar is not None:
+        bar.close()
+    return _make_analysis(
+        cost, v_a, history, termination, method, uncertainty, progress
+    )
 
 
-def _make_analysis(cost, v_a, history, termination, method, uncertainty):
+class _Progress:
+    """A tqdm bar over the iterations (imported only when asked for)."""
+
+    def __init__(self, total):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="4D-Var", unit="it", leave=True)
+        self.done = 0
+
+    def update(self, i, info):
+        self.bar.set_postfix_str(
+            f"J={info['cost']:.4e} |g|={info['grad_norm']:.2e}", refresh=False
+        )
+        self.bar.update(i - self.done)
+        self.done = i
+
+    def close(self):
+        self.bar.close()
+
+
+def _make_analysis(
+    cost, v_a, history, termination, method, uncertainty, progress=False
+):
     v_b = cost.init()
     hx_b, final_b = _forecast_jit(cost, v_b)
     hx_a, final_a = _forecast_jit(cost, v_a)
@@ -339,7 +376,22 @@ def _make_analysis(cost, v_a, history, termination, method, uncertainty):
     p_std = p_std_z = corr = state_std = None
     labels: tuple[str, ...] = ()
     if uncertainty:
+        if progress:
+            import sys
+
+            print(
+                "posterior (Laplace): Gauss-Newton Hessian and its inverse ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            t_post = time.perf_counter()
         post = _posterior_jit(cost, v_a)
+        if progress:
+            print(
+                f"posterior done ({time.perf_counter() - t_post:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         labels = post.labels
         if post.names:
             p_std = _np_tree(post.split(post.std))

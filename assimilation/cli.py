@@ -235,28 +235,41 @@ def _write_outputs(out, cfg: dict, argv: Sequence[str], *, figure: bool = True):
     if figure and cfg["output"]["figure"]:
         from .runs import plot_analysis
 
-        paths.append(
-            plot_analysis(
-                out.analysis,
-                out.setup.grid,
-                out.obs,
-                cfg["output"]["figure"],
-                truth=out.truth,
-            )
+        plot_analysis(
+            out.analysis,
+            out.setup.grid,
+            out.obs,
+            cfg["output"]["figure"],
+            truth=out.truth,
+            units=_obs_units(cfg["model"], out.obs),
+            length_units=cfg["model"]["length_units"],
         )
+        paths.append(pathlib.Path(cfg["output"]["figure"]))
     return paths
 
 
-def _run_and_report(cfg, argv, *, quiet: bool, figure: bool = True) -> int:
+def _obs_units(model: dict, obs):
+    from .runs._build import state_units
+
+    units = state_units(model)
+    return units.get(obs.field) if isinstance(units, dict) else units
+
+
+def _run_and_report(
+    cfg, argv, *, quiet: bool, figure: bool = True, verbose: bool = False
+) -> int:
     from .runs import build_run, run
 
     start = time.perf_counter()
     setup = build_run(cfg)  # reads and validates every input first
     if not quiet:
         print("  (the first iterations include JIT compilation)", file=sys.stderr)
-    out = run(
-        cfg, callback=_progress(quiet, cfg["solver"]["max_iterations"]), setup=setup
-    )
+    # A progress bar of the iterations and a line per phase (the posterior is the
+    # long one after the last iteration); with -v also a line per iteration.
+    callback = _progress(quiet or not verbose, cfg["solver"]["max_iterations"])
+    out = run(cfg, callback=callback, setup=setup, progress=not quiet)
+    if not quiet:
+        print("  writing outputs ...", file=sys.stderr, flush=True)
     paths = _write_outputs(out, cfg, argv, figure=figure)
     print(_summary(out))
     print(
@@ -283,7 +296,9 @@ def _cmd_demo(args, argv) -> int:
         f"state on {cfg['model']['grid']['shape'][0]} grid points from "
         f"{twin['n_sensors']} sensors x {n_obs} times (noise {twin['sigma']} K)"
     )
-    return _run_and_report(cfg, argv, quiet=args.quiet, figure=not args.no_figure)
+    return _run_and_report(
+        cfg, argv, quiet=args.quiet, figure=not args.no_figure, verbose=args.verbose
+    )
 
 
 def _cmd_assimilate(args, argv) -> int:
@@ -297,7 +312,9 @@ def _cmd_assimilate(args, argv) -> int:
             str(pathlib.Path(args.figure).resolve()) if args.figure else None
         )
     print(f"dphys assimilate: {args.config} ({cfg['model']['name']} model)")
-    return _run_and_report(cfg, argv, quiet=args.quiet, figure=not args.no_figure)
+    return _run_and_report(
+        cfg, argv, quiet=args.quiet, figure=not args.no_figure, verbose=args.verbose
+    )
 
 
 def _cmd_batch(args, argv) -> int:
@@ -443,6 +460,23 @@ def _parser() -> _Parser:
     return parser
 
 
+_OWN_LOGGERS = ("assimilation", "dphys", "pdes")
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Configure only the package's own loggers (never the root logger, so Dask's
+    and JAX's loggers keep their own settings)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler._dphys_cli = True  # type: ignore[attr-defined]
+    for name in _OWN_LOGGERS:
+        log = logging.getLogger(name)
+        for old in [h for h in log.handlers if getattr(h, "_dphys_cli", False)]:
+            log.removeHandler(old)
+        log.addHandler(handler)
+        log.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dphys`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -454,11 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help and --version
         return int(exit_.code or 0)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format=f"{PROG}: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(args.verbose)
     if os.environ.get("JAX_ENABLE_X64") is None:
         # Analyses, posterior variances and netCDF outputs are double precision.
         import jax

@@ -107,6 +107,17 @@ class SaveAt(eqx.Module):
 
 def _check_steps(steps) -> tuple[int, ...]:
     name = "`SaveAt(steps=...)`"
+    bare = isinstance(steps, (int, np.integer)) or (
+        isinstance(steps, np.ndarray) and steps.ndim == 0
+    )
+    if bare and not isinstance(steps, bool):
+        # diffrax users read `steps=10` as "every 10th step"; here it was "only step
+        # 10". Refuse the ambiguous spelling and name both meanings.
+        raise TypeError(
+            f"{name} takes a sequence of step indices, got the bare integer "
+            f"{describe(steps)}, which is ambiguous: pass `steps=[{steps}]` to save "
+            f"only step {steps}, or `every={steps}` to save every {steps}th step."
+        )
     items = steps if isinstance(steps, (list, tuple)) else [steps]
     if any(isinstance(s, jax.core.Tracer) for s in items):
         raise TypeError(

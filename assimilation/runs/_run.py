@@ -37,7 +37,13 @@ def _rmse(a, b) -> float:
     return float(np.sqrt(np.mean(d**2)))
 
 
-def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput:
+def run(
+    cfg: dict,
+    *,
+    callback=None,
+    setup: RunSetup | None = None,
+    progress: bool = False,
+) -> RunOutput:
     """Build (unless ``setup`` is given) and run a configured assimilation.
 
     For a twin experiment, synthetic observations are made from the truth first
@@ -48,6 +54,8 @@ def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput
         cfg: a validated configuration.
         callback: progress callback passed to :func:`assimilation.assimilate`.
         setup: a prebuilt :class:`RunSetup`.
+        progress: progress bar and phase lines on stderr (see
+            :func:`assimilation.assimilate`).
 
     Returns:
         A :class:`RunOutput`.
@@ -92,7 +100,11 @@ def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput
     except (ValueError, TypeError) as err:
         raise ConfigError(f"cannot set up the 4D-Var cost: {err}") from err
     analysis = assimilate(
-        cost, setup.method, callback=callback, uncertainty=cfg["solver"]["uncertainty"]
+        cost,
+        setup.method,
+        callback=callback,
+        uncertainty=cfg["solver"]["uncertainty"],
+        progress=progress,
     )
     out = RunOutput(setup, analysis, setup.obs)
     if twin is not None:
