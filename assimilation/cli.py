@@ -333,6 +333,9 @@ def _cmd_batch(args, argv) -> int:
     if workers is not None and scheduler is not None:
         raise ConfigError("give either --workers or --scheduler, not both.")
     out_dir = str(pathlib.Path(out_dir).resolve())
+    if batch["cycle"] and (workers is not None or scheduler is not None):
+        logger.warning("cycled windows depend on each other: running them serially")
+        workers = scheduler = None
     cases = config_cases(
         cfg,
         provenance=_provenance(cfg, argv),

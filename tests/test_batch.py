@@ -558,3 +558,48 @@ def test_concurrent_netcdf_reads_in_threads_do_not_crash(tmp_path):
             timeout=120,
         )
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_cycled_windows(tmp_path, capsys):
+    """`cycle = true`: each window's background is the previous window's analysis
+    at its end; windows are half-open, so every observation is used once."""
+    import jax.numpy as jnp
+
+    from assimilation import Observations
+    from assimilation.io import observations_to_dataset
+
+    times = jnp.asarray([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    obs = Observations(
+        times=times,
+        values=jnp.full((6, 3), 0.1),
+        positions=jnp.asarray([0.2, 0.5, 0.8]),
+        sigma=0.05,
+    )
+    (tmp_path / "config" / "data").mkdir(parents=True)
+    dio.write_netcdf(
+        observations_to_dataset(
+            obs,
+            units="degC",
+            length_units="m",
+            time_units="s",
+            reference="2000-01-01T00:00:00",
+        ),
+        tmp_path / "config" / "data" / "obs.nc",
+    )
+    text = OBS_CASES_TOML.format(cases="", iterations=2)
+    text = text.replace('path = "data/obs-0.nc"', 'path = "data/obs.nc"')
+    text = text.replace(
+        "cases = [\n\n]", "n_windows = 3\nwindow_length = 0.2\ncycle = true"
+    )
+    config = tmp_path / "config" / "batch.toml"
+    config.write_text(text)
+    assert main(["batch", str(config), "--workers", "2"]) == 0
+    assert "3 done" in capsys.readouterr().out
+    runs = tmp_path / "config" / "runs"
+    outs = [dio.read_netcdf(runs / f"window-{k:03d}.nc") for k in range(3)]
+    for prev, nxt in zip(outs[:-1], outs[1:], strict=True):
+        np.testing.assert_allclose(nxt["background"].values, prev["analysis_final"])
+    # each observation once: 0.1, 0.2 | 0.3, 0.4 | 0.5, 0.6 (window ends included)
+    assert [ds.sizes["time"] for ds in outs] == [2, 2, 2]
+    assert main(["batch", str(config)]) == 0
+    assert "0 done, 3 skipped" in capsys.readouterr().out

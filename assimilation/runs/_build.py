@@ -312,7 +312,10 @@ def _background_state(cfg, grid):
         return state0, cov
     import pdes
 
-    arrays = {f: one(f, f) for f in fields}
+    # multi-field: the variables are the field names, or `<variable>_<field>` when
+    # `background.variable` is set (e.g. "analysis_final" in a cycled batch)
+    prefix = bg["variable"] if bg["variable"] not in (None, "u") else None
+    arrays = {f: one(f, f if prefix is None else f"{prefix}_{f}") for f in fields}
     covs = {
         f: _covariance(grid, _per_field(bg["std"], f, 1.0), bg["length_scale"])
         for f in fields

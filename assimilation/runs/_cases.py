@@ -27,7 +27,7 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def config_key(cfg: dict) -> str:
+def config_key(cfg: dict, *, previous: str | None = None) -> str:
     """SHA-256 of what a configured run's output depends on.
 
     The resolved configuration (every default filled in, paths absolute), the
@@ -40,7 +40,11 @@ def config_key(cfg: dict) -> str:
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for section in ("observations", "background"):
         path = (cfg.get(section) or {}).get("path")
-        if path:
+        if section == "background" and previous is not None:
+            # a cycled window's background is the previous window's output, which is
+            # a function of the previous key: chain the keys instead
+            h.update(f"previous:{previous}".encode())
+        elif path:
             h.update(f"{section}:{path}:{_file_digest(path)}".encode())
     h.update(f"dphys {dphys.__version__}".encode())
     return h.hexdigest()
@@ -63,6 +67,9 @@ def config_cases(
       outside it dropped (``window-000``, ...). Windows are half-open,
       $(t_0, t_0 + L]$, except the first, $[t_0, t_0 + L]$: an observation on a
       boundary belongs to the window it ends, never to two;
+      With ``cycle = true`` the analysis forecast at the end of each window is the
+      background of the next (``background.path`` is the previous window's output),
+      so the windows must run one after another;
     * ``cases = [{name = "...", set = {"dotted.key" = value, ...}}, ...]``:
       explicit cases overriding keys of the base configuration. Relative paths in
       ``set`` (``observations.path``, ``background.path``, ...) are relative to
@@ -84,6 +91,8 @@ def config_cases(
             f"`window_length`) or `cases`; got {given or 'none'}."
         )
     overrides: list[tuple[str, dict]] = []
+    if batch["cycle"] and batch["n_windows"] is None:
+        raise ConfigError("`batch.cycle` applies to `n_windows` batches only.")
     if batch["seeds"] is not None:
         if cfg["twin"] is None:
             raise ConfigError("`batch.seeds` needs a [twin] section to reseed.")
@@ -100,10 +109,19 @@ def config_cases(
                 f"`batch.window_length` = {length} must be a whole number of time "
                 f"steps (time.dt = {dt})."
             )
+        if batch["cycle"] and out_dir is None:
+            raise ConfigError("`batch.cycle` needs the batch's output folder.")
         for k, (a, _) in enumerate(
             split_windows(t0, t0 + batch["n_windows"] * length, length)
         ):
             sets = {"time.t0": a, "time.n_steps": n_steps}
+            if batch["cycle"] and k > 0:
+                # the analysis forecast at the end of window k-1 (= the start of
+                # window k) is window k's background
+                sets["background.path"] = str(
+                    pathlib.Path(out_dir) / f"window-{k - 1:03d}.nc"
+                )
+                sets["background.variable"] = "analysis_final"
             if cfg["observations"] is not None:
                 sets["observations.outside"] = "drop"
                 if k > 0:
@@ -129,6 +147,7 @@ def config_cases(
             overrides.append((str(item["name"]), _flatten(sets)))
     cases = []
     want_figure = bool(cfg["output"]["figure"]) and out_dir is not None
+    previous = None
     for name, sets in overrides:
         case_cfg = copy.deepcopy(cfg)
         case_cfg["batch"] = None
@@ -141,7 +160,9 @@ def config_cases(
             payload = {"config": case_cfg, "attrs": dict(provenance or {})}
             if want_figure:
                 payload["figure"] = str(pathlib.Path(out_dir) / f"{name}.png")
-            case = Case(name, payload, key=config_key(case_cfg))
+            chained = previous if "background.variable" in sets else None
+            case = Case(name, payload, key=config_key(case_cfg, previous=chained))
+            previous = case.key
         except ValueError as err:
             raise ConfigError(f"batch case {name!r}: {err}") from None
         cases.append(case)

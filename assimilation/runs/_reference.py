@@ -61,8 +61,8 @@ HELP: dict[str, str] = {
     "observations.field": "the observed state field (shallow water: eta, u or v)",
     "background.path": "netCDF file of the background (at t0, or without time); "
     "default: the constant `value`",
-    "background.variable": "its variable name (shallow water: the variables are "
-    "the field names eta, u, v)",
+    "background.variable": "its variable name (shallow water: the field names "
+    "eta, u, v, or <variable>_<field> when set)",
     "background.value": "constant background (a table per field for shallow water)",
     "background.std": "background-error std (a table per field for shallow water)",
     "background.length_scale": "correlation length of B (0: uncorrelated)",
@@ -95,6 +95,8 @@ HELP: dict[str, str] = {
     "batch.cases": 'explicit cases: [{name = "a", set = {"dotted.key" = value}}]',
     "batch.window_length": "with n_windows: consecutive windows of this length",
     "batch.n_windows": "number of consecutive windows from time.t0",
+    "batch.cycle": "with n_windows: cycle, the analysis at the end of each window "
+    "is the background of the next (windows then run one after another)",
     "batch.seeds": "one twin experiment per seed",
     "batch.keep_going": "record failing cases and run the others",
     "batch.workers": "local Dask worker processes (default: serial)",

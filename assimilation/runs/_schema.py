@@ -341,6 +341,7 @@ SCHEMA = Section(
                 "cases": Key("any", default=None),
                 "window_length": Key("float", default=None, check=_positive),
                 "n_windows": Key("int", default=None, check=_at_least(1)),
+                "cycle": Key("bool", default=False),
                 "seeds": Key("ints", default=None),
                 "keep_going": Key("bool", default=False),
                 "workers": Key("int", default=None, check=_at_least(1)),
