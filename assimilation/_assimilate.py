@@ -256,6 +256,7 @@ def assimilate(
         )
     v_start = cost.init() if v0 is None else v0
     cost.control.check_control(v_start, cost.state0)
+    _warn_if_single_precision(v_start)
     start = time.perf_counter()
     rows: list[dict] = []
 
@@ -329,6 +330,23 @@ def assimilate(
     return _make_analysis(
         cost, v_a, history, termination, method, uncertainty, progress
     )
+
+
+def _warn_if_single_precision(tree) -> None:
+    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_array(x)]
+    dtypes = {jnp.result_type(x) for x in leaves}
+    if any(jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 64 for d in dtypes):
+        import warnings
+
+        warnings.warn(
+            "assimilate is running in single precision "
+            f"({', '.join(sorted(map(str, dtypes)))}): gradient tolerances, "
+            "Gauss-Newton steps and posterior variances lose most of their digits. "
+            "Enable float64 first (`jax.config.update('jax_enable_x64', True)`, "
+            "before building arrays; the `dphys` command does it through "
+            "`[solver] precision`).",
+            stacklevel=3,
+        )
 
 
 class _Progress:

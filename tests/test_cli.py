@@ -445,3 +445,32 @@ def test_plot_analysis_returns_a_labelled_figure(tmp_path):
     assert not list(tmp_path.glob("*.png"))  # no path: nothing written
     plot_analysis(out.analysis, out.setup.grid, out.obs, tmp_path / "a.png")
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_assimilate_warns_in_float32():
+    """Single precision is a silent accuracy trap: assimilate says so."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, jax.numpy as jnp, dphys, pdes, assimilation as da\n"
+        "grid = dphys.Grid(8, lengths=1.0, boundary='periodic')\n"
+        "obs = da.Observations(times=[0.5], values=[[0.0]], positions=[0.5], "
+        "sigma=0.1)\n"
+        "cost = da.FourDVar(pdes.Heat(grid, 0.01), dphys.CrankNicolson(), "
+        "jnp.zeros(8), obs, da.Control(initial_state=da.InitialState("
+        "da.Diagonal(1.0, shape=(8,)))), dt=0.25, n_steps=2)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    da.assimilate(cost, da.LBFGS(max_iterations=0), uncertainty=False)\n"
+        "print([str(x.message) for x in w if 'single precision' in str(x.message)])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_ENABLE_X64": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "running in single precision (float32)" in proc.stdout
