@@ -59,6 +59,15 @@ from ._amp import (
     state_evolution as state_evolution,
     state_evolution_fixed_point as state_evolution_fixed_point,
 )
+from ._lista import (
+    ALISTA as ALISTA,
+    LISTA as LISTA,
+    analytic_weight as analytic_weight,
+    fit_unrolled as fit_unrolled,
+    learned_leaves as learned_leaves,
+    support_schedule as support_schedule,
+)
+from ._physics import physics_operator as physics_operator
 from ._prox import (
     L1 as L1,
     L21 as L21,
