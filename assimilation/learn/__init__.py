@@ -80,6 +80,7 @@ from ._prox import (
     NonNegative as NonNegative,
     NonNegativeL1 as NonNegativeL1,
     PnP as PnP,
+    Select as Select,
     Zero as Zero,
     soft_threshold as soft_threshold,
 )

@@ -510,3 +510,50 @@ class PnP(AbstractPrior):
 
     def value(self, x):
         return jnp.zeros((), jnp.result_type(*jtu.tree_leaves(x)))
+
+
+class Select(AbstractPrior):
+    r"""A prior on one entry of a ``dict`` control, none on the others:
+    $g(x) = g_0(x[\mathrm{key}])$.
+
+    Use it to put a prior on one part of a 4D-Var control, e.g.
+    ``Select("initial_state", TV(0.1))`` on the whitened control of an
+    :class:`assimilation.FourDVar` whose other entries are parameters.
+
+    Attributes:
+        key: the entry (static).
+        prior: the prior $g_0$ on that entry.
+    """
+
+    key: str = eqx.field(static=True)
+    prior: AbstractPrior
+
+    def __check_init__(self):
+        if not isinstance(self.prior, AbstractPrior):
+            raise TypeError(
+                "`prior` must be an assimilation.learn prior, got "
+                f"{type(self.prior).__name__}."
+            )
+
+    def _check(self, x):
+        if not isinstance(x, dict) or self.key not in x:
+            keys = sorted(x) if isinstance(x, dict) else type(x).__name__
+            raise ValueError(
+                f"Select({self.key!r}, ...) needs a dict control with the key "
+                f"{self.key!r}, got {keys}."
+            )
+
+    def prox(self, x, step=1.0):
+        self._check(x)
+        return {**x, self.key: self.prior.prox(x[self.key], step)}
+
+    def value(self, x):
+        self._check(x)
+        return self.prior.value(x[self.key])
+
+    def conjugate_prox(self, x, step=1.0):
+        # g* is g0* on the entry and the indicator of {0} elsewhere.
+        self._check(x)
+        out = {k: jtu.tree_map(jnp.zeros_like, v) for k, v in x.items()}
+        out[self.key] = self.prior.conjugate_prox(x[self.key], step)
+        return out
