@@ -34,6 +34,8 @@ class S1Config:
     n_iter_terminal: int = 3000
     layers: int = 16
     batch: int = 64
+    n_train: int = 20000
+    n_val: int = 512
     alista_steps: int = 600
     lista_steps: int = 400
     seed: int = 0
@@ -195,10 +197,9 @@ def run_s1(size: str = "full", quick: bool = False) -> tuple[list[dict], dict]:
         }
     )
 
-    # --- learned networks
-    def loss(model, batch):
-        y, x = batch
-        return jnp.mean(jnp.sum((jax.vmap(model)(y) - x) ** 2, axis=-1))
+    # --- learned networks, trained by assimilation.learn.fit on a fixed set
+    train = sample(jr.key(c.seed + 3), c.n_train)
+    val = sample(jr.key(c.seed + 4), c.n_val)
 
     lam0 = float(np.median(np.asarray(lams)))
     support = L.support_schedule(c.layers, 0.012, 0.13)
@@ -219,16 +220,18 @@ def run_s1(size: str = "full", quick: bool = False) -> tuple[list[dict], dict]:
     for name, (net, steps, lr) in nets.items():
         log(f"{name}: training {steps} steps, batch {c.batch}")
         rss0 = _rss_mb()
-        t0 = time.perf_counter()
-        net, losses = L.fit_unrolled(
+        fit = L.fit_unrolled(
             net,
-            loss,
-            lambda k: sample(k, c.batch),
+            train,
             key=jr.key(c.seed + 2),
             n_steps=steps,
+            batch_size=c.batch,
             learning_rate=lr,
+            val_data=val,
+            report_memory=True,
         )
-        train_s = time.perf_counter() - t0
+        net = fit.best_model
+        train_s = fit.stats["train_s"]
         per_layer = jax.jit(jax.vmap(lambda y, net=net: net(y, all_layers=True)))(
             y_test
         )
@@ -249,8 +252,12 @@ def run_s1(size: str = "full", quick: bool = False) -> tuple[list[dict], dict]:
                 "batch": c.batch,
                 "learning_rate": lr,
                 "train_s": train_s,
+                "n_train": c.n_train,
+                "train_step_memory_mb": (fit.stats.get("step_memory_bytes") or 0)
+                / 2**20,
                 "train_peak_rss_growth_mb": _rss_mb() - rss0,
-                "final_train_loss": float(losses[-1]),
+                "best_val_loss": float(fit.stats["best_loss"]),
+                "epochs": fit.stats["epochs"],
                 "n_learned": n_params,
                 "sweeps": 2 * c.layers,
             }

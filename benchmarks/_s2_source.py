@@ -44,6 +44,7 @@ class S2Config:
     n_val: int = 8
     layers: int = 16
     batch: int = 16
+    n_train: int = 2000
     train_steps: int = 300
     fista_iters: int = 1000
     lambdas: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
@@ -259,22 +260,21 @@ def run_s2(size: str = "full", quick: bool = False) -> tuple[list[dict], dict]:
         support=L.support_schedule(c.layers, 0.2 * frac, 2.0 * frac),
     )
 
-    def loss(model, batch):
-        y, x = batch
-        return jnp.mean(jnp.sum((jax.vmap(model)(y) - x) ** 2, axis=(-2, -1)))
-
     log(f"ALISTA-{c.layers}: training {c.train_steps} steps, batch {c.batch}")
+    train = jax.jit(lambda k: sample(k, c.n_train))(jr.key(c.seed + 4))
     rss0 = _rss_mb()
-    t0 = time.perf_counter()
-    net, losses = L.fit_unrolled(
+    fit = L.fit_unrolled(
         net,
-        loss,
-        lambda k: sample(k, c.batch),
+        train,
         key=jr.key(c.seed + 3),
         n_steps=c.train_steps,
+        batch_size=c.batch,
         learning_rate=2e-3,
+        val_data=(y_val, x_val),
+        report_memory=True,
     )
-    train_s = time.perf_counter() - t0
+    net = fit.best_model
+    train_s = fit.stats["train_s"]
     per_layer = np.asarray(jax.jit(jax.vmap(lambda y: net(y, all_layers=True)))(y_test))
     layer_stats = [loc_stats(per_layer[:, k], x_test) for k in range(c.layers + 1)]
     l_err, l_false = layer_stats[-1]
@@ -291,9 +291,11 @@ def run_s2(size: str = "full", quick: bool = False) -> tuple[list[dict], dict]:
             "sweeps": 2 * c.layers,
             "train_steps": c.train_steps,
             "batch": c.batch,
+            "n_train": c.n_train,
             "train_s": train_s,
+            "train_step_memory_mb": (fit.stats.get("step_memory_bytes") or 0) / 2**20,
             "train_peak_rss_growth_mb": _rss_mb() - rss0,
-            "final_train_loss": float(losses[-1]),
+            "best_val_loss": float(fit.stats["best_loss"]),
             "learned_steps": [float(v) for v in np.asarray(net.steps)],
             "learned_thresholds": [float(v) for v in np.asarray(net.thresholds)],
         }

@@ -8,41 +8,7 @@ checks it).
 """
 
 # --- training machinery and window datasets (_train, _checkpoint, _memory, _windows)
-from ._checkpoint import (
-    config_hash as config_hash,
-    load_checkpoint as load_checkpoint,
-    save_checkpoint as save_checkpoint,
-)
-from ._memory import (
-    MemoryBudgetError as MemoryBudgetError,
-    check_memory_budget as check_memory_budget,
-    memory_breakdown as memory_breakdown,
-    predict_memory as predict_memory,
-)
-from ._train import (
-    FitResult as FitResult,
-    Selection as Selection,
-    TrainState as TrainState,
-    evaluate as evaluate,
-    fit as fit,
-    freeze as freeze,
-    init_train as init_train,
-    select_best as select_best,
-    train_step as train_step,
-)
-from ._windows import (
-    Windows as Windows,
-    heldout_split as heldout_split,
-    hide_sensors as hide_sensors,
-    make_windows as make_windows,
-    mask_cost as mask_cost,
-    sensor_folds as sensor_folds,
-    sensor_splits as sensor_splits,
-    split_dataset as split_dataset,
-    with_obs as with_obs,
-)
 # --- end of training machinery and window datasets
-
 # --- structured priors and sparse recovery (proximal operators, ISTA/FISTA/ADMM/
 # --- Chambolle-Pock, AMP and state evolution, LISTA/ALISTA, plug-and-play) ---------
 from ._amp import (
@@ -59,6 +25,11 @@ from ._amp import (
     state_evolution as state_evolution,
     state_evolution_fixed_point as state_evolution_fixed_point,
 )
+from ._checkpoint import (
+    config_hash as config_hash,
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
 from ._lista import (
     ALISTA as ALISTA,
     LISTA as LISTA,
@@ -66,6 +37,12 @@ from ._lista import (
     fit_unrolled as fit_unrolled,
     learned_leaves as learned_leaves,
     support_schedule as support_schedule,
+)
+from ._memory import (
+    MemoryBudgetError as MemoryBudgetError,
+    check_memory_budget as check_memory_budget,
+    memory_breakdown as memory_breakdown,
+    predict_memory as predict_memory,
 )
 from ._physics import physics_operator as physics_operator
 from ._prox import (
@@ -104,6 +81,17 @@ from ._proximal_methods import (
     solve as solve,
     unroll as unroll,
 )
+from ._train import (
+    FitResult as FitResult,
+    Selection as Selection,
+    TrainState as TrainState,
+    evaluate as evaluate,
+    fit as fit,
+    freeze as freeze,
+    init_train as init_train,
+    select_best as select_best,
+    train_step as train_step,
+)
 from ._tv import (
     TVSolution as TVSolution,
     gradient as gradient,
@@ -112,6 +100,17 @@ from ._tv import (
     tv_norm as tv_norm,
     tv_prox as tv_prox,
     tv_solve as tv_solve,
+)
+from ._windows import (
+    Windows as Windows,
+    heldout_split as heldout_split,
+    hide_sensors as hide_sensors,
+    make_windows as make_windows,
+    mask_cost as mask_cost,
+    sensor_folds as sensor_folds,
+    sensor_splits as sensor_splits,
+    split_dataset as split_dataset,
+    with_obs as with_obs,
 )
 
 

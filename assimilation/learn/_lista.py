@@ -22,7 +22,8 @@ fraction $p_k$ of largest-magnitude entries passes unthresholded (Chen et al.
 constraint (``nonnegative=True``) the threshold is one-sided, $\max(v - \theta, 0)$.
 
 Both are ``eqx.Module`` pytrees whose learned leaves are ordinary arrays:
-``eqx.filter_grad`` / ``optax`` train them (:func:`fit_unrolled`). Their outputs
+``eqx.filter_grad`` / ``optax`` train them (:func:`fit_unrolled`, the project's
+:func:`assimilation.learn.fit` with the fixed operator frozen). Their outputs
 are differentiable in the data ``y`` too.
 
 References:
@@ -45,7 +46,6 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
@@ -252,50 +252,59 @@ def analytic_weight(matrix) -> jax.Array:
 
 def fit_unrolled(
     model,
-    loss: Callable,
-    sample: Callable,
+    train_data,
     *,
     key,
     n_steps: int,
+    batch_size: int = 64,
     learning_rate: float = 1e-3,
-    trainable: Callable | None = None,
+    val_data=None,
+    loss_fn: Callable | None = None,
+    **fit_kwargs,
 ):
-    """Train ``model`` with Adam on freshly sampled batches (a minimal loop).
+    r"""Train a :class:`LISTA`/:class:`ALISTA` with :func:`assimilation.learn.fit`.
+
+    Adam on the learned leaves only (:func:`learned_leaves`: never the fixed
+    operator), minimising by default the squared error of the last layer,
+    $\|\mathrm{net}(y) - x\|^2$, averaged over mini-batches of ``train_data``.
 
     Args:
-        model: an ``eqx.Module`` (e.g. :class:`ALISTA`).
-        loss: ``loss(model, batch) -> scalar``.
-        sample: ``sample(key) -> batch`` (a pytree of arrays).
-        key: PRNG key (batches are drawn from ``jax.random.split`` of it).
+        model: the network.
+        train_data: ``(ys, xs)`` with a leading example axis.
+        key: PRNG key (shuffling).
         n_steps: optimisation steps.
+        batch_size: examples per step.
         learning_rate: Adam's step.
-        trainable: ``trainable(model) -> pytree of bools`` marking learned leaves
-            (default: every floating array except a LISTA/ALISTA's fixed operator).
+        val_data: optional ``(ys, xs)`` for validation and best-model selection.
+        loss_fn: ``loss_fn(model, (y, x), key) -> scalar`` for one example, instead
+            of the squared error.
+        **fit_kwargs: passed on to :func:`assimilation.learn.fit` (checkpoints,
+            early stopping, progress, ...).
 
     Returns:
-        ``(model, losses)``: the trained model and the loss of every step.
+        The :class:`assimilation.learn.FitResult` (use ``.best_model`` with
+        validation data, ``.model`` otherwise).
     """
-    # Kept to one function so that the project's shared training driver can
-    # replace it without touching the networks.
-    spec = learned_leaves(model) if trainable is None else trainable(model)
-    params, static = eqx.partition(model, spec)
-    opt = optax.adam(learning_rate)
-    opt_state = opt.init(params)
+    from ._train import fit
 
-    @eqx.filter_jit
-    def step(params, opt_state, key):
-        batch = sample(key)
-        value, grads = eqx.filter_value_and_grad(
-            lambda p: loss(eqx.combine(p, static), batch)
-        )(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state, value
+    if loss_fn is None:
 
-    losses = []
-    for k in jr.split(key, n_steps):
-        params, opt_state, value = step(params, opt_state, k)
-        losses.append(value)
-    return eqx.combine(params, static), np.asarray(jnp.stack(losses))
+        def loss_fn(net, example, key):
+            y, x = example
+            return jnp.sum((net(y) - x) ** 2)
+
+    return fit(
+        model,
+        loss_fn,
+        train_data,
+        optimizer=optax.adam(learning_rate),
+        key=key,
+        batch_size=batch_size,
+        n_steps=n_steps,
+        val_data=val_data,
+        trainable=learned_leaves(model),
+        **fit_kwargs,
+    )
 
 
 def learned_leaves(model):
