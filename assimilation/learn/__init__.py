@@ -45,6 +45,13 @@ from ._memory import (
     predict_memory as predict_memory,
 )
 from ._physics import physics_operator as physics_operator
+from ._pnp import (
+    RED as RED,
+    DenoisingCNN as DenoisingCNN,
+    UnrolledHQS as UnrolledHQS,
+    train_denoiser as train_denoiser,
+    unrolled_hqs_leaves as unrolled_hqs_leaves,
+)
 from ._prox import (
     L1 as L1,
     L21 as L21,
