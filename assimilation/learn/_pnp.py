@@ -40,7 +40,8 @@ from ._proximal_methods import AbstractSmooth, _dot
 class DenoisingCNN(eqx.Module):
     r"""A small residual CNN denoiser for 2-D fields, $\mathcal D(x) = x -
     N_\phi(x)$ ($N_\phi$: ``depth`` 3x3 convolutions with ``width`` channels and
-    ReLU, zero ('SAME') padding).
+    ReLU, zero ('SAME') padding). The last convolution starts at zero, so the
+    untrained denoiser is the identity.
 
     Attributes:
         convs: the convolutions.
@@ -53,12 +54,20 @@ class DenoisingCNN(eqx.Module):
             raise ValueError(f"`depth` must be >= 2, got {depth}.")
         keys = jr.split(key, depth)
         chans = [1] + [width] * (depth - 1) + [1]
-        self.convs = tuple(
+        convs = tuple(
             eqx.nn.Conv2d(
                 chans[i], chans[i + 1], 3, padding="SAME", key=keys[i], dtype=dtype
             )
             for i in range(depth)
         )
+        # The last layer starts at zero: the untrained denoiser is the identity.
+        last = convs[-1]
+        last = eqx.tree_at(
+            lambda c: (c.weight, c.bias),
+            last,
+            (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)),
+        )
+        self.convs = (*convs[:-1], last)
 
     def __call__(self, x):
         h = x[None]
