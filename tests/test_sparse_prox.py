@@ -350,8 +350,8 @@ def test_tv2d_implicit_gradient_matches_finite_differences(getkey):
 def test_prox_under_jit_and_vmap(getkey):
     xs = jr.normal(getkey(), (3, 6, 6))
     prior = L.TV(0.2, rtol=1e-10)
-    batched = jax.jit(jax.vmap(prior.prox))(xs)
-    one = jax.jit(prior.prox)
+    batched = jax.jit(jax.vmap(lambda x: prior.prox(x)))(xs)
+    one = jax.jit(lambda x: prior.prox(x))
     for x, b in zip(xs, batched, strict=True):
         assert dt.tree_allclose(b, one(x), atol=1e-9)
     lams = jnp.array([0.1, 0.5, 1.0])
