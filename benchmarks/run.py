@@ -1,4 +1,4 @@
-"""Benchmarks of /work/shared/BENCHMARKS.md: heat suite (P1, P2, P6) and P5 gradients.
+"""Benchmarks of benchmarks/README.md: heat suite (P1, P2, P6) and P5 gradients.
 
 Usage::
 
@@ -836,7 +836,7 @@ def run(problems, cfg: Config, out=None) -> list[dict]:
 
 
 def diffrax_pitfalls(problem: Problem) -> dict:
-    """The two diffrax pitfalls of BENCHMARKS.md, checked on this install."""
+    """The two diffrax pitfalls of benchmarks/README.md, checked on this install."""
     import diffrax
 
     log("diffrax pitfalls")
