@@ -59,7 +59,9 @@ from ._twin import (
 # line) are imported on first use, so that `import assimilation` does not load them.
 _LAZY = {
     # assimilation.io: observations and fields from netCDF, validated; CF writers
+    "CurvilinearGridError": "io",
     "DataError": "io",
+    "TangentPlane": "io",
     "DomainError": "io",
     "GridMismatchError": "io",
     "MissingVariableError": "io",

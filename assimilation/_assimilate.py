@@ -224,6 +224,7 @@ def assimilate(
     v0=None,
     callback: Callable[[int, dict], Any] | None = None,
     uncertainty: bool = True,
+    progress: bool = False,
 ) -> Analysis:
     r"""Minimise a 4D-Var cost and return the :class:`Analysis`.
 
@@ -251,6 +252,8 @@ def assimilate(
             ``terms`` (``{name: value}``), ``parameters`` (``{name: physical
             value}``). Return ``True`` to stop.
         uncertainty: compute the posterior standard deviations and correlations.
+        progress: show a progress bar of the iterations (cost and gradient norm)
+            and of the posterior phase on stderr (tqdm).
 
     Returns:
         An :class:`Analysis`.
@@ -282,6 +285,7 @@ def assimilate(
         )
     v_start = cost.init() if v0 is None else v0
     cost.check(v_start)
+    _warn_if_single_precision(v_start)
     start = time.perf_counter()
     rows: list[dict] = []
 
@@ -305,6 +309,14 @@ def assimilate(
             grad_norm=info["grad_norm"],
         )
         return TERMINATIONS[int(code)]
+
+    bar = _Progress(stop.max_iterations) if progress else None
+    if bar is not None:
+        user_callback = callback
+
+        def callback(i, info):
+            bar.update(i, info)
+            return user_callback(i, info) if user_callback is not None else False
 
     core = _step_config(method)
     state, raw = _init_jit(core, cost, v_start)
@@ -347,12 +359,53 @@ def assimilate(
         },
         terms=terms,
     )
+    if bar is not None:
+        bar.close()
     return _make_analysis(
-        cost, state.v, history, termination, stop, method, uncertainty
+        cost, state.v, history, termination, stop, method, uncertainty, progress
     )
 
 
-def _make_analysis(cost, v_a, history, termination, stop, method, uncertainty):
+def _warn_if_single_precision(tree) -> None:
+    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_array(x)]
+    dtypes = {jnp.result_type(x) for x in leaves}
+    if any(jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 64 for d in dtypes):
+        import warnings
+
+        warnings.warn(
+            "assimilate is running in single precision "
+            f"({', '.join(sorted(map(str, dtypes)))}): gradient tolerances, "
+            "Gauss-Newton steps and posterior variances lose most of their digits. "
+            "Enable float64 first (`jax.config.update('jax_enable_x64', True)`, "
+            "before building arrays; the `dphys` command does it through "
+            "`[solver] precision`).",
+            stacklevel=3,
+        )
+
+
+class _Progress:
+    """A tqdm bar over the iterations (imported only when asked for)."""
+
+    def __init__(self, total):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="4D-Var", unit="it", leave=True)
+        self.done = 0
+
+    def update(self, i, info):
+        self.bar.set_postfix_str(
+            f"J={info['cost']:.4e} |g|={info['grad_norm']:.2e}", refresh=False
+        )
+        self.bar.update(i - self.done)
+        self.done = i
+
+    def close(self):
+        self.bar.close()
+
+
+def _make_analysis(
+    cost, v_a, history, termination, stop, method, uncertainty, progress=False
+):
     """The :class:`Analysis` at ``v_a``: every per-variable quantity comes from
     iterating over the control variables (their decoded values and posterior
     standard deviations), never from the variables' fields."""
@@ -370,7 +423,22 @@ def _make_analysis(cost, v_a, history, termination, stop, method, uncertainty):
     p_std = p_std_z = corr = state_std = std = None
     labels: tuple[str, ...] = ()
     if uncertainty:
+        if progress:
+            import sys
+
+            print(
+                "posterior (Laplace): Gauss-Newton Hessian and its inverse ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            t_post = time.perf_counter()
         post = _posterior_jit(cost, v_a)
+        if progress:
+            print(
+                f"posterior done ({time.perf_counter() - t_post:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         labels = post.labels
         std = _np_tree(post.stds)
         if parameter_names:

@@ -107,9 +107,14 @@ def times_in_window(
     outside: str = "error",
     fix: str = "drop them or lengthen the window",
     error=ValueError,
+    closed: str = "both",
 ):
     """Which ``times`` lie in ``window``, with those within round-off of an edge
     snapped onto it.
+
+    ``closed="both"``: the window is $[t_0, t_1]$; ``"right"``: $(t_0, t_1]$, so
+    that consecutive windows share no observation (a time on $t_0$ belongs to the
+    window before).
 
     A time within ``EDGE_RTOL`` times the window length (at least ``1e-3`` of the
     window's magnitude, for a window of length zero) outside an edge counts as on it.
@@ -121,6 +126,7 @@ def times_in_window(
         outside: ``"error"`` (raise for times outside) or ``"drop"``.
         fix: how to fix times outside, appended to the message.
         error: the exception class.
+        closed: ``"both"`` or ``"right"`` (see above).
 
     Returns:
         ``(keep, times, n_snapped)``: a boolean mask of the times inside, the times
@@ -128,6 +134,8 @@ def times_in_window(
     """
     if outside not in ("error", "drop"):
         raise ValueError(f"`outside` must be 'error' or 'drop', got {outside!r}.")
+    if closed not in ("both", "right"):
+        raise ValueError(f"`closed` must be 'both' or 'right', got {closed!r}.")
     t = np.asarray(times, dtype=np.float64).reshape(-1)
     t0, t1 = (float(w) for w in window)
     if not t1 >= t0:
@@ -137,13 +145,14 @@ def times_in_window(
     tol = EDGE_RTOL * max(t1 - t0, 1e-3 * max(abs(t0), abs(t1), 1.0))
     near = ((t < t0) & (t >= t0 - tol)) | ((t > t1) & (t <= t1 + tol))
     t = np.where(near, np.clip(t, t0, t1), t)
-    keep = (t >= t0) & (t <= t1)
+    keep = ((t > t0) if closed == "right" else (t >= t0)) & (t <= t1)
     n_out = int(np.sum(~keep))
     if n_out and outside == "error":
         bad = np.flatnonzero(~keep)
         raise error(
             f"`{name}` has {n_out} of {t.size} times outside the assimilation window "
-            f"[{t0:.6g}, {t1:.6g}] (entries {bad[:5].tolist()} at "
+            f"{'(' if closed == 'right' else '['}{t0:.6g}, {t1:.6g}] "
+            f"(entries {bad[:5].tolist()} at "
             f"{[float(f'{v:.6g}') for v in t[bad[:5]]]}); {fix}."
         )
     return keep, t, int(np.sum(near))

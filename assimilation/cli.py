@@ -3,6 +3,7 @@
 .. code-block:: text
 
     dphys demo [--out DIR] [--seed N] [--quick] [--kappa-field]
+    dphys init MODEL [-o CONFIG.toml]
     dphys assimilate CONFIG.toml [--out FILE] [--figure FILE]
     dphys batch CONFIG.toml [--out-dir DIR] [--workers N | --scheduler ADDR]
                 [--keep-going]
@@ -99,12 +100,13 @@ def demo_config(
 ) -> dict[str, Any]:
     """The configuration of ``dphys demo``: a seeded heat-equation twin experiment.
 
-    A 1D periodic rod of length 1 m (insulated ends with ``kappa_field``); the truth has diffusivity 2e-3 m^2/s (a field
-    with ``kappa_field``) and an initial temperature anomaly drawn from the
-    background-error covariance (std 0.5 K, correlation length 0.1 m). Ten sensors
-    (eight with ``quick``) at seeded random positions record every 5 steps (0.1 s)
-    for 3 s (2 s) with noise 0.02 K. The analysis
-    starts from a zero anomaly and kappa = 1e-3 m^2/s (a factor 2 off; prior std of
+    A 1D periodic rod of length 1 m (insulated ends with ``kappa_field``); the truth
+    has diffusivity 2e-3 m^2/s (a field with ``kappa_field``) and an initial
+    temperature anomaly drawn from the background-error covariance (std 0.5 K,
+    correlation length 0.1 m). Ten sensors (eight with ``quick``) at seeded random
+    positions record every 5 steps (0.1 s) for 3 s (2 s) with noise 0.02 K. The
+    analysis starts from a zero anomaly and kappa = 1e-3 m^2/s (a factor 2 off; prior
+    std of
     log kappa 1) and estimates both.
     """
     # Compilation dominates the run time, so the quick run keeps the data and
@@ -233,28 +235,41 @@ def _write_outputs(out, cfg: dict, argv: Sequence[str], *, figure: bool = True):
     if figure and cfg["output"]["figure"]:
         from .runs import plot_analysis
 
-        paths.append(
-            plot_analysis(
-                out.analysis,
-                out.setup.grid,
-                out.obs,
-                cfg["output"]["figure"],
-                truth=out.truth,
-            )
+        plot_analysis(
+            out.analysis,
+            out.setup.grid,
+            out.obs,
+            cfg["output"]["figure"],
+            truth=out.truth,
+            units=_obs_units(cfg["model"], out.obs),
+            length_units=cfg["model"]["length_units"],
         )
+        paths.append(pathlib.Path(cfg["output"]["figure"]))
     return paths
 
 
-def _run_and_report(cfg, argv, *, quiet: bool, figure: bool = True) -> int:
+def _obs_units(model: dict, obs):
+    from .runs._build import state_units
+
+    units = state_units(model)
+    return units.get(obs.field) if isinstance(units, dict) else units
+
+
+def _run_and_report(
+    cfg, argv, *, quiet: bool, figure: bool = True, verbose: bool = False
+) -> int:
     from .runs import build_run, run
 
     start = time.perf_counter()
     setup = build_run(cfg)  # reads and validates every input first
     if not quiet:
         print("  (the first iterations include JIT compilation)", file=sys.stderr)
-    out = run(
-        cfg, callback=_progress(quiet, cfg["solver"]["max_iterations"]), setup=setup
-    )
+    # A progress bar of the iterations and a line per phase (the posterior is the
+    # long one after the last iteration); with -v also a line per iteration.
+    callback = _progress(quiet or not verbose, cfg["solver"]["max_iterations"])
+    out = run(cfg, callback=callback, setup=setup, progress=not quiet)
+    if not quiet:
+        print("  writing outputs ...", file=sys.stderr, flush=True)
     paths = _write_outputs(out, cfg, argv, figure=figure)
     print(_summary(out))
     print(
@@ -281,7 +296,9 @@ def _cmd_demo(args, argv) -> int:
         f"state on {cfg['model']['grid']['shape'][0]} grid points from "
         f"{twin['n_sensors']} sensors x {n_obs} times (noise {twin['sigma']} K)"
     )
-    return _run_and_report(cfg, argv, quiet=args.quiet, figure=not args.no_figure)
+    return _run_and_report(
+        cfg, argv, quiet=args.quiet, figure=not args.no_figure, verbose=args.verbose
+    )
 
 
 def _cmd_assimilate(args, argv) -> int:
@@ -295,7 +312,9 @@ def _cmd_assimilate(args, argv) -> int:
             str(pathlib.Path(args.figure).resolve()) if args.figure else None
         )
     print(f"dphys assimilate: {args.config} ({cfg['model']['name']} model)")
-    return _run_and_report(cfg, argv, quiet=args.quiet, figure=not args.no_figure)
+    return _run_and_report(
+        cfg, argv, quiet=args.quiet, figure=not args.no_figure, verbose=args.verbose
+    )
 
 
 def _cmd_batch(args, argv) -> int:
@@ -313,7 +332,16 @@ def _cmd_batch(args, argv) -> int:
     scheduler = args.scheduler if args.scheduler is not None else batch["scheduler"]
     if workers is not None and scheduler is not None:
         raise ConfigError("give either --workers or --scheduler, not both.")
-    cases = config_cases(cfg, provenance=_provenance(cfg, argv))
+    out_dir = str(pathlib.Path(out_dir).resolve())
+    if batch["cycle"] and (workers is not None or scheduler is not None):
+        logger.warning("cycled windows depend on each other: running them serially")
+        workers = scheduler = None
+    cases = config_cases(
+        cfg,
+        provenance=_provenance(cfg, argv),
+        base_dir=pathlib.Path(args.config).resolve().parent,
+        out_dir=out_dir,
+    )
     print(f"dphys batch: {len(cases)} case(s) -> {out_dir}")
 
     def progress(res, done, total):
@@ -333,12 +361,47 @@ def _cmd_batch(args, argv) -> int:
         scheduler=scheduler,
         progress=progress,
     )
+    print(report.table())
     print(report.summary())
     return 0 if report.ok else 1
 
 
+def _cmd_init(args, argv) -> int:
+    from .runs import init_config
+
+    text = init_config(args.model)
+    if args.out in (None, "-"):
+        print(text, end="")
+        return 0
+    path = pathlib.Path(args.out)
+    if path.exists() and not args.force:
+        raise FileExistsError(
+            f"{str(path)!r} exists; pass --force to overwrite it, or choose another "
+            "name."
+        )
+    from dphys.io import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    print(
+        f"wrote {path}: a {args.model} twin experiment. Run `dphys assimilate {path}`"
+        f" or `dphys batch {path}`; every key is in docs/config.md."
+    )
+    return 0
+
+
+EPILOG = (
+    "Configuration files: `dphys init MODEL` writes a complete, commented one; every "
+    "key is documented in docs/config.md (generated from the schema)."
+)
+
+
 def _parser() -> _Parser:
-    parser = _Parser(prog=PROG, description="Differentiable-physics data assimilation.")
+    parser = _Parser(
+        prog=PROG,
+        description="Differentiable-physics data assimilation.",
+        epilog=EPILOG,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "-v",
@@ -365,14 +428,27 @@ def _parser() -> _Parser:
     demo.add_argument("--no-figure", action="store_true", help="skip the PNG")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
-    assim = sub.add_parser("assimilate", help="run the assimilation in CONFIG.toml")
+    init = sub.add_parser(
+        "init",
+        help="write a complete, commented configuration for MODEL",
+        epilog=EPILOG,
+    )
+    init.add_argument("model", choices=("heat", "advection", "shallow_water"))
+    init.add_argument("-o", "--out", help="file to write (default: print it on stdout)")
+    init.add_argument("--force", action="store_true", help="overwrite --out")
+
+    assim = sub.add_parser(
+        "assimilate", help="run the assimilation in CONFIG.toml", epilog=EPILOG
+    )
     assim.add_argument("config", help="TOML configuration file")
     assim.add_argument("--out", help="analysis netCDF (overrides output.path)")
     assim.add_argument("--figure", help="figure PNG (overrides output.figure)")
     assim.add_argument("--no-figure", action="store_true", help="skip the figure")
     assim.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
-    batch = sub.add_parser("batch", help="run the cases of CONFIG.toml's [batch]")
+    batch = sub.add_parser(
+        "batch", help="run the cases of CONFIG.toml's [batch]", epilog=EPILOG
+    )
     batch.add_argument("config", help="TOML configuration file with a [batch] section")
     batch.add_argument("--out-dir", help="output directory (overrides batch.out_dir)")
     batch.add_argument(
@@ -387,6 +463,23 @@ def _parser() -> _Parser:
     return parser
 
 
+_OWN_LOGGERS = ("assimilation", "dphys", "pdes")
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Configure only the package's own loggers (never the root logger, so Dask's
+    and JAX's loggers keep their own settings)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler._dphys_cli = True  # type: ignore[attr-defined]
+    for name in _OWN_LOGGERS:
+        log = logging.getLogger(name)
+        for old in [h for h in log.handlers if getattr(h, "_dphys_cli", False)]:
+            log.removeHandler(old)
+        log.addHandler(handler)
+        log.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dphys`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -398,17 +491,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help and --version
         return int(exit_.code or 0)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format=f"{PROG}: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(args.verbose)
     if os.environ.get("JAX_ENABLE_X64") is None:
         # Analyses, posterior variances and netCDF outputs are double precision.
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    commands = {"demo": _cmd_demo, "assimilate": _cmd_assimilate, "batch": _cmd_batch}
+    commands = {
+        "demo": _cmd_demo,
+        "init": _cmd_init,
+        "assimilate": _cmd_assimilate,
+        "batch": _cmd_batch,
+    }
     import equinox as eqx
 
     from dphys import SimulationError
@@ -417,7 +511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return commands[args.command](args, argv)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        IsADirectoryError,
+        PermissionError,
+    ) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except (SimulationError, BatchError) as err:

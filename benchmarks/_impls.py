@@ -8,7 +8,7 @@ whole loop jitted, warm-started Krylov solves, tolerances that give the same ans
 ours, and plain ``jax.grad`` through the time loop where that is what the library
 offers.
 
-Peers (BENCHMARKS.md):
+Peers (benchmarks/README.md):
 
 * ``jax-cg``: ``jax.scipy.sparse.linalg.cg`` per implicit step, matrix-free periodic
   stencil, warm start from the previous state, ``tol=1e-10``.

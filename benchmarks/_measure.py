@@ -1,6 +1,6 @@
 """Timing, memory and limit measurements for ``benchmarks/run.py``.
 
-Timing rules (BENCHMARKS.md): every function is compiled ahead of time
+Timing rules (benchmarks/README.md): every function is compiled ahead of time
 (``jax.jit(f).lower(...).compile()``), so ``compile_s`` is tracing plus XLA compilation
 and nothing else; the steady-state time is the median (and minimum) of ``repeats`` calls
 after one warm-up call, each ended by ``jax.block_until_ready``. The machine is shared
@@ -164,7 +164,7 @@ def limit_loops(shape: tuple[int, ...], dtype, steps: int) -> dict[str, Compiled
 
 
 def measure_limits(shape: tuple[int, ...], dtype, repeats: int) -> dict[str, Any]:
-    """The machine's limits at one grid size (BENCHMARKS.md 'The limit').
+    """The machine's limits at one grid size (benchmarks/README.md 'The limit').
 
     * ``fft_pair_s``: one ``rfftn`` + ``irfftn`` pair, per pair inside a jitted loop of
       ``loop`` pairs (what a stepping loop pays); ``fft_pair_call_s`` is one jitted call

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md P3: 2D periodic advection, Crank-Nicolson, central differences.
+"""benchmarks/README.md P3: 2D periodic advection, Crank-Nicolson, central differences.
 
 ``run_p3(quick) -> list[dict]`` measures, in one run and interleaved round-robin:
 
@@ -19,7 +19,7 @@
 * ``diffrax``: method of lines, a two-stage ESDIRK trapezoidal tableau (Crank-Nicolson)
   with Newton + matrix-free GMRES, forward only at a few steps (per-step
   extrapolation); its reverse pass would build a dense Jacobian per stage (see
-  BENCHMARKS.md), so no gradient is timed.
+  benchmarks/README.md), so no gradient is timed.
 
 The gradient is that of the P5-style cost $J(u_0, c) = \\sum_{k=1}^{10}\\|H u(t_k) -
 y_k\\|^2$ (an 8x8 sensor lattice, observations every ``steps/10`` steps, $y_k$ from the
@@ -57,7 +57,7 @@ _log = _measure.logger("bench P3")
 GOLDEN = 0.6180339887
 SILVER = 0.4142135624
 N_OBS = 10
-C_TRUE = (1.0, 0.5)  # (c_x, c_y), as in BENCHMARKS.md
+C_TRUE = (1.0, 0.5)  # (c_x, c_y), as in benchmarks/README.md
 
 
 class P3:
@@ -291,7 +291,9 @@ def _diffrax_fns(p: P3, steps):
     notes = {
         "solver": "ESDIRK trapezoid (Crank-Nicolson), optimistix.Newton(1e-8)",
         "linear_solver": "lineax.GMRES(rtol=atol=1e-10, restart=40)",
-        "grad_skip": "reverse pass: a dense Jacobian LU per stage (BENCHMARKS.md)",
+        "grad_skip": (
+            "reverse pass: a dense Jacobian LU per stage (benchmarks/README.md)"
+        ),
     }
     return forward, notes
 
@@ -311,13 +313,13 @@ def run_p3(
         quick: keep the run to a few minutes on a 2-core CPU: 3 repeats; the Krylov
             implementations (dphys-krylov, jax-bicgstab) at 50 steps and diffrax at
             10, extrapolated per step to 200 (``extrapolated_from_steps``).
-        n: grid points per axis (256 in BENCHMARKS.md; smaller for smoke tests).
+        n: grid points per axis (256 in benchmarks/README.md; smaller for smoke tests).
         repeats: timed calls per function after one warm-up (default 3 quick, 5).
         slow_s: a function slower than this is timed once.
         only: names of the implementations to run (default all).
 
     Returns:
-        One dict per implementation with the keys of BENCHMARKS.md 'Running and
+        One dict per implementation with the keys of benchmarks/README.md 'Running and
         output' (``problem, impl, n, steps, dtype, device, forward_s, grad_s,
         grad_ratio, compile_s, mem_mb, error``) plus checks and notes, and a
         ``limit`` row (the FFT pair and axpy timed in the same run).
@@ -433,7 +435,9 @@ def main(argv=None) -> None:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description="BENCHMARKS.md P3 (advection-2d)")
+    parser = argparse.ArgumentParser(
+        description="benchmarks/README.md P3 (advection-2d)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=None)

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md P4: linear (and nonlinear) rotating shallow water on a periodic C-grid.
+"""P4 of benchmarks/README.md: linear (and nonlinear) rotating shallow water, C-grid.
 
 ``run_p4(quick) -> list[dict]`` measures, in one run and interleaved round-robin, on
 a doubly periodic 128x128 C-grid (dx = 10 km, g = 9.81 m/s^2, H = 1000 m,
@@ -38,8 +38,9 @@ $\\sum\\eta$ (relative to $\\sum|\\eta_0|$) and of the energy over the run. Grad
 are checked by a central difference along a random direction (``grad_fd_relerr``)
 and against dphys's (``grad_vs_dphys_relerr``).
 
-dinosaur (the optional peer of BENCHMARKS.md) solves shallow water on the sphere with
-spherical harmonics; it has no planar doubly periodic C-grid, so it is not run here.
+dinosaur (an optional peer in benchmarks/README.md) solves shallow water on the
+sphere with spherical harmonics; it has no planar doubly periodic C-grid, so it is
+not run here.
 """
 
 from __future__ import annotations
@@ -385,14 +386,14 @@ def run_p4(
         quick: keep the run to a few minutes on a 2-core CPU: 3 repeats; the
             per-step Krylov implementations (dphys-krylov, jax-gmres) at 50 steps,
             extrapolated per step to ``steps`` (``extrapolated_from_steps``).
-        n: grid points per axis (128 in BENCHMARKS.md; smaller for smoke tests).
-        steps: time steps (500 in BENCHMARKS.md).
+        n: grid points per axis (128 in benchmarks/README.md; smaller for smoke tests).
+        steps: time steps (500 in benchmarks/README.md).
         repeats: timed calls per function after one warm-up (default 3 quick, 5).
         slow_s: a function slower than this is timed once.
         only: names of the implementations to run (default all).
 
     Returns:
-        One dict per implementation with the keys of BENCHMARKS.md 'Running and
+        One dict per implementation with the keys of benchmarks/README.md 'Running and
         output' (``problem, impl, n, steps, dtype, device, forward_s, grad_s,
         grad_ratio, compile_s, mem_mb, error``) plus checks and notes, and a
         ``limit`` row (the FFT pair and axpy timed in the same run).
@@ -550,7 +551,9 @@ def main(argv=None) -> None:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description="BENCHMARKS.md P4 (shallow-water-2d)")
+    parser = argparse.ArgumentParser(
+        description="benchmarks/README.md P4 (shallow-water-2d)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--steps", type=int, default=500)

@@ -1,4 +1,4 @@
-"""The benchmark problems of /work/shared/BENCHMARKS.md (P1, P2, P6) in plain NumPy.
+"""The benchmark problems of benchmarks/README.md (P1, P2, P6) in plain NumPy.
 
 Everything a benchmark needs to check an answer lives here and is independent of the
 code being measured: initial states, the exact solution of the *discrete* scheme (per
@@ -87,7 +87,7 @@ class Problem:
         return out
 
     def u0(self) -> np.ndarray:
-        """The initial state of BENCHMARKS.md."""
+        """The initial state of benchmarks/README.md."""
         return self.exact_pde(0.0, kappa=0.0)
 
     def exact_pde(self, t: float, kappa: float | None = None) -> np.ndarray:
@@ -191,7 +191,8 @@ def kappa_field_p6(n: int) -> np.ndarray:
 
 
 def make_problem(name: str, *, size: str = "full") -> Problem:
-    """The problem ``name`` at ``size`` ``"full"`` (BENCHMARKS.md) or ``"tiny"``."""
+    """The problem ``name`` at ``size`` ``"full"`` (benchmarks/README.md) or
+    ``"tiny"``."""
     tiny = size == "tiny"
     if name == "P1":
         return Problem(

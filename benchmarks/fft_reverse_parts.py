@@ -103,7 +103,8 @@ def main(argv=None) -> None:
     ct = pdes.SWState(*(jax.random.normal(k, eta.shape) for k in keys))
     stepper = dphys.IMEX()
     factored = stepper.init(model, 0.0, p.dt, state)
-    raw = (factored[0].symbol, factored[1])
+    solve = factored[0]
+    raw = (dphys.LinearSolveState(solve.solver, solve.structure.symbol), factored[1])
 
     def step(s, ss):
         return stepper.step(model, 0.0, p.dt, s, ss)[0]

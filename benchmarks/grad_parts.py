@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/grad_parts.py [--kinds fft stepwise nonlinear] [--repeats 5]
 
-For each dphys path of BENCHMARKS.md P4 (``fft``: fast-forward, ``stepwise``: one
+For each dphys path of benchmarks/README.md P4 (``fft``: fast-forward, ``stepwise``: one
 FFT solve per step, ``nonlinear``: IMEX CN/AB2 with the FFT solve; 128², 500 steps,
 10 observation times, default ``Checkpointed(levels=2)``), times the P5-style cost
 and ``jax.value_and_grad`` of it with respect to the initial elevation only, to g

@@ -1,9 +1,15 @@
-"""Benchmarks of /work/shared/BENCHMARKS.md: heat suite (P1, P2, P6) and P5 gradients.
+"""Benchmarks of benchmarks/README.md: heat suite (P1, P2, P6) and P5 gradients.
 
 Usage::
 
     python benchmarks/run.py [--problem P1 P2 P5 P6 limits] [--quick] [--tiny]
                              [--dtype float64|float32] [--repeats R]
+    python benchmarks/run.py --problem S1 S2 [--quick] [--tiny]
+
+S1 (sparse recovery: ISTA/FISTA/AMP/state evolution/learned networks,
+``benchmarks/_s1_sparse.py``) and S2 (heat-equation source identification,
+``benchmarks/_s2_source.py``) run only when named; their summaries join the final
+``summary`` row under ``"S1"``/``"S2"``.
 
 Prints one JSON object per line: the machine's limits per grid, one line per
 (problem, implementation), the P5 memory lines, and a final ``{"summary": ...}`` with
@@ -39,6 +45,8 @@ from ._problems import N_OBS, Problem, make_problem, rel_l2  # noqa: E402
 
 
 ALL_PROBLEMS = ("limits", "P1", "P2", "P6", "P3", "P4", "P5")
+# Learning and sparse-recovery problems: run only when named (`--problem S1 S2`).
+LEARNING_PROBLEMS = ("S1", "S2")
 TARGET_SPEEDUP = 2.0  # forward and gradient >= 2x the fastest peer (P1-P4)
 TARGET_FFT_MULTIPLE = 1.5  # P2 stepwise: <= 1.5 FFT pairs per step
 # value_and_grad / cost of the headline path: heat suite <= 2.5 (core issue),
@@ -805,7 +813,22 @@ def run(problems, cfg: Config, out=None) -> list[dict]:
         for row in measure_p5(cfg):
             rows.append(row)
             emit(row, out)
+    learning = {}
+    for name in LEARNING_PROBLEMS:
+        if name in want:
+            if name == "S1":
+                from ._s1_sparse import run_s1 as runner
+            else:
+                from ._s2_source import run_s2 as runner
+            t = time.perf_counter()
+            new_rows, learning[name] = runner(size=cfg.size, quick=cfg.quick)
+            learning[name]["wall_s"] = time.perf_counter() - t
+            for row in new_rows:
+                row["loadavg"] = os.getloadavg()[0]
+                rows.append(row)
+                emit(row, out)
     summary = summarize(rows, cfg)
+    summary.update(learning)
     summary["wall_s"] = time.perf_counter() - t_start
     emit({"summary": summary}, out)
     rows.append({"summary": summary})
@@ -813,7 +836,7 @@ def run(problems, cfg: Config, out=None) -> list[dict]:
 
 
 def diffrax_pitfalls(problem: Problem) -> dict:
-    """The two diffrax pitfalls of BENCHMARKS.md, checked on this install."""
+    """The two diffrax pitfalls of benchmarks/README.md, checked on this install."""
     import diffrax
 
     log("diffrax pitfalls")
@@ -833,7 +856,7 @@ def main(argv=None) -> None:
         "--problem",
         nargs="+",
         default=list(ALL_PROBLEMS),
-        choices=list(ALL_PROBLEMS),
+        choices=list(ALL_PROBLEMS) + list(LEARNING_PROBLEMS),
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tiny", action="store_true")

@@ -13,7 +13,16 @@ from ._adjoint import (
     Unrolled as Unrolled,
     nested_scan as nested_scan,
 )
+from ._checks import check_positive as check_positive
 from ._grid import Grid as Grid
+from ._model import AbstractModel as AbstractModel, Augmented as Augmented
+from ._results import RESULTS as RESULTS
+from ._simulate import (
+    SaveAt as SaveAt,
+    SimulationError as SimulationError,
+    Trajectory as Trajectory,
+    simulate as simulate,
+)
 from ._solver import (
     FFT as FFT,
     AbstractLinearSolver as AbstractLinearSolver,
@@ -26,14 +35,6 @@ from ._solver import (
     probe_symbol as probe_symbol,
     probe_tridiagonal as probe_tridiagonal,
 )
-from ._model import AbstractModel as AbstractModel, Augmented as Augmented
-from ._results import RESULTS as RESULTS
-from ._simulate import (
-    SaveAt as SaveAt,
-    SimulationError as SimulationError,
-    Trajectory as Trajectory,
-    simulate as simulate,
-)
 from ._stepper import (
     BDF2 as BDF2,
     IMEX as IMEX,
@@ -41,8 +42,11 @@ from ._stepper import (
     BackwardEuler as BackwardEuler,
     CrankNicolson as CrankNicolson,
     FullyImplicit as FullyImplicit,
+    LinearSolveState as LinearSolveState,
     Theta as Theta,
 )
+from ._version import version as _read_version
 
 
-__version__ = "0.1.0"
+__version__: str = _read_version()
+"""The distribution's version (package metadata; ``pyproject.toml`` is its source)."""

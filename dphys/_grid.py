@@ -11,6 +11,8 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import check_finite, check_positive
+
 
 BoundaryKind = Literal["periodic", "dirichlet", "neumann"]
 BOUNDARY_KINDS: tuple[str, ...] = ("periodic", "dirichlet", "neumann")
@@ -107,11 +109,13 @@ class Grid(eqx.Module):
                 raise ValueError(
                     f"`shape` needs at least 3 points per axis, got {self.shape}."
                 )
-        for length in self.lengths:
-            if not (length > 0 and math.isfinite(length)):
-                raise ValueError(f"`lengths` must be positive and finite, got {self.lengths}.")
-        if not all(math.isfinite(x0) for x0 in self.origin):
-            raise ValueError(f"`origin` must be finite, got {self.origin}.")
+        check_positive(
+            self.lengths,
+            "lengths",
+            fix=f"Got lengths={self.lengths}; give the domain's length along each "
+            "axis, e.g. lengths=1.0.",
+        )
+        check_finite(self.origin, "origin")
         for b in self.boundary:
             if b not in BOUNDARY_KINDS:
                 raise ValueError(

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ._grid import Grid
+from ._tree import add
 
 
 if TYPE_CHECKING:
@@ -41,6 +42,9 @@ class AbstractModel(eqx.Module):
     * ``symmetric``: $L$ is symmetric negative semi-definite, so $I-\\gamma L$ is SPD
       and CG applies.
     * ``autonomous``: $L$ does not depend on $t$ (its factorisation is reused).
+    * ``has_explicit``, ``has_forcing``: whether :meth:`explicit`, :meth:`forcing`
+      can return a term (default: whether the class overrides them). Steppers
+      choose their structure from these, never by evaluating the model.
     """
 
     grid: eqx.AbstractVar[Grid]
@@ -56,6 +60,29 @@ class AbstractModel(eqx.Module):
     def forcing(self, t):
         """State-independent forcing $f(t)$, or ``None``."""
         return None
+
+    @property
+    def has_explicit(self) -> bool:
+        """Static hint: :meth:`explicit` may return a tendency (``False``: it always
+        returns ``None``).
+
+        Default: whether the model's class overrides :meth:`explicit`, decided
+        without evaluating the model. Override it when the explicit part depends on
+        a static option (``pdes.ShallowWater``'s linear model without quadratic
+        drag has none). Steppers use it to choose their structure (e.g. the exact
+        per-mode propagation of a purely linear run), so it must be ``True``
+        whenever :meth:`explicit` can return something; :func:`dphys.simulate`
+        checks that before a run.
+        """
+        return type(self).explicit is not AbstractModel.explicit
+
+    @property
+    def has_forcing(self) -> bool:
+        """Static hint: :meth:`forcing` may return a forcing (``False``: always
+        ``None``). Default: whether the class overrides :meth:`forcing`; override
+        it when the forcing depends on a static option or an optional field (see
+        :attr:`has_explicit`)."""
+        return type(self).forcing is not AbstractModel.forcing
 
     @property
     def translation_invariant(self) -> bool:
@@ -130,22 +157,8 @@ class AbstractModel(eqx.Module):
 
     def vector_field(self, t, state):
         """The full right-hand side $L u + N(u) + f$."""
-        out = self.linear(t, state)
-        n = self.explicit(t, state)
-        if n is not None:
-            out = jax.tree_util.tree_map(jnp.add, out, n)
-        f = self.forcing(t)
-        if f is not None:
-            out = jax.tree_util.tree_map(jnp.add, out, f)
-        return out
-
-
-def _tree_add(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return jax.tree_util.tree_map(jnp.add, a, b)
+        out = add(self.linear(t, state), self.explicit(t, state))
+        return add(out, self.forcing(t))
 
 
 class Augmented(AbstractModel):
@@ -217,15 +230,23 @@ class Augmented(AbstractModel):
 
     def explicit(self, t, state):
         extra = None if self.explicit_term is None else self.explicit_term(t, state)
-        return _tree_add(self.model.explicit(t, state), extra)
+        return add(self.model.explicit(t, state), extra)
 
     def forcing(self, t):
         g = self.forcing_term
         if g is not None and callable(g):
             g = g(t)
-        return _tree_add(self.model.forcing(t), g)
+        return add(self.model.forcing(t), g)
 
-    # -- every other hook is the wrapped model's
+    # -- every other hook is the wrapped model's (the two term hints combined)
+    @property
+    def has_explicit(self) -> bool:
+        return self.explicit_term is not None or self.model.has_explicit
+
+    @property
+    def has_forcing(self) -> bool:
+        return self.forcing_term is not None or self.model.has_forcing
+
     @property
     def translation_invariant(self) -> bool:
         return self.model.translation_invariant
@@ -263,10 +284,10 @@ class Augmented(AbstractModel):
     def vector_field(self, t, state):
         out = self.model.vector_field(t, state)
         if self.explicit_term is not None:
-            out = _tree_add(out, self.explicit_term(t, state))
+            out = add(out, self.explicit_term(t, state))
         g = self.forcing_term
         if g is not None:
-            out = _tree_add(out, g(t) if callable(g) else g)
+            out = add(out, g(t) if callable(g) else g)
         return out
 
     def __getattr__(self, name):

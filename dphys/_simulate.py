@@ -14,10 +14,11 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._adjoint import AbstractAdjoint, Checkpointed
-from ._checks import describe, static_bool, static_int
+from ._checks import check_increasing, check_time, describe, static_bool, static_int
 from ._model import AbstractModel
 from ._results import RESULTS
 from ._stepper import AbstractStepper
+from ._tree import all_finite
 
 
 class SimulationError(RuntimeError):
@@ -107,6 +108,17 @@ class SaveAt(eqx.Module):
 
 def _check_steps(steps) -> tuple[int, ...]:
     name = "`SaveAt(steps=...)`"
+    bare = isinstance(steps, (int, np.integer)) or (
+        isinstance(steps, np.ndarray) and steps.ndim == 0
+    )
+    if bare and not isinstance(steps, bool):
+        # diffrax users read `steps=10` as "every 10th step"; here it was "only step
+        # 10". Refuse the ambiguous spelling and name both meanings.
+        raise TypeError(
+            f"{name} takes a sequence of step indices, got the bare integer "
+            f"{describe(steps)}, which is ambiguous: pass `steps=[{steps}]` to save "
+            f"only step {steps}, or `every={steps}` to save every {steps}th step."
+        )
     items = steps if isinstance(steps, (list, tuple)) else [steps]
     if any(isinstance(s, jax.core.Tracer) for s in items):
         raise TypeError(
@@ -135,12 +147,13 @@ def _check_steps(steps) -> tuple[int, ...]:
             f"{name} has negative indices {arr[arr < 0].tolist()[:5]}; save indices "
             "count steps from t0, so they lie in [0, n_steps]."
         )
-    if np.any(np.diff(arr) <= 0):
-        raise ValueError(
-            f"{name} must be strictly increasing, got {arr.tolist()[:10]}: the rows "
-            "of `ys` follow increasing step order, so an unsorted or repeated list "
-            "would not line up with them. Pass `sorted(set(steps))`."
-        )
+    check_increasing(
+        arr,
+        "SaveAt(steps=...)",
+        why="the rows of `ys` follow increasing step order, so an unsorted or "
+        "repeated list would not line up with them",
+        fix="Pass `sorted(set(steps))`.",
+    )
     return tuple(int(s) for s in arr)
 
 
@@ -165,38 +178,6 @@ class Trajectory(eqx.Module):
     final: Any
     result: RESULTS
     stats: dict[str, Any]
-
-
-def _check_time(name: str, value, *, positive: bool) -> None:
-    """``dt``/``t0``: a real scalar; if concrete, finite (and positive for ``dt``).
-
-    Traced values (``simulate`` called inside ``jit``/``vmap``/``grad``) have a static
-    shape and dtype, checked here; their values are checked at run time.
-    """
-    what = "a positive finite scalar" if positive else "a finite real scalar"
-    if isinstance(value, jax.core.Tracer):
-        shape, kind = value.shape, value.dtype.kind
-    else:
-        try:
-            arr = np.asarray(value)
-        except (TypeError, ValueError):
-            arr = np.asarray(None)
-        shape, kind = arr.shape, arr.dtype.kind
-    if shape != ():
-        raise ValueError(
-            f"`{name}` must be {what}, got {describe(value)}; to run several values, "
-            "`jax.vmap` over a function that calls `simulate`."
-        )
-    if kind not in "iuf":
-        raise ValueError(
-            f"`{name}` must be {what}, got {describe(value)}; pass a real number."
-        )
-    if isinstance(value, jax.core.Tracer):
-        return
-    v = arr.item()
-    if not math.isfinite(v) or (positive and v <= 0):
-        fix = "a time step > 0, e.g. dt=0.01" if positive else "a finite time"
-        raise ValueError(f"`{name}` must be {what}, got {v!r}; pass {fix}.")
 
 
 def _check_static(
@@ -246,8 +227,8 @@ def _check_static(
             f"`n_steps` must be >= 0, got {n_steps}; it counts steps of size `dt` "
             "from `t0`."
         )
-    _check_time("dt", dt, positive=True)
-    _check_time("t0", t0, positive=False)
+    check_time("dt", dt, positive=True)
+    check_time("t0", t0, positive=False)
     for leaf in jtu.tree_leaves(state0):
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -271,16 +252,34 @@ def _check_static(
                 f"`{name}` = {np.asarray(value).item()!r} becomes {cast.item()!r} in "
                 f"the state's dtype {dtype}; change `{name}` or use a float64 state."
             )
-    stepper.check(model, state0)
+    _check_hints(model, t0, state0)
+    # The one resolution of the run: a dphys.Auto solver becomes the concrete one
+    # here, and init/step/propagate read that (see AbstractStepper.resolve).
+    stepper = stepper.resolve(model, state0)
     model.check_run(state0, dt)
+    return stepper
 
 
-def _all_finite(state):
-    leaves = jtu.tree_leaves(state)
-    ok = jnp.asarray(True)
-    for leaf in leaves:
-        ok = ok & jnp.all(jnp.isfinite(leaf))
-    return ok
+def _check_hints(model, t0, state0) -> None:
+    """A model whose static hint says "no explicit part / no forcing" must return
+    ``None`` there: steppers trust the hints (e.g. to propagate exactly in Fourier
+    space), so a wrong one would silently drop a term. Checked by tracing only
+    (``jax.eval_shape``), and only for overridden hooks the hint says are empty."""
+    checks = (
+        ("explicit", "has_explicit", lambda: model.explicit(t0, state0)),
+        ("forcing", "has_forcing", lambda: model.forcing(t0)),
+    )
+    for hook, hint, call in checks:
+        if getattr(model, hint):
+            continue
+        if getattr(type(model), hook) is getattr(AbstractModel, hook):
+            continue
+        if jax.eval_shape(call) is not None:
+            raise ValueError(
+                f"`{type(model).__name__}.{hint}` is False but `{hook}(...)` returned "
+                f"a term: steppers would drop it. Make `{hint}` return True whenever "
+                f"`{hook}` can return something."
+            )
 
 
 @eqx.filter_jit
@@ -330,7 +329,7 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
             new, full, res, iters = stepper.step(model, t, dt, state, full)
             ss = stepper.split_state(full)[1]
         new, valid = model.validate(new)
-        ok = (_all_finite(new), valid)
+        ok = (all_finite(new), valid)
         result, failed_at, total_iters = record(carry, k + 1, res, ok, iters)
         return ((new, ss, result, failed_at, total_iters), k + 1), None
 
@@ -341,7 +340,7 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
             t = t0 + k * dt
             new = stepper.propagate(model, t, dt, state, sstate, seg, propagator=prop)
             new, valid = model.validate(new)
-            ok = (_all_finite(new), valid)
+            ok = (all_finite(new), valid)
             result, failed_at, total_iters = record(
                 carry, k + seg, RESULTS.successful, ok, jnp.asarray(0)
             )
@@ -462,7 +461,7 @@ def simulate(
         >>> traj.final.shape
         (64,)
     """
-    _check_static(
+    stepper = _check_static(
         model, stepper, state0, dt, n_steps, adjoint, saveat, t0, fast_forward, throw
     )
     # A NumPy integer would reach the jitted loop as a traced array; the loop length

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import abc
 import functools
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import optax.tree_utils as otu
 import optimistix as optx
 
 from ._checks import describe, static_bool, static_int, static_real
@@ -36,29 +38,7 @@ from ._model import AbstractModel
 from ._results import RESULTS
 from ._solver import FFT, AbstractLinearSolver, Auto, FactoredSymbol, resolve_solver
 from ._solver._krylov import _PytreeKrylov
-
-
-def _axpy(a, x, y):
-    """``a*x + y`` over pytrees (``x`` may be None, meaning zero)."""
-    if x is None:
-        return y
-    return jtu.tree_map(lambda xi, yi: a * xi + yi, x, y)
-
-
-def _add(x, y):
-    if x is None:
-        return y
-    if y is None:
-        return x
-    return jtu.tree_map(jnp.add, x, y)
-
-
-def _scale(a, x):
-    return None if x is None else jtu.tree_map(lambda v: a * v, x)
-
-
-def _select(pred, a, b):
-    return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+from ._tree import add, axpy, scale
 
 
 def _check_theta(theta: float, allow_unstable: bool, owner: str) -> None:
@@ -88,12 +68,15 @@ def _check_theta(theta: float, allow_unstable: bool, owner: str) -> None:
 class AbstractStepper(eqx.Module):
     """Base class of time steppers.
 
-    Subclasses implement ``init(model, t0, dt, state0) -> stepper_state`` and
+    Subclasses implement ``init(model, t0, dt, state0) -> stepper_state``,
     ``step(model, t, dt, state, stepper_state) -> (state, stepper_state, result,
-    iterations)``; ``order`` gives the formal order in time. A stepper state from
-    ``init`` belongs to that ``dt``: steppers may precompute solver work for it (see
+    iterations)`` and :meth:`residual` (the step's implicit relation); ``order`` gives
+    the formal order in time. A stepper state from ``init`` belongs to that ``dt``:
+    steppers may precompute solver work for it (see
     :meth:`dphys.AbstractLinearSolver.factor`), so ``step`` must be called with the
-    same ``dt`` (as :func:`dphys.simulate` does).
+    same ``dt`` (as :func:`dphys.simulate` does). Steppers with a linear implicit
+    part keep their resolved solver in the stepper state
+    (:class:`LinearSolveState`), so a run resolves :class:`dphys.Auto` once.
     """
 
     @abc.abstractmethod
@@ -102,12 +85,44 @@ class AbstractStepper(eqx.Module):
     @abc.abstractmethod
     def step(self, model: AbstractModel, t, dt, state, stepper_state): ...
 
+    @abc.abstractmethod
+    def residual(self, model: AbstractModel, t, dt, state, new_state, stepper_state):
+        r"""The implicit relation of one step, as a pure function.
+
+        Returns a pytree like the state that is zero exactly when ``new_state`` is
+        the answer of ``step(model, t, dt, state, stepper_state)`` (called with the
+        same ``stepper_state``, i.e. the one *before* the step). For the steppers
+        with a linear implicit part it is
+
+        $$ r = (I - \gamma L(t+\Delta t))\,u^{n+1} - b, $$
+
+        the residual of the linear system the step solves, in the state's units,
+        with the $\gamma$ and right-hand side $b$ given in each stepper's
+        docstring; :class:`FullyImplicit` returns the residual of its nonlinear
+        equation. The step's own output makes it zero up to the solver tolerance
+        (direct solvers: round-off; Krylov solvers: $\|r\|_2 \le
+        \mathrm{atol} + \mathrm{rtol}\,\|b\|_2$). Differentiable with respect to
+        every argument (model parameters, states, ``dt``): a physics-residual loss
+        for learned states or steps.
+        """
+
     @property
     @abc.abstractmethod
     def order(self) -> int: ...
 
     def check(self, model: AbstractModel, state0) -> None:
         """Static compatibility check; raise ``ValueError`` with a fix if it fails."""
+
+    def resolve(self, model: AbstractModel, state0) -> AbstractStepper:
+        """This stepper with its choices made for ``model`` (static).
+
+        :func:`dphys.simulate` calls it once per run, before tracing: a
+        :class:`dphys.Auto` solver is replaced by the concrete solver it stands
+        for, after checking that it fits (``ValueError`` otherwise), so nothing
+        downstream resolves it again. Default: :meth:`check`, then ``self``.
+        """
+        self.check(model, state0)
+        return self
 
     def split_state(self, stepper_state):
         """``(constant, varying)`` parts of a stepper state; see :meth:`join_state`.
@@ -141,6 +156,29 @@ class AbstractStepper(eqx.Module):
         raise NotImplementedError
 
 
+class LinearSolveState(eqx.Module):
+    r"""The part of a stepper state that belongs to the implicit linear solve.
+
+    Built once per run by the stepper's ``init``: the solver is resolved there (a
+    :class:`dphys.Auto` becomes the concrete solver it stands for) and every step
+    reads it from here, never resolving it again.
+
+    Attributes:
+        solver: the concrete :class:`dphys.AbstractLinearSolver`.
+        structure: what ``solver.init`` extracted from $L$ (possibly factored for
+            the run's fixed $\gamma$, see :meth:`AbstractLinearSolver.factor`), or
+            ``None`` when $L$ depends on time and is probed at every step.
+    """
+
+    solver: AbstractLinearSolver
+    structure: Any
+
+
+def _residual(model, t1, gamma, new_state, rhs):
+    r"""$(I - \gamma L(t_1))u - b$."""
+    return otu.tree_sub(axpy(-gamma, model.linear(t1, new_state), new_state), rhs)
+
+
 class _AbstractLinearImplicit(AbstractStepper):
     solver: eqx.AbstractVar[AbstractLinearSolver]
 
@@ -152,30 +190,55 @@ class _AbstractLinearImplicit(AbstractStepper):
                 f"e.g. `{type(self).__name__}(solver=dphys.Krylov())`."
             )
 
-    def _solver(self, model, like):
-        return resolve_solver(self.solver, model, like)
-
     def check(self, model, state0):
-        self._solver(model, state0)
+        resolve_solver(self.solver, model, state0)
 
-    def _structure(self, model, t, like, stored):
-        if model.autonomous:
-            return stored
-        return self._solver(model, like).init(model, t, like)
+    def resolve(self, model, state0):
+        solver = resolve_solver(self.solver, model, state0)
+        return eqx.tree_at(lambda s: s.solver, self, solver)
 
-    def _init_structure(self, model, t0, state0, gamma=None):
-        # With gamma (constant through the run) the solver may factor now: the FFT
-        # solver's per-mode inverse is then built and differentiated once per run
-        # (reverse mode otherwise rebuilds and transposes it at every step).
+    def _concrete_solver(self, model, like):
+        # Static and cheap; only does work on a stepper not yet resolved.
+        if isinstance(self.solver, Auto):
+            return self.solver.resolve(model, like)
+        return self.solver
+
+    def _init_solve(self, model, t0, state0, gamma=None) -> LinearSolveState:
+        # The one place a run resolves its solver (a no-op but the check when
+        # `simulate` already did). With gamma (constant through the run) the solver
+        # may factor now: the FFT solver's per-mode inverse is then built and
+        # differentiated once per run (reverse mode otherwise rebuilds and
+        # transposes it at every step).
+        solver = resolve_solver(self.solver, model, state0)
+        structure = None
         if model.autonomous:
-            solver = self._solver(model, state0)
             structure = solver.init(model, t0, state0)
             if gamma is not None:
                 structure = solver.factor(structure, gamma)
-            return structure
-        return None
+        return LinearSolveState(solver, structure)
 
-    def _theta_solve(self, model, t, dt, theta, state, explicit, structure):
+    @staticmethod
+    def _structure(model, t, like, solve: LinearSolveState):
+        if model.autonomous:
+            return solve.structure
+        return solve.solver.init(model, t, like)
+
+    @staticmethod
+    def _theta_rhs(model, t, dt, theta, state, explicit, *, factored=False):
+        r"""Right-hand side of the θ-step (see :meth:`_theta_solve`)."""
+        if factored:
+            rhs = jtu.tree_map(lambda u: u / theta, state)
+        elif theta != 1.0:
+            rhs = axpy((1.0 - theta) * dt, model.linear(t, state), state)
+        else:
+            rhs = state
+        rhs = add(explicit, rhs)
+        rhs = axpy(theta * dt, model.forcing(t + dt), rhs)
+        if theta != 1.0:
+            rhs = axpy((1.0 - theta) * dt, model.forcing(t), rhs)
+        return rhs
+
+    def _theta_solve(self, model, t, dt, theta, state, explicit, solve):
         r"""Solve the θ-step for $u^{n+1}$; returns ``(state, result, iterations)``.
 
         $(I-\theta\Delta t L)u^{n+1} = u^n + (1-\theta)\Delta t\,L u^n + E
@@ -189,22 +252,12 @@ class _AbstractLinearImplicit(AbstractStepper):
         explicit half and θ = 0 (nothing to solve) would divide by θ.
         """
         t1 = t + dt
+        structure = self._structure(model, t1, state, solve)
         factored = 0.0 < theta < 1.0 and isinstance(structure, FactoredSymbol)
+        rhs = self._theta_rhs(model, t, dt, theta, state, explicit, factored=factored)
+        new, result, iters = solve.solver.solve(model, t1, theta * dt, rhs, structure)
         if factored:
-            rhs = jtu.tree_map(lambda u: u / theta, state)
-        elif theta != 1.0:
-            rhs = _axpy((1.0 - theta) * dt, model.linear(t, state), state)
-        else:
-            rhs = state
-        rhs = _add(explicit, rhs)
-        rhs = _axpy(theta * dt, model.forcing(t1), rhs)
-        if theta != 1.0:
-            rhs = _axpy((1.0 - theta) * dt, model.forcing(t), rhs)
-        new, result, iters = self._solver(model, state).solve(
-            model, t1, theta * dt, rhs, structure
-        )
-        if factored:
-            new = _axpy(-(1.0 - theta) / theta, state, new)
+            new = axpy(-(1.0 - theta) / theta, state, new)
         return new, result, iters
 
 
@@ -222,7 +275,7 @@ class _AbstractTheta(_AbstractLinearImplicit):
         return 2 if self.theta == 0.5 else 1
 
     def init(self, model, t0, dt, state0):
-        return self._init_structure(model, t0, state0, self.theta * dt)
+        return self._init_solve(model, t0, state0, self.theta * dt)
 
     def split_state(self, stepper_state):
         return stepper_state, None
@@ -231,37 +284,50 @@ class _AbstractTheta(_AbstractLinearImplicit):
         return constant
 
     def step(self, model, t, dt, state, stepper_state):
-        if self.can_propagate(model, state):
+        if _propagates(stepper_state.solver, model):
             # Pure linear and FFT-diagonal: apply the one-step amplification G_k in
             # Fourier space. Same discrete answer to round-off, but the explicit half
             # (1 + (1-θ)Δt S_k) costs a multiply instead of a stencil pass, so a step
             # is one FFT pair (see docs/design.md).
             new = self.propagate(model, t, dt, state, stepper_state, 1)
             return new, stepper_state, RESULTS.successful, jnp.asarray(0)
-        structure = self._structure(model, t + dt, state, stepper_state)
-        n_now = model.explicit(t, state)
-        explicit = None if n_now is None else jtu.tree_map(lambda a: dt * a, n_now)
+        explicit = scale(dt, model.explicit(t, state))
         new, result, iters = self._theta_solve(
-            model, t, dt, self.theta, state, explicit, structure
+            model, t, dt, self.theta, state, explicit, stepper_state
         )
         return new, stepper_state, result, iters
 
+    def residual(self, model, t, dt, state, new_state, stepper_state):
+        r"""$(I-\theta\Delta t L^{n+1})u^{n+1} - [u^n + (1-\theta)\Delta t L^n u^n
+        + \Delta t\,N(t_n,u^n) + \Delta t(\theta f^{n+1} + (1-\theta) f^n)]$
+        (see :meth:`AbstractStepper.residual`)."""
+        explicit = scale(dt, model.explicit(t, state))
+        rhs = self._theta_rhs(model, t, dt, self.theta, state, explicit)
+        return _residual(model, t + dt, self.theta * dt, new_state, rhs)
+
     def can_propagate(self, model, state0):
-        return (
-            isinstance(self._solver(model, state0), FFT)
-            and model.autonomous
-            and model.explicit(0.0, state0) is None
-            and model.forcing(0.0) is None
-        )
+        # Static: the solver's kind and the model's structure hints, never an
+        # evaluation of the model.
+        return _propagates(self._concrete_solver(model, state0), model)
 
     def propagator(self, model, t, dt, state, stepper_state, n: int):
-        solver = self._solver(model, state)
-        return solver.propagator(dt, self.theta, n, stepper_state)
+        solve = stepper_state
+        return solve.solver.propagator(dt, self.theta, n, solve.structure)
 
     def propagate(self, model, t, dt, state, stepper_state, n: int, propagator=None):
         if propagator is None:
             propagator = self.propagator(model, t, dt, state, stepper_state, n)
-        return self._solver(model, state).apply_propagator(model, propagator, state)
+        return stepper_state.solver.apply_propagator(model, propagator, state)
+
+
+def _propagates(solver, model) -> bool:
+    """Whether θ-steps of ``model`` are exact per-mode products (all static)."""
+    return (
+        isinstance(solver, FFT)
+        and model.autonomous
+        and not model.has_explicit
+        and not model.has_forcing
+    )
 
 
 class Theta(_AbstractTheta):
@@ -340,7 +406,7 @@ class IMEX(_AbstractLinearImplicit):
 
     def init(self, model, t0, dt, state0):
         n0 = model.explicit(t0, state0)
-        return (self._init_structure(model, t0, state0, 0.5 * dt), n0)
+        return (self._init_solve(model, t0, state0, 0.5 * dt), n0)
 
     def split_state(self, stepper_state):
         return stepper_state[0], stepper_state[1:]
@@ -348,19 +414,31 @@ class IMEX(_AbstractLinearImplicit):
     def join_state(self, constant, varying):
         return (constant, *varying)
 
-    def step(self, model, t, dt, state, stepper_state):
-        stored, n_prev = stepper_state
-        structure = self._structure(model, t + dt, state, stored)
+    @staticmethod
+    def _explicit(model, t, dt, state, n_prev):
         n_now = model.explicit(t, state)
-        explicit = None
-        if n_now is not None:
-            explicit = jtu.tree_map(
-                lambda a, b: dt * (1.5 * a - 0.5 * b), n_now, n_prev
-            )
+        if n_now is None:
+            return None, None
+        explicit = jtu.tree_map(lambda a, b: dt * (1.5 * a - 0.5 * b), n_now, n_prev)
+        return n_now, explicit
+
+    def step(self, model, t, dt, state, stepper_state):
+        solve, n_prev = stepper_state
+        n_now, explicit = self._explicit(model, t, dt, state, n_prev)
         new, result, iters = self._theta_solve(
-            model, t, dt, 0.5, state, explicit, structure
+            model, t, dt, 0.5, state, explicit, solve
         )
-        return new, (stored, n_now), result, iters
+        return new, (solve, n_now), result, iters
+
+    def residual(self, model, t, dt, state, new_state, stepper_state):
+        r"""$(I-\tfrac{\Delta t}{2}L^{n+1})u^{n+1} - [(I+\tfrac{\Delta t}{2}L^n)u^n
+        + \Delta t(\tfrac32 N^n - \tfrac12 N^{n-1})
+        + \tfrac{\Delta t}{2}(f^n+f^{n+1})]$, $N^{n-1}$ from ``stepper_state``
+        (see :meth:`AbstractStepper.residual`)."""
+        _, n_prev = stepper_state
+        _, explicit = self._explicit(model, t, dt, state, n_prev)
+        rhs = self._theta_rhs(model, t, dt, 0.5, state, explicit)
+        return _residual(model, t + dt, 0.5 * dt, new_state, rhs)
 
 
 class BDF2(_AbstractLinearImplicit):
@@ -381,7 +459,7 @@ class BDF2(_AbstractLinearImplicit):
 
     def init(self, model, t0, dt, state0):
         n0 = model.explicit(t0, state0)
-        return (self._init_structure(model, t0, state0), state0, n0, jnp.asarray(True))
+        return (self._init_solve(model, t0, state0), state0, n0, jnp.asarray(True))
 
     def split_state(self, stepper_state):
         return stepper_state[0], stepper_state[1:]
@@ -389,24 +467,37 @@ class BDF2(_AbstractLinearImplicit):
     def join_state(self, constant, varying):
         return (constant, *varying)
 
-    def step(self, model, t, dt, state, stepper_state):
-        stored, prev, n_prev, first = stepper_state
-        t1 = t + dt
+    @staticmethod
+    def _system(model, t, dt, state, stepper_state):
+        r"""``(gamma, rhs, n_now)`` of the step's system $(I-\gamma L)u^{n+1} = b$."""
+        _, prev, n_prev, first = stepper_state
         bdf = jtu.tree_map(lambda u, v: (4.0 * u - v) / 3.0, state, prev)
-        rhs = _select(first, state, bdf)
+        rhs = otu.tree_where(first, state, bdf)
+        gamma = jnp.where(first, dt, 2.0 * dt / 3.0)
         n_now = model.explicit(t, state)
         if n_now is not None:
             extrap = jtu.tree_map(lambda a, b: 2.0 * a - b, n_now, n_prev)
-            n_eff = _select(first, n_now, extrap)
-            rhs = _axpy(jnp.where(first, dt, 2.0 * dt / 3.0), n_eff, rhs)
-        f1 = model.forcing(t1)
-        rhs = _axpy(jnp.where(first, dt, 2.0 * dt / 3.0), f1, rhs)
-        gamma = jnp.where(first, dt, 2.0 * dt / 3.0)
-        structure = self._structure(model, t1, state, stored)
-        new, result, iters = self._solver(model, state).solve(
-            model, t1, gamma, rhs, structure
-        )
-        return new, (stored, state, n_now, jnp.asarray(False)), result, iters
+            n_eff = otu.tree_where(first, n_now, extrap)
+            rhs = axpy(gamma, n_eff, rhs)
+        rhs = axpy(gamma, model.forcing(t + dt), rhs)
+        return gamma, rhs, n_now
+
+    def step(self, model, t, dt, state, stepper_state):
+        solve = stepper_state[0]
+        t1 = t + dt
+        gamma, rhs, n_now = self._system(model, t, dt, state, stepper_state)
+        structure = self._structure(model, t1, state, solve)
+        new, result, iters = solve.solver.solve(model, t1, gamma, rhs, structure)
+        return new, (solve, state, n_now, jnp.asarray(False)), result, iters
+
+    def residual(self, model, t, dt, state, new_state, stepper_state):
+        r"""$(I-\gamma L^{n+1})u^{n+1} - b$ with $\gamma = \tfrac23\Delta t$ and
+        $b = \tfrac13(4u^n - u^{n-1}) + \gamma(2N^n - N^{n-1} + f^{n+1})$; on the
+        first step (``stepper_state`` from ``init``) the backward-Euler system,
+        $\gamma = \Delta t$, $b = u^n + \gamma(N^n + f^{n+1})$ (see
+        :meth:`AbstractStepper.residual`)."""
+        gamma, rhs, _ = self._system(model, t, dt, state, stepper_state)
+        return _residual(model, t + dt, gamma, new_state, rhs)
 
 
 class FullyImplicit(AbstractStepper):
@@ -520,21 +611,35 @@ class FullyImplicit(AbstractStepper):
     def init(self, model, t0, dt, state0):
         return None
 
-    def step(self, model, t, dt, state, stepper_state):
+    def _rhs(self, model, t, dt, state):
+        if self.theta == 1.0:
+            return state
+        return axpy((1.0 - self.theta) * dt, model.vector_field(t, state), state)
+
+    def residual(self, model, t, dt, state, new_state, stepper_state):
+        r"""$u^{n+1} - \theta\Delta t F(t_{n+1}, u^{n+1}) - u^n
+        - (1-\theta)\Delta t F(t_n, u^n)$, $F = Lu + N(u) + f$; Newton makes it
+        small to about ``rtol`` times the step's size (see
+        :meth:`AbstractStepper.residual`)."""
+        rhs = self._rhs(model, t, dt, state)
+        return self._newton_residual(model, t + dt, dt, new_state, rhs)
+
+    def _newton_residual(self, model, t1, dt, v, rhs):
         theta = self.theta
+        return jtu.tree_map(
+            lambda vi, fi, ri: vi - theta * dt * fi - ri,
+            v,
+            model.vector_field(t1, v),
+            rhs,
+        )
+
+    def step(self, model, t, dt, state, stepper_state):
         t1 = t + dt
-        rhs = state
-        if theta != 1.0:
-            rhs = _axpy((1.0 - theta) * dt, model.vector_field(t, state), rhs)
+        rhs = self._rhs(model, t, dt, state)
 
         def residual(v, args):
             m, r = args
-            return jtu.tree_map(
-                lambda vi, fi, ri: vi - theta * dt * fi - ri,
-                v,
-                m.vector_field(t1, v),
-                r,
-            )
+            return self._newton_residual(m, t1, dt, v, r)
 
         newton = optx.Newton(
             rtol=self.rtol, atol=self.atol, linear_solver=self._linear_solver()
@@ -568,4 +673,5 @@ __all__ = [
     "IMEX",
     "BDF2",
     "FullyImplicit",
+    "LinearSolveState",
 ]

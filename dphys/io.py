@@ -44,6 +44,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,11 +69,14 @@ __all__ = [
     "atomic_write",
     "Y_DIM",
     "check_grid_coords",
+    "coordinate_tolerance",
     "from_dataset",
     "grid_attrs",
     "grid_coords",
     "grid_from_attrs",
     "grid_from_dataset",
+    "netcdf_lock",
+    "open_netcdf",
     "read_netcdf",
     "spatial_dims",
     "to_dataset",
@@ -91,6 +95,23 @@ def _read_umask() -> int:
 # Read once at import: changing the umask to read it is not thread-safe, and files
 # are written from worker threads in batch runs.
 _UMASK = _read_umask()
+
+# netCDF-C and HDF5 are not thread-safe: two threads opening or reading files at the
+# same time crash the process (segmentation faults in `open_store_variable`). Every
+# netCDF access of dphys goes through this one re-entrant lock; batches run their
+# cases in worker *processes* by default, each with its own copy of the libraries.
+_NETCDF_LOCK = threading.RLock()
+
+
+def netcdf_lock() -> threading.RLock:
+    """The process-wide lock around every netCDF open, read and write of dphys.
+
+    Hold it (``with dphys.io.netcdf_lock(): ...``) around your own netCDF4/xarray
+    file access when it can run in threads next to dphys's (e.g. a threaded Dask
+    cluster): the netCDF-C and HDF5 libraries are not thread-safe.
+    """
+    return _NETCDF_LOCK
+
 
 # -- names: every xarray name used by dphys lives here ---------------------------------
 TIME_DIM = "time"
@@ -267,17 +288,38 @@ def check_grid_coords(
             )
         if dim not in ds.coords:
             continue  # sizes agree and there is nothing else to compare
-        got = np.asarray(ds[dim].values, dtype=np.float64)
+        stored = np.asarray(ds[dim].values)
+        got = stored.astype(np.float64)
         err = np.max(np.abs(got - expect)) if n else 0.0
-        if not err <= rtol * grid.spacing[axis]:
+        tol = coordinate_tolerance(stored.dtype, expect, grid.spacing[axis], rtol)
+        if not err <= tol:
+            i = int(np.argmax(np.abs(got - expect)))
             raise GridMismatchError(
                 f"{what}'s `{dim}` coordinate does not match the model grid: got "
-                f"[{got[0]:.6g}, ..., {got[-1]:.6g}], expected [{expect[0]:.6g}, ..., "
-                f"{expect[-1]:.6g}] ({grid.boundary[axis]} points, spacing "
-                f"{grid.spacing[axis]:.6g}; max difference {err:.3g}). Check the "
-                "grid's origin, lengths and boundary kind (Dirichlet grids store "
-                "interior points, Neumann grids cell centres)."
+                f"[{got[0]:.10g}, ..., {got[-1]:.10g}], expected [{expect[0]:.10g}, "
+                f"..., {expect[-1]:.10g}] (point {i}: {got[i]:.10g} vs "
+                f"{expect[i]:.10g}; max difference {err:.3g}, tolerance {tol:.3g} for "
+                f"{stored.dtype} coordinates; {grid.boundary[axis]} points, spacing "
+                f"{grid.spacing[axis]:.6g}). Check the grid's origin, "
+                "lengths and boundary kind (Dirichlet grids store interior points, "
+                "Neumann grids cell centres)."
             )
+
+
+def coordinate_tolerance(dtype, expect, spacing: float, rtol: float = 1e-9) -> float:
+    """How far stored coordinates may lie from the grid's points.
+
+    ``rtol`` of the spacing for float64 coordinates; for lower precision (float32
+    coordinates are common in satellite and reanalysis products) a few ulps of the
+    largest coordinate magnitude too, since rounding to float32 moves a point by up
+    to half an ulp of its value, whatever the spacing.
+    """
+    tol = rtol * float(spacing)
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating) and dtype.itemsize < 8:
+        scale = float(np.max(np.abs(expect))) if np.size(expect) else 0.0
+        tol = max(tol, 4.0 * float(np.finfo(dtype).eps) * max(scale, float(spacing)))
+    return tol
 
 
 # -- states ----------------------------------------------------------------------------
@@ -375,12 +417,10 @@ def to_dataset(
     sdims = spatial_dims(grid.ndim)
     gattrs: dict[str, Any] = {"Conventions": CONVENTIONS, **grid_attrs(grid)}
     coords: dict[str, Any] = dict(grid_coords(grid, length_units=length_units))
-    time_attrs = {
-        "units": time_units or "1",
-        "long_name": "model time",
-        "axis": "T",
-        "standard_name": "time",
-    }
+    time_attrs = {"units": time_units or "1", "long_name": "model time"}
+    if " since " in str(time_units):
+        # CF: a `time` standard name needs a reference date in its units
+        time_attrs.update(axis="T", standard_name="time")
 
     def check_leaf(label, arr, lead):
         if arr.shape[lead:] != grid.shape or arr.ndim != lead + grid.ndim:
@@ -640,15 +680,33 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> pathlib.Path:
 
     The file is written to a temporary name in the same directory and renamed with
     :func:`os.replace`, so a reader (or a resumed batch) never sees a partial file
-    under the final name, even if the writer is killed.
+    under the final name, even if the writer is killed. The write holds
+    :func:`netcdf_lock`, so it is safe next to reads in other threads.
 
     Returns:
         The final path.
     """
     path = pathlib.Path(path)
-    with atomic_write(path) as tmp:
-        ds.to_netcdf(tmp, engine="netcdf4")
+    ds = ds.load()
+    # CF: coordinates have no fill value (xarray gives float ones NaN by default);
+    # text goes out as character arrays, which every netCDF reader understands.
+    encoding = {}
+    for name, var in ds.variables.items():
+        enc = {}
+        if name in ds.coords and "_FillValue" not in var.encoding:
+            enc["_FillValue"] = None
+        if var.dtype.kind == "U" and "dtype" not in var.encoding:
+            enc["dtype"] = "S1"
+        if enc:
+            encoding[name] = enc
+    with atomic_write(path) as tmp, _NETCDF_LOCK:
+        ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
     return path
+
+
+def _check_readable(path: pathlib.Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {str(path)!r}")
 
 
 def read_netcdf(path: str | os.PathLike, *, decode_times: bool = False) -> xr.Dataset:
@@ -656,15 +714,60 @@ def read_netcdf(path: str | os.PathLike, *, decode_times: bool = False) -> xr.Da
 
     Times are left numeric by default (``decode_times=False``): model time is a
     number, and calendar-aware conversion is done by :mod:`assimilation`'s readers.
+    The read holds :func:`netcdf_lock` (netCDF-C/HDF5 are not thread-safe).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         DataError: the file is not a readable netCDF file.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {str(path)!r}")
+    _check_readable(path)
     try:
-        return xr.load_dataset(path, decode_times=decode_times)
+        with _NETCDF_LOCK:
+            return xr.load_dataset(path, decode_times=decode_times, engine="netcdf4")
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read {str(path)!r} as netCDF: {err}") from err
+
+
+@contextlib.contextmanager
+def open_netcdf(
+    path: str | os.PathLike,
+    *,
+    decode_times: bool = False,
+    chunks: Mapping[str, int] | str | None = None,
+):
+    """Open a netCDF file lazily; load only what you select, then it is closed.
+
+    A context manager yielding the lazily opened dataset (``chunks`` as for
+    :func:`xarray.open_dataset`: ``{}`` for the file's own chunks, ``"auto"``, or a
+    mapping). Everything inside the block holds :func:`netcdf_lock`, and dask reads
+    run on the calling thread, so select the part you need and ``.load()`` it inside
+    the block: a batch case then reads its window of a large file, not the file.
+
+    Example:
+        >>> with open_netcdf("sst.nc", chunks={}) as ds:  # doctest: +SKIP
+        ...     window = ds.isel(time=slice(0, 24)).load()
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DataError: the file is not a readable netCDF file.
+    """
+    path = pathlib.Path(path)
+    _check_readable(path)
+    with _NETCDF_LOCK:
+        try:
+            ds = xr.open_dataset(
+                path, decode_times=decode_times, engine="netcdf4", chunks=chunks
+            )
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read {str(path)!r} as netCDF: {err}") from err
+        try:
+            if chunks is None:
+                yield ds
+            else:
+                import dask
+
+                with dask.config.set(scheduler="synchronous"):
+                    yield ds
+        finally:
+            ds.close()

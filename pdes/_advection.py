@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dphys
+from dphys._checks import check_finite, check_positive
 from dphys.operators import face_flux, pad_axis
-
-from ._heat import check_positive
 
 
 SCHEMES: tuple[str, ...] = ("centered", "upwind", "upwind3")
@@ -321,10 +320,7 @@ class Advection(dphys.AbstractModel):
                     f"`{name}[{a}]` must be a scalar or a field of shape {expect} "
                     f"({where}), got shape {shape}{hint}."
                 )
-            if not isinstance(c, jax.core.Tracer) and not np.all(np.isfinite(c)):
-                raise ValueError(
-                    f"`{name}[{a}]` must be finite, got non-finite values."
-                )
+            check_finite(c, f"{name}[{a}]")
             out.append(jnp.asarray(c))
         return tuple(out)
 
@@ -342,6 +338,14 @@ class Advection(dphys.AbstractModel):
         super().check_state(state)
 
     # ------------------------------------------------------------------ structure
+
+    @property
+    def has_forcing(self) -> bool:
+        return (
+            self.source is not None
+            or self.source_fn is not None
+            or self.inflow is not None
+        )
 
     @property
     def translation_invariant(self) -> bool:

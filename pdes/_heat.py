@@ -10,27 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dphys
+from dphys._checks import check_positive
 from dphys.operators import laplacian
-
-
-def check_positive(value, name: str, *, allow_zero: bool = False):
-    """Raise ``ValueError`` naming ``name`` unless a concrete ``value`` is positive.
-
-    Traced values (inside ``jit``/``grad``) cannot be inspected and pass through;
-    :func:`dphys.simulate` still catches the divergence they cause.
-    """
-    if isinstance(value, jax.core.Tracer):
-        return
-    arr = np.asarray(value)
-    bad = ~np.isfinite(arr) | ((arr < 0) if allow_zero else (arr <= 0))
-    if np.any(bad):
-        what = "non-negative" if allow_zero else "positive"
-        where = f" ({int(bad.sum())} of {arr.size} values)" if arr.ndim else ""
-        raise ValueError(
-            f"`{name}` must be {what} and finite everywhere, got min "
-            f"{np.min(arr) if arr.size else arr}{where}. Pass a {what} value; to "
-            "optimise it unconstrained, parameterise it as exp(log_value)."
-        )
 
 
 class Heat(dphys.AbstractModel):
@@ -84,6 +65,10 @@ class Heat(dphys.AbstractModel):
         if f is not None and jnp.shape(f) != self.grid.shape:
             f = jnp.broadcast_to(f, self.grid.shape)
         return f
+
+    @property
+    def has_forcing(self) -> bool:
+        return self.source is not None or self.source_fn is not None
 
     @property
     def translation_invariant(self) -> bool:

@@ -12,9 +12,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.scipy.fft as jsfft
-import jax.tree_util as jtu
+import optax.tree_utils as otu
 
 import dphys
+from dphys._tree import axpy
 
 from . import _cgrid as cg
 from ._shallow_water import ShallowWater, SWState
@@ -141,13 +142,13 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
         # Energy scaling z = (sqrt(g) eta, sqrt(H) u, sqrt(H) v): all components in
         # the same units and size, and L becomes skew for constant depth.
         scale = SWState(jnp.sqrt(g), jnp.sqrt(hbar), jnp.sqrt(hbar))
-        to_z = lambda x: jtu.tree_map(jnp.multiply, x, scale)
-        from_z = lambda z: jtu.tree_map(jnp.divide, z, scale)
+        to_z = lambda x: otu.tree_mul(x, scale)
+        from_z = lambda z: otu.tree_div(z, scale)
         rhs_z = to_z(rhs)
 
         def mv(z):
             lz = to_z(model.linear(t, from_z(z)))
-            return jtu.tree_map(lambda a, c: a - gamma * c, z, lz)
+            return axpy(-gamma, lz, z)
 
         def precond(z):
             return to_z(self.precondition(model, coefficients, from_z(z)))

@@ -40,9 +40,9 @@ import jax.tree_util as jtu
 import numpy as np
 
 import dphys
+from dphys._checks import check_positive
 
 from . import _cgrid as cg
-from ._heat import check_positive
 
 
 CONTINUITY_SCHEMES: tuple[str, ...] = ("upwind", "centered")
@@ -302,6 +302,16 @@ class ShallowWater(dphys.AbstractModel):
         self.max_courant = float(max_courant)
 
     # ------------------------------------------------------------- structure hints
+
+    @property
+    def has_explicit(self) -> bool:
+        # The linear model's only explicit term is quadratic drag.
+        return self.nonlinear or self.quadratic_drag is not None
+
+    @property
+    def has_forcing(self) -> bool:
+        # The nonlinear model puts the wind in its explicit part.
+        return not self.nonlinear and self.wind is not None
 
     @property
     def translation_invariant(self) -> bool:

@@ -1,6 +1,7 @@
 """assimilation.runs batches: atomic outputs, resume, keep_going, Dask, cases."""
 
 import json
+import pathlib
 import time
 import uuid
 
@@ -12,13 +13,16 @@ import dphys.io as dio
 from assimilation.cli import demo_config, main
 from assimilation.runs import (
     BatchError,
+    BatchReport,
     Case,
+    CaseResult,
     ConfigError,
     config_cases,
     run_batch,
     split_windows,
     validate_config,
 )
+from assimilation.runs._batch import LOCK_NAME, _exclusive
 
 
 class Recorder:
@@ -45,6 +49,7 @@ class Recorder:
         return xr.Dataset({"value": ("x", np.full(3, float(case.payload)))})
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = [Case("a", 1), Case("b", 2), Case("c", 3)]
 
 
@@ -63,7 +68,7 @@ def test_outputs_and_manifest(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())["cases"]
     assert {k: v["status"] for k, v in manifest.items()} == dict.fromkeys("abc", "done")
     # nothing but the outputs and the manifest: no temporary files left behind
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) == [
         "a.nc",
         "b.nc",
         "c.nc",
@@ -132,7 +137,9 @@ def test_output_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(xr.Dataset, "to_netcdf", explode)
     report = run_batch(CASES[:1], Recorder(log), out, keep_going=True)
     assert report.failed == ("a",)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) == [
+        "manifest.json"
+    ]
 
 
 def test_bad_cases_are_rejected(tmp_path):
@@ -149,9 +156,69 @@ def test_bad_cases_are_rejected(tmp_path):
         run_batch(CASES, Recorder(log), out, workers=0)
 
 
+def test_changed_case_is_recomputed_unchanged_skipped(tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    run_batch(CASES, Recorder(log), out)
+    # "a" changed (its payload, hence its key); "b", "c" did not
+    fn = Recorder(log)
+    changed = [Case("a", 10), *CASES[1:]]
+    report = run_batch(changed, fn, out)
+    assert fn.calls == ["a"] and report.done == ("a",)
+    assert report.skipped == ("b", "c")
+    assert read_value(out / "a.nc") == (10.0, "a")
+    # an explicit key decides, whatever the payload (e.g. provenance attributes)
+    fn = Recorder(log)
+    run_batch([Case("k", 1, key="v1")], fn, out)
+    run_batch([Case("k", 2, key="v1")], fn, out)
+    assert fn.calls == ["k"]
+    run_batch([Case("k", 2, key="v2")], fn, out)
+    assert fn.calls == ["k", "k"]
+    manifest = json.loads((out / "manifest.json").read_text())["cases"]
+    assert manifest["k"]["key"] == "v2"
+
+
+def test_stale_temporaries_removed_and_one_batch_per_folder(tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    out.mkdir()
+    # what a batch killed during a write leaves behind (atomic_write's names)
+    stale = [out / ".a.nc.k2j3h4.tmp", out / ".manifest.json.x8y7.tmp"]
+    other = out / ".notes.txt.abc.tmp"  # not the batch's: kept
+    for p in (*stale, other):
+        p.write_bytes(b"partial")
+    report = run_batch(CASES, Recorder(log), out)
+    assert report.done == ("a", "b", "c")
+    assert not any(p.exists() for p in stale) and other.exists()
+    with _exclusive(out):
+        with pytest.raises(BatchError, match="another batch is writing to"):
+            run_batch(CASES, Recorder(log), out)
+
+
+def test_report_table():
+    report = BatchReport(
+        (
+            CaseResult("a", "done", 1.25, scores={"rmse": 0.5, "chi2": 1.1}),
+            CaseResult("b", "failed", 0.1, error="DataError: bad file"),
+            CaseResult("c", "skipped", scores={"rmse": 0.25}),
+        ),
+        "out",
+    )
+    lines = report.table().splitlines()
+    assert lines[0].split() == ["case", "status", "seconds", "rmse", "chi2"]
+    assert lines[2].split() == ["a", "done", "1.2", "0.5", "1.1"]
+    assert lines[3].split() == ["b", "failed", "0.1", "-", "-"]
+    assert lines[4].split() == ["c", "skipped", "0.0", "0.25", "-"]
+    assert lines[5] == "b: DataError: bad file"
+
+
 def test_dask_local_cluster(tmp_path):
     out, log = tmp_path / "out", tmp_path / "log"
     pytest.importorskip("dask.distributed")
+    import sys
+
+    import cloudpickle
+
+    # worker processes cannot import this test module: ship Recorder by value
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     fn = Recorder(log)
     report = run_batch(CASES[:2], fn, out, workers=2)
     assert sorted(report.done) == ["a", "b"] and sorted(fn.calls) == ["a", "b"]
@@ -270,3 +337,269 @@ def test_cli_batch_runs_and_resumes(tmp_path, capsys):
         assert "analysis" in ds and "kappa" in ds
     assert main(["batch", str(path)]) == 0
     assert "0 done, 2 skipped" in capsys.readouterr().out
+
+
+# -- real files, worker processes, kills -----------------------------------------------
+OBS_CASES_TOML = """
+[model]
+name = "heat"
+units = "K"
+length_units = "m"
+time_units = "s"
+grid = {{ shape = [12], lengths = 1.0, boundary = "neumann" }}
+parameters = {{ kappa = 0.01 }}
+
+[time]
+dt = 0.05
+n_steps = 4
+reference = "2000-01-01T00:00:00"
+
+[observations]
+path = "data/obs-0.nc"
+variable = "u"
+
+[background]
+value = 273.15
+std = 0.5
+
+[control.parameters.kappa]
+transform = "log"
+sigma = 0.5
+
+[solver]
+method = "lbfgs"
+max_iterations = {iterations}
+uncertainty = false
+
+[batch]
+out_dir = "runs"
+cases = [
+{cases}
+]
+"""
+
+
+def write_obs_cases(root, n, iterations=1):
+    """``n`` observation files and a config whose cases name them by relative
+    paths (relative to the config file, which lives in ``root/config``)."""
+    import jax.numpy as jnp
+
+    from assimilation import Observations
+    from assimilation.io import observations_to_dataset
+
+    (root / "config" / "data").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        obs = Observations(
+            times=jnp.asarray([0.1, 0.2]),
+            values=jnp.full((2, 3), 0.05 * (i + 1)),
+            positions=jnp.asarray([0.2, 0.5, 0.8]),
+            sigma=0.05,
+        )
+        ds = observations_to_dataset(
+            obs,
+            units="degC",
+            length_units="m",
+            time_units="s",
+            reference="2000-01-01T00:00:00",
+        )
+        dio.write_netcdf(ds, root / "config" / "data" / f"obs-{i}.nc")
+    cases = ",\n".join(
+        f'{{ name = "obs-{i}", set = {{ "observations.path" = "data/obs-{i}.nc" }} }}'
+        for i in range(n)
+    )
+    path = root / "config" / "batch.toml"
+    path.write_text(OBS_CASES_TOML.format(cases=cases, iterations=iterations))
+    return path
+
+
+def test_cli_batch_worker_processes_repeatedly(tmp_path, capsys, monkeypatch):
+    """`dphys batch --workers 2` (processes) over netCDF cases, repeatedly: all run,
+    all skipped, the changed one rerun; run from another folder (paths in `set`
+    are relative to the config file)."""
+    pytest.importorskip("dask.distributed")
+    config = write_obs_cases(tmp_path, 3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    runs = tmp_path / "config" / "runs"
+
+    assert main(["batch", str(config), "--workers", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "3 done, 0 skipped" in out, out + err
+    assert out.splitlines()[1].split()[:3] == ["case", "status", "seconds"]
+    assert "chi2_analysis" in out.splitlines()[1]
+    for i in range(3):
+        ds = dio.read_netcdf(runs / f"obs-{i}.nc")
+        # each case read its own file: degC observations converted to K
+        np.testing.assert_allclose(ds["obs"].values, 273.15 + 0.05 * (i + 1))
+        assert ds.attrs["dphys_case"] == f"obs-{i}"
+        assert int(ds["case"]) == i
+
+    assert main(["batch", str(config), "--workers", "2"]) == 0
+    assert "0 done, 3 skipped" in capsys.readouterr().out
+
+    # a changed input file recomputes its case only
+    data = tmp_path / "config" / "data" / "obs-2.nc"
+    ds = dio.read_netcdf(data)
+    dio.write_netcdf(ds.assign(u=ds["u"] + 0.01), data)
+    assert main(["batch", str(config), "--workers", "2"]) == 0
+    assert "1 done, 2 skipped" in capsys.readouterr().out
+    # a batch's outputs open as one dataset along `case`, scores included
+    merged = xr.open_mfdataset(
+        sorted(runs.glob("obs-*.nc")), combine="nested", concat_dim="case"
+    )
+    try:
+        assert merged["chi2_analysis"].dims == ("case",)
+        np.testing.assert_array_equal(merged["case"].values, [0, 1, 2])
+        np.testing.assert_allclose(merged["obs"].values[2], 273.15 + 0.16)
+    finally:
+        merged.close()
+
+
+def test_changed_configuration_recomputes_every_case(tmp_path, capsys):
+    config = write_obs_cases(tmp_path, 2)
+    assert main(["batch", str(config)]) == 0
+    assert "2 done, 0 skipped" in capsys.readouterr().out
+    text = config.read_text()
+    config.write_text(text.replace("value = 273.15", "value = 273.0"))
+    assert main(["batch", str(config)]) == 0
+    assert "2 done, 0 skipped" in capsys.readouterr().out
+    ds = dio.read_netcdf(tmp_path / "config" / "runs" / "obs-0.nc")
+    np.testing.assert_allclose(ds["background"].values, 273.0)
+
+
+def test_resume_after_sigkill(tmp_path):
+    """A batch killed with SIGKILL resumes: finished cases are not recomputed and no
+    temporary file is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = write_obs_cases(tmp_path, 5, iterations=3)
+    runs = tmp_path / "config" / "runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "assimilation.cli", "batch", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if runs.is_dir() and any(runs.glob("obs-*.nc")):
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = sorted(p.stem for p in runs.glob("obs-*.nc"))
+    assert 1 <= len(finished) < 5, finished
+    stamps = {n: (runs / f"{n}.nc").stat().st_mtime_ns for n in finished}
+    # a kill during a write leaves a temporary like this one
+    (runs / ".obs-4.nc.abcd1234.tmp").write_bytes(b"CDF\x01partial")
+
+    from assimilation.cli import main as cli_main
+
+    assert cli_main(["batch", str(config)]) == 0
+    report = json.loads((runs / "manifest.json").read_text())["cases"]
+    assert all(v["status"] == "done" for v in report.values())
+    redone = sorted(p.stem for p in runs.glob("obs-*.nc"))
+    assert redone == [f"obs-{i}" for i in range(5)]
+    # the finished cases were skipped (their files untouched), the others run
+    assert {n: (runs / f"{n}.nc").stat().st_mtime_ns for n in finished} == stamps
+    assert not [p.name for p in runs.iterdir() if p.name.endswith(".tmp")]
+
+
+CONCURRENT_READS = """
+import sys, threading
+import numpy as np, xarray as xr
+import dphys.io as dio
+d = sys.argv[1]
+paths = []
+for i in range(4):
+    ds = xr.Dataset({"u": (("time", "y", "x"), np.random.rand(10, 30, 30))},
+                    coords={"time": np.arange(10.0)})
+    paths.append(dio.write_netcdf(ds, f"{d}/f{i}.nc"))
+def work(i):
+    for k in range(25):
+        ds = dio.read_netcdf(paths[(i + k) % 4])
+        assert ds["u"].shape == (10, 30, 30)
+        if k % 5 == 0:
+            dio.write_netcdf(ds, f"{d}/out{i}.nc")
+threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("ok")
+"""
+
+
+def test_concurrent_netcdf_reads_in_threads_do_not_crash(tmp_path):
+    """Eight threads reading and writing netCDF files through dphys.io at once.
+
+    Without the lock around every netCDF access this crashed the interpreter
+    (segmentation fault in netCDF4/HDF5) in most runs; each run is a fresh process.
+    """
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "reads.py"
+    script.write_text(CONCURRENT_READS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_cycled_windows(tmp_path, capsys):
+    """`cycle = true`: each window's background is the previous window's analysis
+    at its end; windows are half-open, so every observation is used once."""
+    import jax.numpy as jnp
+
+    from assimilation import Observations
+    from assimilation.io import observations_to_dataset
+
+    times = jnp.asarray([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    obs = Observations(
+        times=times,
+        values=jnp.full((6, 3), 0.1),
+        positions=jnp.asarray([0.2, 0.5, 0.8]),
+        sigma=0.05,
+    )
+    (tmp_path / "config" / "data").mkdir(parents=True)
+    dio.write_netcdf(
+        observations_to_dataset(
+            obs,
+            units="degC",
+            length_units="m",
+            time_units="s",
+            reference="2000-01-01T00:00:00",
+        ),
+        tmp_path / "config" / "data" / "obs.nc",
+    )
+    text = OBS_CASES_TOML.format(cases="", iterations=2)
+    text = text.replace('path = "data/obs-0.nc"', 'path = "data/obs.nc"')
+    text = text.replace(
+        "cases = [\n\n]", "n_windows = 3\nwindow_length = 0.2\ncycle = true"
+    )
+    config = tmp_path / "config" / "batch.toml"
+    config.write_text(text)
+    assert main(["batch", str(config), "--workers", "2"]) == 0
+    assert "3 done" in capsys.readouterr().out
+    runs = tmp_path / "config" / "runs"
+    outs = [dio.read_netcdf(runs / f"window-{k:03d}.nc") for k in range(3)]
+    for prev, nxt in zip(outs[:-1], outs[1:], strict=True):
+        np.testing.assert_allclose(nxt["background"].values, prev["analysis_final"])
+    # each observation once: 0.1, 0.2 | 0.3, 0.4 | 0.5, 0.6 (window ends included)
+    assert [ds.sizes["time"] for ds in outs] == [2, 2, 2]
+    assert main(["batch", str(config)]) == 0
+    assert "0 done, 3 skipped" in capsys.readouterr().out

@@ -39,10 +39,12 @@ def assert_one_line_error(code, err, match):
 # -- the demo ------------------------------------------------------------------------
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out_dir = tmp_path / "demo"
-    code, out, err = run_cli(capsys, "demo", "--quick", "--out", str(out_dir))
+    code, out, err = run_cli(capsys, "-v", "demo", "--quick", "--out", str(out_dir))
     assert code == 0, err
-    # progress on stderr, one line per iteration; summary on stdout
+    # progress on stderr: a bar, a line per phase and (-v) per iteration; summary on
+    # stdout
     assert "iteration   0/" in err and "iteration   1/" in err
+    assert "4D-Var" in err and "posterior (Laplace)" in err and "posterior done" in err
     assert "truth within ±2σ" in out and "initial-state RMSE" in out
     nc, png = out_dir / "analysis.nc", out_dir / "demo.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -50,7 +52,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     try:
         assert ds.attrs["Conventions"] == "CF-1.8"
         assert ds.attrs["history"].endswith(
-            f"dphys demo --quick --out {out_dir} (dphys {dphys.__version__})"
+            f"dphys -v demo --quick --out {out_dir} (dphys {dphys.__version__})"
         )
         assert '"twin"' in ds.attrs["dphys_config"]
         assert np.issubdtype(ds["time"].dtype, np.datetime64)
@@ -77,8 +79,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         # and much nearer than the background
         assert abs(kappa - truth) <= 2 * std
         assert abs(kappa - truth) < 0.25 * abs(1e-3 - truth)
-        rmse_b = ds.attrs["rmse_initial_background"]
-        rmse_a = ds.attrs["rmse_initial_analysis"]
+        rmse_b = float(ds["rmse_initial_background"])
+        rmse_a = float(ds["rmse_initial_analysis"])
         assert rmse_a < 0.5 * rmse_b
         # residuals shrink: the analysis fits the observations better
         oma = np.nanstd(ds["obs_minus_analysis"].values)
@@ -416,3 +418,59 @@ def test_run_failure_inside_jit_is_one_line(tmp_path, capsys, monkeypatch):
         "reached. Try increasing `max_steps`."
     ]
     assert not list(tmp_path.iterdir())
+
+
+def test_plot_analysis_returns_a_labelled_figure(tmp_path):
+    from matplotlib.figure import Figure
+
+    from assimilation.runs import plot_analysis, run
+
+    cfg = demo_config(quick=True, out=str(tmp_path))
+    cfg["model"]["grid"]["shape"] = [16]
+    cfg["time"]["n_steps"] = 10
+    cfg["twin"]["n_sensors"] = 4
+    cfg["solver"] = {"method": "lbfgs", "max_iterations": 1, "uncertainty": False}
+    out = run(validate_config(cfg))
+    fig = plot_analysis(
+        out.analysis,
+        out.setup.grid,
+        out.obs,
+        truth=out.truth,
+        units="K",
+        length_units="m",
+    )
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "x [m]" and ax.get_ylabel() == "state [K]"
+    assert not list(tmp_path.glob("*.png"))  # no path: nothing written
+    plot_analysis(out.analysis, out.setup.grid, out.obs, tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_assimilate_warns_in_float32():
+    """Single precision is a silent accuracy trap: assimilate says so."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, jax.numpy as jnp, dphys, pdes, assimilation as da\n"
+        "grid = dphys.Grid(8, lengths=1.0, boundary='periodic')\n"
+        "obs = da.Observations(times=[0.5], values=[[0.0]], positions=[0.5], "
+        "sigma=0.1)\n"
+        "cost = da.FourDVar(pdes.Heat(grid, 0.01), dphys.CrankNicolson(), "
+        "jnp.zeros(8), obs, da.Control(initial_state=da.InitialState("
+        "da.Diagonal(1.0, shape=(8,)))), dt=0.25, n_steps=2)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    da.assimilate(cost, da.LBFGS(max_iterations=0), uncertainty=False)\n"
+        "print([str(x.message) for x in w if 'single precision' in str(x.message)])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_ENABLE_X64": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "running in single precision (float32)" in proc.stdout

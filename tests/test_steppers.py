@@ -347,13 +347,16 @@ def test_fft_structure_factored_once_per_run(stepper, theta):
     model, dt = MODELS["linear-reaction"], 0.01
     ss = stepper.init(model, 0.0, dt, U0)
     const, var = stepper.split_state(ss)
-    assert isinstance(const, dphys.FactoredSymbol)
+    assert isinstance(const, dphys.LinearSolveState)
+    assert isinstance(const.solver, dphys.FFT)  # Auto, resolved once in init
+    factored = const.structure
+    assert isinstance(factored, dphys.FactoredSymbol)
     symbol = dphys.probe_symbol(model, 0.0, U0)
-    np.testing.assert_allclose(const.symbol, symbol)
-    np.testing.assert_allclose(const.inverse, 1.0 / (1.0 - theta * dt * symbol))
+    np.testing.assert_allclose(factored.symbol, symbol)
+    np.testing.assert_allclose(factored.inverse, 1.0 / (1.0 - theta * dt * symbol))
     joined = stepper.join_state(const, var)
     assert jax.tree.structure(joined) == jax.tree.structure(ss)
-    raw = stepper.join_state(symbol, var)
+    raw = stepper.join_state(dphys.LinearSolveState(const.solver, symbol), var)
     a = stepper.step(model, 0.0, dt, U0, ss)[0]
     b = stepper.step(model, 0.0, dt, U0, raw)[0]
     np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
@@ -363,7 +366,9 @@ def test_bdf2_keeps_the_raw_symbol_as_its_constant_part():
     # BDF2's gamma changes after the first step, so it must not factor.
     model = MODELS["linear-reaction"]
     const, var = dphys.BDF2().split_state(dphys.BDF2().init(model, 0.0, 0.01, U0))
-    np.testing.assert_allclose(const, dphys.probe_symbol(model, 0.0, U0))
+    assert isinstance(const, dphys.LinearSolveState)
+    assert isinstance(const.solver, dphys.FFT)
+    np.testing.assert_allclose(const.structure, dphys.probe_symbol(model, 0.0, U0))
     assert len(var) == 3
 
 
@@ -409,3 +414,96 @@ def test_factored_fft_step_equals_krylov_step_with_forcing_and_explicit_part(mak
     np.testing.assert_allclose(
         grad(dphys.FFT()), grad(dphys.Krylov(method="gmres", rtol=1e-14)), rtol=1e-9
     )
+
+
+# ----------------------------------------------------- static structure, resolved once
+
+
+class _CountingPrefers(dphys.AbstractModel):
+    """Heat on walls that counts how often Auto asks for its preferred solver (the
+    step of Auto's resolution that reaches the model) and refuses to have its
+    explicit part evaluated outside a step."""
+
+    grid: dphys.Grid
+    kappa: jax.Array
+    calls: list = eqx.field(static=True)
+
+    def linear(self, t, state):
+        return laplacian(state, self.grid, self.kappa)
+
+    def preferred_solver(self, like):
+        self.calls.append("resolve")
+        return None
+
+    @property
+    def symmetric(self):
+        return True
+
+
+def test_auto_is_resolved_once_per_run():
+    """simulate resolves Auto once and carries the concrete solver in the stepper
+    state (before: 4 to 8 resolutions per call, from 7 places)."""
+    grid = dphys.Grid(12, boundary="neumann")
+    calls = []
+    model = _CountingPrefers(grid, jnp.asarray(0.05), calls)
+    u0 = jnp.asarray(np.cos(np.pi * grid.axis_coords(0)))
+    for stepper in (dphys.CrankNicolson(), dphys.BDF2(), dphys.IMEX()):
+        calls.clear()
+        traj = dphys.simulate(model, stepper, u0, dt=0.01, n_steps=3)
+        assert calls == ["resolve"], type(stepper).__name__
+        assert bool(jnp.all(jnp.isfinite(traj.final)))
+    ss = dphys.CrankNicolson().init(model, 0.0, 0.01, u0)
+    assert isinstance(ss.solver, dphys.Tridiagonal)
+
+
+class _NoEval(Reaction):
+    """A model whose explicit part raises when evaluated: structure decisions must
+    come from the static hints."""
+
+    def explicit(self, t, state):
+        raise AssertionError("explicit() evaluated to decide structure")
+
+
+def test_can_propagate_reads_static_hints_without_evaluating_the_model():
+    model = _NoEval(GRID, jnp.asarray(0.05), jnp.asarray(1.0))
+    assert model.has_explicit  # overrides explicit
+    assert not dphys.CrankNicolson().can_propagate(model, U0)
+    heat = pdes.Heat(GRID, 0.05)
+    assert not heat.has_explicit and not heat.has_forcing
+    assert dphys.CrankNicolson().can_propagate(heat, U0)
+    sourced = pdes.Heat(GRID, 0.05, source=1.0)
+    assert sourced.has_forcing
+    assert not dphys.CrankNicolson().can_propagate(sourced, U0)
+
+
+def test_structure_hints_of_the_models_and_the_wrapper():
+    sw_grid = dphys.Grid((8, 8), lengths=8e4, boundary="periodic")
+    linear = pdes.ShallowWater(sw_grid, 100.0)
+    assert not linear.has_explicit and not linear.has_forcing
+    assert pdes.ShallowWater(sw_grid, 100.0, quadratic_drag=1e-3).has_explicit
+    windy = pdes.ShallowWater(sw_grid, 100.0, wind=(1e-4, 0.0))
+    assert windy.has_forcing and not windy.has_explicit
+    nonlinear = pdes.ShallowWater(sw_grid, 100.0, wind=(1e-4, 0.0), nonlinear=True)
+    assert nonlinear.has_explicit and not nonlinear.has_forcing
+    adv = pdes.Advection(dphys.Grid(16), velocity=1.0)
+    assert not adv.has_explicit and not adv.has_forcing
+    heat = pdes.Heat(GRID, 0.05)
+    zeros = jnp.zeros(GRID.shape)
+    assert dphys.Augmented(heat, forcing=zeros).has_forcing
+    assert not dphys.Augmented(heat, forcing=zeros).has_explicit
+    assert dphys.Augmented(heat, explicit=lambda t, u: u).has_explicit
+    assert not dphys.Augmented(heat, explicit=lambda t, u: u).has_forcing
+    reaction = MODELS["linear-reaction"]
+    assert dphys.Augmented(reaction, forcing=zeros).has_explicit
+
+
+class _Lying(Reaction):
+    @property
+    def has_explicit(self):
+        return False
+
+
+def test_a_hint_that_hides_a_term_is_refused():
+    model = _Lying(GRID, jnp.asarray(0.05), jnp.asarray(1.0))
+    with pytest.raises(ValueError, match="`_Lying.has_explicit` is False but"):
+        dphys.simulate(model, dphys.CrankNicolson(), U0, dt=0.01, n_steps=2)

@@ -308,7 +308,10 @@ def test_bad_saveat(kwargs, error, fragments):
 
 def test_saveat_steps_accept_integer_arrays_and_scalars():
     assert dphys.SaveAt(steps=np.arange(1, 4)).steps == (1, 2, 3)
-    assert dphys.SaveAt(steps=3).steps == (3,)
+    assert dphys.SaveAt(steps=[3]).steps == (3,)
+    # a bare integer is ambiguous (diffrax users read it as "every 3rd step")
+    with raises(TypeError, "bare integer", "`steps=[3]`", "`every=3`"):
+        dphys.SaveAt(steps=3)
     assert dphys.SaveAt(steps=[]).steps == ()
     traj = simulate(saveat=dphys.SaveAt(t1=False, steps=np.asarray([1, 3])))
     np.testing.assert_allclose(traj.ts, [0.01, 0.03])

@@ -19,7 +19,7 @@ from ._errors import (
     TimeAxisError,
     UnitsError,
 )
-from ._units import _UNITS, _canonical, convert_units
+from ._units import convert_units, time_unit_seconds
 
 
 logger = logging.getLogger(__name__)
@@ -88,14 +88,14 @@ def model_times(
     )
 
     def model_seconds():
-        unit = _canonical(time_units or "1")
-        if unit not in _UNITS or _UNITS[unit][0] != "time":
+        seconds = time_unit_seconds(time_units)
+        if seconds is None:
             raise UnitsError(
                 f"`{name}` holds dates but the model's `time_units` is "
                 f"{time_units!r}, not a time unit; set `time_units` (e.g. 's', 'h', "
                 "'days') so dates can be converted to model time."
             )
-        return _UNITS[unit][1]
+        return seconds
 
     if np.issubdtype(values.dtype, np.datetime64):
         if reference is None:
@@ -124,26 +124,33 @@ def model_times(
         )
         out = np.asarray(seconds, dtype=np.float64) / model_seconds()
     elif units is not None and _SINCE.match(str(units)):
+        # Any CF "<unit> since <date>" (microseconds to days, any calendar) is
+        # decoded by cftime itself, then counted in seconds from the reference.
         unit_word, since = _SINCE.match(str(units)).groups()
-        try:
-            unit_seconds = _UNITS[_canonical(unit_word)][1]
-            if _UNITS[_canonical(unit_word)][0] != "time":
-                raise KeyError(unit_word)
-        except KeyError:
+        if time_unit_seconds(unit_word) is None:
             raise UnitsError(
-                f"`{name}` has units {units!r}; its time unit {unit_word!r} is not one "
-                "of seconds, minutes, hours, days."
-            ) from None
+                f"`{name}` has units {units!r}; {unit_word!r} is not a unit of time "
+                "(e.g. milliseconds, seconds, minutes, hours, days)."
+            )
         ref = _reference_date(since if reference is None else reference, calendar)
         try:
-            ref_num = cftime.date2num(ref, str(units), calendar=calendar)
-        except ValueError as err:
+            dates = cftime.num2date(
+                np.asarray(values, dtype=np.float64),
+                str(units),
+                calendar=calendar,
+                only_use_cftime_datetimes=True,
+            )
+            seconds = cftime.date2num(
+                dates,
+                f"seconds since {ref.isoformat().replace('T', ' ')}",
+                calendar=calendar,
+            )
+        except (ValueError, TypeError) as err:
             raise TimeAxisError(
-                f"`{name}`: cannot decode units {units!r}: {err}"
+                f"`{name}`: cannot decode units {units!r} in the {calendar!r} "
+                f"calendar: {err}"
             ) from err
-        out = (np.asarray(values, dtype=np.float64) - float(ref_num)) * (
-            unit_seconds / model_seconds()
-        )
+        out = np.asarray(seconds, dtype=np.float64) / model_seconds()
     else:
         if units is None:
             logger.warning(
@@ -177,9 +184,13 @@ def _check_time_axis(t: np.ndarray, name: str) -> None:
     )
 
 
-def _apply_window(t: np.ndarray, window, outside: str, name: str):
+def _apply_window(t: np.ndarray, window, outside: str, name: str, closed="both"):
     """``(keep, t)``: a mask of the times to keep and the times, with those within
-    round-off of an edge snapped onto it; raise or log for times outside."""
+    round-off of an edge snapped onto it; raise or log for times outside.
+
+    ``closed="both"``: the window is $[t_0, t_1]$; ``"right"``: $(t_0, t_1]$, so that
+    consecutive windows share no observation (a time on $t_0$ belongs to the
+    window before)."""
     if outside not in ("error", "drop"):
         raise ValueError(f"`outside` must be 'error' or 'drop', got {outside!r}.")
     if window is None:
@@ -192,6 +203,7 @@ def _apply_window(t: np.ndarray, window, outside: str, name: str):
         fix="select the window's data first (`ds.sel(time=slice(...))`), widen the "
         "window, or drop them with `outside='drop'`",
         error=TimeAxisError,
+        closed=closed,
     )
     if n_snapped:
         logger.info("snapped %d time(s) of `%s` onto the window edges", n_snapped, name)

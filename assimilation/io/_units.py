@@ -1,8 +1,18 @@
-"""Units: known exact conversions (temperature, length, time), nothing guessed."""
+"""Units: conversions by pint, from CF/UDUNITS strings; nothing guessed.
+
+CF ``units`` attributes are UDUNITS strings (``"m s-1"``, ``"kg m-3"``, ``"degC"``,
+``"days"``). They are rewritten into pint's syntax (``"m s-1"`` -> ``"m * s**-1"``)
+and converted by a :class:`pint.UnitRegistry`: every conversion pint knows between
+units of the same dimension works (``g m-3`` to ``kg m-3``, ``km h-1`` to
+``m s-1``, ``degF`` to ``K``); units of different dimensions, or unknown ones, are
+refused with a :class:`UnitsError`.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 
 import xarray as xr
 
@@ -14,26 +24,11 @@ from ._errors import (
 logger = logging.getLogger(__name__)
 
 
-# with bases K, m, s. Only exact, unambiguous conversions are listed; anything else
-# is refused rather than guessed.
-_UNITS: dict[str, tuple[str, float, float]] = {
-    "K": ("temperature", 1.0, 0.0),
-    "degC": ("temperature", 1.0, 273.15),
-    "m": ("length", 1.0, 0.0),
-    "km": ("length", 1e3, 0.0),
-    "cm": ("length", 1e-2, 0.0),
-    "mm": ("length", 1e-3, 0.0),
-    "s": ("time", 1.0, 0.0),
-    "min": ("time", 60.0, 0.0),
-    "h": ("time", 3600.0, 0.0),
-    "d": ("time", 86400.0, 0.0),
-    "1": ("dimensionless", 1.0, 0.0),
-}
+# CF spellings pint does not read as such; everything else goes to pint as written.
 _ALIASES: dict[str, str] = {
-    **{a: "K" for a in ("k", "kelvin", "kelvins", "degk", "deg_k")},
-    **{
-        a: "degC"
-        for a in (
+    **dict.fromkeys(("1", "", "-", "dimensionless", "none"), "dimensionless"),
+    **dict.fromkeys(
+        (
             "degc",
             "deg_c",
             "celsius",
@@ -43,48 +38,106 @@ _ALIASES: dict[str, str] = {
             "degrees_celsius",
             "degree_c",
             "degrees_c",
-        )
-    },
-    **{a: "m" for a in ("m", "meter", "meters", "metre", "metres")},
-    **{a: "km" for a in ("km", "kilometer", "kilometers", "kilometre", "kilometres")},
-    **{a: "cm" for a in ("cm", "centimeter", "centimeters", "centimetre")},
-    **{a: "mm" for a in ("mm", "millimeter", "millimeters", "millimetre")},
-    **{a: "s" for a in ("s", "sec", "secs", "second", "seconds")},
-    **{a: "min" for a in ("min", "mins", "minute", "minutes")},
-    **{a: "h" for a in ("h", "hr", "hrs", "hour", "hours")},
-    **{a: "d" for a in ("d", "day", "days")},
-    **{a: "1" for a in ("1", "", "-", "dimensionless")},
+        ),
+        "degC",
+    ),
+    **dict.fromkeys(("k", "kelvins", "degk", "deg_k"), "kelvin"),
+    **dict.fromkeys(
+        ("degrees_north", "degree_north", "degrees_n", "degree_n", "degreesn"),
+        "degree",
+    ),
+    **dict.fromkeys(
+        ("degrees_east", "degree_east", "degrees_e", "degree_e", "degreese"), "degree"
+    ),
+    **dict.fromkeys(("hrs",), "hour"),
+    **dict.fromkeys(("secs",), "second"),
+    **dict.fromkeys(("mins",), "minute"),
 }
 
+# UDUNITS writes powers as trailing integers ("m2 s-1") and products with spaces or
+# dots; pint wants "**" and "*".
+_POWER = re.compile(r"^([A-Za-z_°]+)\^?(-?\d+)$")
+_PRODUCT = re.compile(r"\s+|(?<=[A-Za-z\d])\.(?=[A-Za-z])")
 
-def _canonical(units: str) -> str:
-    key = str(units).strip()
-    return _ALIASES.get(key.lower(), key)
+
+@functools.lru_cache(maxsize=1)
+def _registry():
+    import pint
+
+    ureg = pint.UnitRegistry(autoconvert_offset_to_baseunit=True)
+    # CF's "day" is exactly 86400 s, as in pint; "d" is pint's day too
+    return ureg
 
 
+def _pint_text(units: str) -> str:
+    text = str(units).strip()
+    alias = _ALIASES.get(text.lower())
+    if alias is not None:
+        return alias
+    parts = [p for p in _PRODUCT.split(text) if p]
+    parts = [_ALIASES.get(p.lower(), _POWER.sub(r"\1**\2", p)) for p in parts]
+    return " * ".join(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(units: str):
+    """The pint unit of a CF units string, or None if pint does not know it."""
+    import pint
+
+    try:
+        return _registry().Unit(_pint_text(units))
+    except (pint.errors.PintError, AttributeError, TypeError, ValueError, SyntaxError):
+        return None
+
+
+def _same(a: str, b: str) -> bool:
+    return str(a).strip() == str(b).strip() or (
+        _pint_text(a) == _pint_text(b) and _parse(a) is not None
+    )
+
+
+@functools.lru_cache(maxsize=256)
 def unit_conversion(from_units: str, to_units: str, *, variable: str = "data"):
     """``(scale, offset)`` with ``value_to = value_from * scale + offset``.
 
-    Known units: K and degC; m, km, cm, mm; s, min, h, day (with the usual aliases,
-    e.g. ``"hours"``, ``"celsius"``, ``"metres"``); ``"1"`` (dimensionless). Identical
-    strings always match.
+    Any two units of the same dimension that pint knows, written as in CF/UDUNITS
+    (``"m s-1"``, ``"kg m-3"``, ``"degC"``, ``"hours"``, ``"1"``). Identical strings
+    always match, known or not.
 
     Raises:
         UnitsError: the units are of different quantities or unknown.
     """
-    a, b = _canonical(from_units), _canonical(to_units)
-    if a == b:
+    if _same(from_units, to_units):
         return 1.0, 0.0
-    if a in _UNITS and b in _UNITS and _UNITS[a][0] == _UNITS[b][0]:
-        _, sa, oa = _UNITS[a]
-        _, sb, ob = _UNITS[b]
-        return sa / sb, (oa - ob) / sb
+    a, b = _parse(from_units), _parse(to_units)
+    if a is not None and b is not None and a.dimensionality == b.dimensionality:
+        q = _registry().Quantity
+        zero = float(q(0.0, a).to(b).magnitude)
+        one = float(q(1.0, a).to(b).magnitude)
+        return one - zero, zero
+    unknown = [u for u, p in ((from_units, a), (to_units, b)) if p is None]
+    why = (
+        f" ({' and '.join(repr(u) for u in unknown)} not a unit pint knows)"
+        if unknown
+        else f" ({a.dimensionality} vs {b.dimensionality})"
+    )
     raise UnitsError(
         f"`{variable}` has units {from_units!r} but the model uses {to_units!r} and "
-        "there is no known conversion between them. Convert the data to "
+        f"there is no known conversion between them{why}. Convert the data to "
         f"{to_units!r} (and set its `units` attribute), or set the model's units to "
         f"{from_units!r}."
     )
+
+
+def time_unit_seconds(units: str | None) -> float | None:
+    """Seconds in one ``units`` if it is a unit of time (``"ms"``, ``"hours"``,
+    ``"days"``, ...), else None."""
+    if units is None:
+        return None
+    u = _parse(units)
+    if u is None or u.dimensionality != _registry().second.dimensionality:
+        return None
+    return float(_registry().Quantity(1.0, u).to("second").magnitude)
 
 
 def convert_units(

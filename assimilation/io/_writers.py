@@ -21,7 +21,7 @@ from ._errors import (
 )
 from ._names import ITERATION_DIM, PARAMETER_DIM, SIGMA_NAME, STATION_DIM
 from ._time import _reference_date
-from ._units import _UNITS, _canonical
+from ._units import time_unit_seconds
 
 
 logger = logging.getLogger(__name__)
@@ -47,22 +47,19 @@ def observations_to_dataset(
     ndim = int(np.shape(obs.positions)[1])
     pos = np.asarray(obs.positions)
     t = np.asarray(obs.times, dtype=np.float64)
-    time_attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
+    time_attrs: dict[str, Any] = {}
     if reference is not None:
-        if (
-            time_units is None
-            or _canonical(time_units) not in _UNITS
-            or _UNITS[_canonical(time_units)][0] != "time"
-        ):
+        word = _time_word(time_units)
+        if word is None:
             raise UnitsError(
                 f"`time_units` must be a time unit to write dates, got {time_units!r}."
             )
-        word = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days"}[
-            _canonical(time_units)
-        ]
         ref = _reference_date(reference, calendar)
         time_attrs.update(
-            units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
+            units=f"{word} since {ref.isoformat().replace('T', ' ')}",
+            calendar=calendar,
+            standard_name="time",
+            axis="T",
         )
     else:
         time_attrs.update(units=time_units or "1", long_name="model time")
@@ -77,7 +74,11 @@ def observations_to_dataset(
         STATION_DIM: xr.DataArray(
             np.arange(pos.shape[0]),
             dims=(STATION_DIM,),
-            attrs={"long_name": "sensor index"},
+            attrs={
+                "long_name": "sensor index",
+                "units": "1",
+                "cf_role": "timeseries_id",
+            },
         ),
     }
     for axis, name in enumerate(spatial_dims(ndim)):
@@ -100,7 +101,9 @@ def observations_to_dataset(
         ),
     }
     return xr.Dataset(
-        data, coords=coords, attrs={"Conventions": "CF-1.8", **(attrs or {})}
+        data,
+        coords=coords,
+        attrs={"Conventions": "CF-1.8", "featureType": "timeSeries", **(attrs or {})},
     )
 
 
@@ -119,14 +122,32 @@ def _state_vars(prefix, state, grid, units, long_name):
     return out
 
 
+_TIME_WORDS = {
+    1e-6: "microseconds",
+    1e-3: "milliseconds",
+    1.0: "seconds",
+    60.0: "minutes",
+    3600.0: "hours",
+    86400.0: "days",
+}
+
+
+def _time_word(time_units) -> str | None:
+    """The CF word of a time unit (``"h"`` -> ``"hours"``), None if not one."""
+    seconds = time_unit_seconds(time_units)
+    return None if seconds is None else _TIME_WORDS.get(seconds)
+
+
 def _time_coordinate(times, time_units, reference, calendar):
-    attrs: dict[str, Any] = {"standard_name": "time", "axis": "T"}
-    unit = _canonical(time_units) if time_units else None
-    if reference is not None and unit in ("s", "min", "h", "d"):
-        word = {"s": "seconds", "min": "minutes", "h": "hours", "d": "days"}[unit]
+    attrs: dict[str, Any] = {}
+    word = _time_word(time_units) if time_units else None
+    if reference is not None and word is not None:
         ref = _reference_date(reference, calendar)
         attrs.update(
-            units=f"{word} since {ref.isoformat().replace('T', ' ')}", calendar=calendar
+            units=f"{word} since {ref.isoformat().replace('T', ' ')}",
+            calendar=calendar,
+            standard_name="time",
+            axis="T",
         )
     else:
         attrs.update(units=time_units or "1", long_name="model time")
@@ -289,7 +310,8 @@ def analysis_to_dataset(
                 dims=param_dims(su),
                 attrs={
                     "long_name": f"posterior standard deviation of the "
-                    f"transformed (unconstrained) {name}"
+                    f"transformed (unconstrained) {name}",
+                    "units": "1",
                 },
             )
         if truth is not None and name in truth.get("parameters", {}):
@@ -304,12 +326,30 @@ def analysis_to_dataset(
             attrs={"long_name": f"{name} at each iteration", **pu},
         )
     if analysis.parameter_correlation is not None and analysis.parameter_labels:
+        # CF coordinate variables are numeric: the entries are indexed, and their
+        # labels are auxiliary (character) coordinates.
+        labels = np.asarray(analysis.parameter_labels, dtype=str)
+        index = np.arange(labels.size, dtype=np.int32)
+        p2 = PARAMETER_DIM + "2"
         data["parameter_correlation"] = xr.DataArray(
             np.asarray(analysis.parameter_correlation),
-            dims=(PARAMETER_DIM, PARAMETER_DIM + "2"),
+            dims=(PARAMETER_DIM, p2),
             coords={
-                PARAMETER_DIM: list(analysis.parameter_labels),
-                PARAMETER_DIM + "2": list(analysis.parameter_labels),
+                PARAMETER_DIM: (
+                    PARAMETER_DIM,
+                    index,
+                    {"long_name": "index of a scalar parameter entry", "units": "1"},
+                ),
+                p2: (
+                    p2,
+                    index,
+                    {"long_name": "index of a scalar parameter entry", "units": "1"},
+                ),
+                "parameter_label": (
+                    PARAMETER_DIM,
+                    labels,
+                    {"long_name": "name of the parameter entry"},
+                ),
             },
             attrs={
                 "long_name": "posterior correlation between parameter entries",
@@ -347,7 +387,11 @@ def analysis_to_dataset(
         STATION_DIM: xr.DataArray(
             np.arange(pos.shape[0]),
             dims=(STATION_DIM,),
-            attrs={"long_name": "sensor index"},
+            attrs={
+                "long_name": "sensor index",
+                "units": "1",
+                "cf_role": "timeseries_id",
+            },
         )
     }
     for axis, dim in enumerate(sdims):
@@ -356,7 +400,10 @@ def analysis_to_dataset(
             dims=(STATION_DIM,),
             attrs={"long_name": f"sensor {dim} position", "units": length_units or "1"},
         )
-    value_attrs = {"units": units} if units is not None else {}
+    obs_units = (
+        units.get(getattr(obs, "field", None)) if isinstance(units, Mapping) else units
+    )
+    value_attrs = {"units": obs_units} if obs_units is not None else {}
     for key, values, long_name in (
         ("obs", obs.values, "observed values (NaN: missing)"),
         (
@@ -388,11 +435,14 @@ def analysis_to_dataset(
         ITERATION_DIM: xr.DataArray(
             np.arange(hist.n_iterations + 1),
             dims=(ITERATION_DIM,),
-            attrs={"long_name": "iteration (0: start)"},
+            attrs={"long_name": "iteration (0: start)", "units": "1"},
         ),
     }
     gattrs: dict[str, Any] = {
         "Conventions": "CF-1.8",
+        # the observations and residuals are station time series (the gridded
+        # analysis fields share the file)
+        "featureType": "timeSeries",
         "title": "dphys 4D-Var analysis",
         **grid_attrs(grid),
         "method": analysis.method,
@@ -403,12 +453,48 @@ def analysis_to_dataset(
         "cost_analysis": float(analysis.cost_analysis),
         "message": analysis.message,
     }
+    # Scores are scalar variables (not global attributes): they survive
+    # `open_mfdataset` over a batch's outputs, one value per case.
+    score_names = []
+
+    def score(name, value, long_name, units="1"):
+        attrs_ = {"long_name": long_name}
+        if units is not None:
+            attrs_["units"] = units
+        data[name] = xr.DataArray(np.float64(value), attrs=attrs_)
+        score_names.append(name)
+
+    y = np.asarray(obs.values)
+    sig = np.asarray(obs.sigma)
+    for which, d in (
+        ("background", analysis.obs_minus_background),
+        ("analysis", analysis.obs_minus_analysis),
+    ):
+        z2 = (np.asarray(d) / sig) ** 2
+        valid = ~np.isnan(y)
+        score(
+            f"chi2_{which}",
+            float(np.mean(z2[valid])) if valid.any() else np.nan,
+            f"mean squared normalised innovation ((y - H x_{which[0]}) / sigma)^2 "
+            "(1 for a consistent R)",
+        )
+    state_units = units if isinstance(units, str) else None
     for key, value in (scores or {}).items():
         if isinstance(value, Mapping):
             for name, v in value.items():
-                gattrs[f"{key}_{name}"] = float(v)
+                if key == "error":
+                    pu = (parameter_units or {}).get(name)
+                    score(f"{name}_error", v, f"{name}: analysis minus truth", pu)
+                else:
+                    score(f"{key}_{name}", v, f"{key.replace('_', ' ')} of {name}")
         else:
-            gattrs[key] = float(value)
+            score(
+                key,
+                value,
+                key.replace("_", " ").replace("rmse", "RMSE vs truth,"),
+                state_units if key.startswith("rmse") else "1",
+            )
+    gattrs["dphys_scores"] = " ".join(score_names)
     if attrs:
         gattrs.update(attrs)
     return xr.Dataset(data, coords=coords, attrs=gattrs)

@@ -8,16 +8,85 @@ checks it).
 """
 
 # --- training machinery and window datasets (_train, _checkpoint, _memory, _windows)
+# --- end of training machinery and window datasets
+# --- structured priors and sparse recovery (proximal operators, ISTA/FISTA/ADMM/
+# --- Chambolle-Pock, AMP and state evolution, LISTA/ALISTA, plug-and-play) ---------
+from ._amp import (
+    AMP as AMP,
+    AMPResult as AMPResult,
+    AMPState as AMPState,
+    StateEvolution as StateEvolution,
+    amp as amp,
+    lasso_lambda as lasso_lambda,
+    optimal_alpha as optimal_alpha,
+    phase_transition as phase_transition,
+    soft_threshold_activity as soft_threshold_activity,
+    soft_threshold_mse as soft_threshold_mse,
+    state_evolution as state_evolution,
+    state_evolution_fixed_point as state_evolution_fixed_point,
+)
 from ._checkpoint import (
     config_hash as config_hash,
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
+)
+from ._lista import (
+    ALISTA as ALISTA,
+    LISTA as LISTA,
+    analytic_weight as analytic_weight,
+    fit_unrolled as fit_unrolled,
+    learned_leaves as learned_leaves,
+    support_schedule as support_schedule,
 )
 from ._memory import (
     MemoryBudgetError as MemoryBudgetError,
     check_memory_budget as check_memory_budget,
     memory_breakdown as memory_breakdown,
     predict_memory as predict_memory,
+)
+from ._physics import physics_operator as physics_operator
+from ._pnp import (
+    RED as RED,
+    DenoisingCNN as DenoisingCNN,
+    UnrolledHQS as UnrolledHQS,
+    train_denoiser as train_denoiser,
+    unrolled_hqs_leaves as unrolled_hqs_leaves,
+)
+from ._prox import (
+    L1 as L1,
+    L21 as L21,
+    TV as TV,
+    TV1D as TV1D,
+    AbstractPrior as AbstractPrior,
+    Box as Box,
+    ElasticNet as ElasticNet,
+    GroupL1 as GroupL1,
+    NonNegative as NonNegative,
+    NonNegativeL1 as NonNegativeL1,
+    PnP as PnP,
+    Select as Select,
+    Zero as Zero,
+    soft_threshold as soft_threshold,
+)
+from ._proximal_methods import (
+    ADMM as ADMM,
+    FISTA as FISTA,
+    HQS as HQS,
+    ISTA as ISTA,
+    RESULTS as RESULTS,
+    AbstractProximalMethod as AbstractProximalMethod,
+    AbstractSmooth as AbstractSmooth,
+    ChambollePock as ChambollePock,
+    CompositeCost as CompositeCost,
+    Continuation as Continuation,
+    History as History,
+    LeastSquares as LeastSquares,
+    ProximalState as ProximalState,
+    SmoothFunction as SmoothFunction,
+    Solution as Solution,
+    operator_norm_squared as operator_norm_squared,
+    solve as solve,
+    unroll as unroll,
 )
 from ._train import (
     FitResult as FitResult,
@@ -30,6 +99,15 @@ from ._train import (
     select_best as select_best,
     train_step as train_step,
 )
+from ._tv import (
+    TVSolution as TVSolution,
+    gradient as gradient,
+    gradient_transpose as gradient_transpose,
+    tv1d_prox as tv1d_prox,
+    tv_norm as tv_norm,
+    tv_prox as tv_prox,
+    tv_solve as tv_solve,
+)
 from ._windows import (
     Windows as Windows,
     heldout_split as heldout_split,
@@ -41,4 +119,6 @@ from ._windows import (
     split_dataset as split_dataset,
     with_obs as with_obs,
 )
-# --- end of training machinery and window datasets
+
+
+# --- end of structured priors and sparse recovery ----------------------------------

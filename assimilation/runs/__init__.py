@@ -26,6 +26,7 @@ from ._config import (
     validate_config as validate_config,
 )
 from ._plot import plot_analysis as plot_analysis
+from ._reference import config_reference as config_reference, init_config as init_config
 from ._run import (
     RunOutput as RunOutput,
     output_dataset as output_dataset,

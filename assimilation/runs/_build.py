@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from typing import Any
 
 import numpy as np
 
-from ._schema import STATE_FIELDS, ConfigError
+from ._schema import COMPONENTS, STATE_FIELDS, ConfigError, component_value
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -49,6 +54,74 @@ class RunOutput:
     seconds: float = 0.0
 
 
+def set_precision(precision: str) -> None:
+    """Run in ``precision`` (``"float64"``: switch on JAX's x64 mode, logged).
+
+    Configured runs are double precision by default (``[solver] precision``), in
+    every process that runs them (Dask workers included): posterior variances and
+    gradient tolerances need it. ``"float32"`` keeps JAX's default and warns when
+    x64 is already on (arrays are then float64 anyway).
+    """
+    import jax
+
+    on = bool(jax.config.jax_enable_x64)
+    if precision == "float64" and not on:
+        logger.info("switching on JAX's float64 mode ([solver] precision)")
+        jax.config.update("jax_enable_x64", True)
+    elif precision == "float32" and on:
+        warnings.warn(
+            "`solver.precision` is 'float32' but JAX's x64 mode is already on in "
+            "this process; the run uses float64.",
+            stacklevel=2,
+        )
+
+
+def state_units(model: dict):
+    """CF units of the state: a string (single-field) or ``{field: units}``.
+
+    Shallow water: ``eta`` in ``length_units`` and ``u``, ``v`` in
+    ``"<length_units> <time_units>-1"`` unless ``model.units`` says otherwise (a
+    string: the units of ``eta``; a table: per field).
+    """
+    units = model["units"]
+    fields = STATE_FIELDS[model["name"]]
+    if fields is None:
+        return units
+    length, t = model["length_units"], model["time_units"]
+    speed = f"{length} {t}-1" if length and t else None
+    out = {"eta": length, "u": speed, "v": speed}
+    if isinstance(units, str):
+        out["eta"] = units
+    elif isinstance(units, dict):
+        out.update(units)
+    out = {k: v for k, v in out.items() if v is not None}
+    return out or None
+
+
+def geometry(model: dict):
+    """The :class:`assimilation.io.TangentPlane` of ``model.grid.geographic_origin``
+    (or None)."""
+    origin = model["grid"].get("geographic_origin")
+    if origin is None:
+        return None
+    from ..io import TangentPlane
+
+    if not isinstance(origin, list) or len(origin) != 2:
+        raise ConfigError(
+            "`model.grid.geographic_origin` must be [lat0, lon0] in degrees, got "
+            f"{origin!r}."
+        )
+    try:
+        return TangentPlane(float(origin[0]), float(origin[1]))
+    except ValueError as err:
+        raise ConfigError(f"`model.grid.geographic_origin`: {err}") from err
+
+
+def _field_units(model: dict, field: str | None):
+    units = state_units(model)
+    return units.get(field) if isinstance(units, dict) else units
+
+
 def _grid(cfg):
     import dphys
 
@@ -69,15 +142,81 @@ def _tuple(v):
     return tuple(v) if isinstance(v, list) else v
 
 
+def _component_axis(name: str, grid) -> tuple[str, int] | None:
+    """``("velocity", axis)`` for a component control name, else None."""
+    for vec, comps in COMPONENTS.items():
+        if name == vec and grid.ndim == 1:
+            return vec, 0
+        if name in comps and grid.ndim == 2:
+            return vec, comps.index(name)
+    return None
+
+
+def _where(name, grid):
+    """How a control name selects its model leaf (None: the attribute ``name``)."""
+    comp = _component_axis(name, grid)
+    if comp is None:
+        return None
+    vec, axis = comp
+    return _Component(vec, axis)
+
+
+class _Component:
+    """``model.<vec>[axis]``, picklable (configured cases run in worker processes)."""
+
+    def __init__(self, vec, axis):
+        self.vec, self.axis = vec, axis
+
+    def __call__(self, model):
+        return getattr(model, self.vec)[self.axis]
+
+    def __eq__(self, other):
+        return isinstance(other, _Component) and (self.vec, self.axis) == (
+            other.vec,
+            other.axis,
+        )
+
+    def __hash__(self):
+        return hash((self.vec, self.axis))
+
+
+def _merge_components(grid, values: dict) -> dict:
+    """Put component values (``velocity_x = ...``) back into their vector."""
+    out = dict(values)
+    for key in list(values):
+        comp = _component_axis(key, grid)
+        if comp is None or key == comp[0]:
+            if comp is not None:  # 1D: `velocity` itself is the component
+                vec = out[key]
+                out[key] = [vec] if not isinstance(vec, list) else vec
+            continue
+        vec, axis = comp
+        current = out.get(vec)
+        current = (
+            list(current)
+            if isinstance(current, (list, tuple))
+            else ([current] * grid.ndim)
+        )
+        current[axis] = out.pop(key)
+        out[vec] = current
+    return out
+
+
 def _make_model(name, grid, values):
+    import jax.numpy as jnp
+
     import pdes
+
+    values = _merge_components(grid, values)
 
     try:
         if name == "heat":
             return pdes.Heat(grid, values["kappa"], source=values.get("source"))
         if name == "advection":
             vel = values["velocity"]
-            vel = tuple(vel) if isinstance(vel, list) else (vel,) * grid.ndim
+            vel = tuple(vel) if isinstance(vel, (list, tuple)) else (vel,) * grid.ndim
+            if len(vel) == 1 and grid.ndim == 2 and jnp.ndim(vel[0]) == 0:
+                vel = vel * 2
             if len(vel) != grid.ndim:
                 raise ConfigError(
                     f"`model.parameters.velocity` needs {grid.ndim} component(s) (one "
@@ -94,7 +233,9 @@ def _make_model(name, grid, values):
             values["depth"],
             g=values["g"],
             f0=values["f0"],
+            beta=values.get("beta"),
             drag=values["drag"],
+            quadratic_drag=values.get("quadratic_drag"),
             nonlinear=values["nonlinear"],
         )
     except (ValueError, TypeError) as err:
@@ -145,9 +286,10 @@ def _background_state(cfg, grid):
             bg["path"],
             variable,
             grid,
-            units=model["units"],
+            units=_field_units(model, field),
             length_units=model["length_units"],
             time_units=model["time_units"],
+            geometry=geometry(model),
             reference=cfg["time"]["reference"],
         )
         if times is None:
@@ -170,16 +312,37 @@ def _background_state(cfg, grid):
         return state0, cov
     import pdes
 
-    arrays = {f: one(f, f) for f in fields}
+    # multi-field: the variables are the field names, or `<variable>_<field>` when
+    # `background.variable` is set (e.g. "analysis_final" in a cycled batch)
+    prefix = bg["variable"] if bg["variable"] not in (None, "u") else None
+    arrays = {f: one(f, f if prefix is None else f"{prefix}_{f}") for f in fields}
     covs = {
         f: _covariance(grid, _per_field(bg["std"], f, 1.0), bg["length_scale"])
         for f in fields
     }
-    state0 = pdes.SWState(**arrays)
+    state0 = _zero_walls(pdes.SWState(**arrays), grid)
     cov = jtu.tree_map(
         lambda f: covs[f], pdes.SWState(*fields), is_leaf=lambda x: isinstance(x, str)
     )
     return state0, cov
+
+
+def _zero_walls(state, grid):
+    """A shallow-water state with zero normal velocity on closed-basin walls.
+
+    The wall faces are the last ``u`` column (walls across the last axis) and the
+    last ``v`` row (2D, walls across the first axis), as
+    :class:`pdes.ShallowWater` lays out its C-grid; a draw from B or a constant
+    background is not zero there, and the model refuses such an initial state.
+    """
+    import jax.numpy as jnp
+
+    u, v = state.u, state.v
+    if grid.boundary[-1] != "periodic":
+        u = u.at[..., -1].set(0.0)
+    if grid.ndim == 2 and grid.boundary[0] != "periodic":
+        v = v.at[-1, :].set(0.0)
+    return type(state)(eta=state.eta, u=jnp.asarray(u), v=jnp.asarray(v))
 
 
 def _transform(spec):
@@ -210,6 +373,7 @@ def build_run(cfg: dict) -> RunSetup:
     from .._methods import LBFGS, GaussNewton
     from ..io import read_observations
 
+    set_precision(cfg["solver"]["precision"])
     grid = _grid(cfg)
     model_cfg = cfg["model"]
     values = dict(model_cfg["parameters"])
@@ -218,20 +382,34 @@ def build_run(cfg: dict) -> RunSetup:
 
     params, backgrounds = [], {}
     for name, spec in control_cfg["parameters"].items():
-        value = spec["background"] if spec["background"] is not None else values[name]
+        value = (
+            spec["background"]
+            if spec["background"] is not None
+            else component_value(values, name)
+        )
         try:
             transform = _transform(spec)
             if spec["field"]:
                 bg = jnp.full(grid.shape, float(value), dtype)
                 cov = _covariance(grid, spec["sigma"], spec["length_scale"])
                 params.append(
-                    Parameter(name, background=bg, transform=transform, covariance=cov)
+                    Parameter(
+                        name,
+                        background=bg,
+                        transform=transform,
+                        covariance=cov,
+                        where=_where(name, grid),
+                    )
                 )
             else:
                 bg = jnp.asarray(float(value), dtype)
                 params.append(
                     Parameter(
-                        name, background=bg, transform=transform, sigma=spec["sigma"]
+                        name,
+                        background=bg,
+                        transform=transform,
+                        sigma=spec["sigma"],
+                        where=_where(name, grid),
                     )
                 )
         except ValueError as err:
@@ -279,12 +457,14 @@ def build_run(cfg: dict) -> RunSetup:
             grid,
             variable=obs_cfg["variable"],
             sigma=obs_cfg["sigma"],
-            units=model_cfg["units"],
+            units=_field_units(model_cfg, obs_cfg["field"]),
             length_units=model_cfg["length_units"],
             time_units=model_cfg["time_units"],
+            geometry=geometry(model_cfg),
             reference=time_cfg["reference"],
             window=(t0, t0 + n_steps * dt),
             outside=obs_cfg["outside"],
+            closed="right" if obs_cfg["window"] == "open_start" else "both",
             field=obs_cfg["field"],
         )
         return setup
@@ -320,7 +500,7 @@ def build_run(cfg: dict) -> RunSetup:
         keys = jr.split(k_state, len(covs))
         draws = [c.sample(key=k) for c, k in zip(covs, keys, strict=True)]
         noise = jtu.tree_unflatten(jtu.tree_structure(state0), draws)
-        setup.truth_state0 = otu.tree_add(state0, noise)
+        setup.truth_state0 = _zero_walls(otu.tree_add(state0, noise), grid)
     lo = jnp.asarray(grid.origin, dtype)
     hi = lo + jnp.asarray(grid.lengths, dtype)
     pos = lo + (hi - lo) * jr.uniform(k_pos, (twin["n_sensors"], grid.ndim), dtype)

@@ -25,6 +25,19 @@ from ._schema import (
     ConfigError,
     Key,
     MapOf,
+    component_value as _model_value,
+    control_names,
+)
+
+
+# Keys holding file paths: relative values are relative to the configuration file,
+# also inside `[batch] cases ... set = {...}`.
+PATH_KEYS = (
+    "observations.path",
+    "background.path",
+    "output.path",
+    "output.figure",
+    "batch.out_dir",
 )
 
 
@@ -169,7 +182,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
         if cfg[section] is None:
             cfg[section] = _validate({}, SCHEMA.keys[section], section)
     control = cfg["control"]
-    controllable = [n for n, (_, _, ok) in known.items() if ok]
+    controllable = control_names(model["name"], len(shape))
     for name, spec in control["parameters"].items():
         if name not in controllable:
             raise ConfigError(
@@ -177,7 +190,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
                 f"calibratable parameter `{name}`.{_suggest(name, controllable)} "
                 f"Calibratable: {', '.join(controllable)}."
             )
-        if params.get(name) is None and spec["background"] is None:
+        if _model_value(params, name) is None and spec["background"] is None:
             raise ConfigError(
                 f"[control.parameters.{name}]: give `background` or set "
                 f"`model.parameters.{name}`, the first guess of the calibration."
@@ -208,6 +221,18 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
                     f"calibrated: {sorted(control['parameters']) or 'none'}."
                 )
     fields = STATE_FIELDS[model["name"]]
+    if isinstance(model["units"], dict):
+        if fields is None:
+            raise ConfigError(
+                f"`model.units` is a table but model {model['name']!r} has a "
+                'single-field state; give a string (e.g. units = "K").'
+            )
+        extra = sorted(set(model["units"]) - set(fields))
+        if extra:
+            raise ConfigError(
+                f"`model.units` has unknown field(s) {extra}; the state fields are "
+                f"{list(fields)}."
+            )
     bg = cfg["background"]
     for key in ("value", "std"):
         if isinstance(bg[key], dict):
@@ -237,17 +262,11 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
         )
     if base_dir is not None:
         base = pathlib.Path(base_dir)
-        for section, key in (
-            ("observations", "path"),
-            ("background", "path"),
-            ("output", "path"),
-            ("output", "figure"),
-        ):
+        for dotted in PATH_KEYS:
+            section, key = dotted.split(".")
             sec = cfg.get(section)
             if sec is not None and sec.get(key):
                 sec[key] = str((base / sec[key]).resolve())
-        if cfg["batch"] is not None:
-            cfg["batch"]["out_dir"] = str((base / cfg["batch"]["out_dir"]).resolve())
     return cfg
 
 

@@ -36,29 +36,49 @@ def _savefig(fig, path) -> pathlib.Path:
 
 
 def plot_analysis(
-    analysis, grid, obs, path, *, truth: dict | None = None, title: str | None = None
-) -> pathlib.Path:
-    """Write a PNG summary of ``analysis`` to ``path`` (atomically).
+    analysis,
+    grid,
+    obs,
+    path=None,
+    *,
+    truth: dict | None = None,
+    title: str | None = None,
+    units: str | None = None,
+    length_units: str | None = None,
+):
+    """The summary figure of ``analysis``: a :class:`matplotlib.figure.Figure`.
+
+    Panels: the state at the window start (truth when known, background, analysis
+    with its posterior ±2σ band, sensor positions) and at the window end with the
+    last observations, the cost convergence and the first parameter's convergence
+    (with the truth and the posterior ±2σ interval). Axes are labelled
+    ``name [units]``.
 
     Args:
         analysis: an :class:`assimilation.Analysis`.
         grid: the model grid.
         obs: the :class:`assimilation.Observations` assimilated.
-        path: the output file (``.png``).
+        path: if given, the figure is also written there (atomically; the format
+            from the suffix, e.g. ``.png``).
         truth: for twin experiments, ``{"state0", "final", "parameters"}``.
-        title: the figure title.
+        title: the figure title (default: the analysis message).
+        units: units of the observed field (axis labels).
+        length_units: units of positions (axis labels).
 
     Returns:
-        The path written.
+        The figure (built without pyplot: nothing to close, safe in threads).
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    def axis_label(name, u):
+        return f"{name} [{u}]" if u else name
 
+    xlabel = axis_label("x", length_units)
+    ylabel_pos = axis_label("y", length_units)
     field = getattr(obs, "field", None)
     params = list(analysis.parameters)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), layout="constrained")
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2)
     (ax_x0, ax_x1), (ax_cost, ax_par) = axes
     pos = np.asarray(obs.positions)
     truth = truth or {}
@@ -85,7 +105,8 @@ def plot_analysis(
             for label, u, style in states:
                 if u is not None:
                     ax.plot(x, u, style, label=label, lw=1.5)
-            ax.set_xlabel("x")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(axis_label(field or "state", units))
             ax.set_title(f"state at the {when}")
         if analysis.initial_state_std is not None and field is None:
             ua = _first_field(analysis.initial_state)
@@ -128,8 +149,12 @@ def plot_analysis(
             im = ax.pcolormesh(x, y, u, vmin=lo, vmax=hi, shading="nearest")
             ax.plot(pos[:, 1], pos[:, 0], "w^", ms=5, mec="k", label="sensors")
             ax.set_title(f"{name}, window start")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel_pos)
             ax.set_aspect("equal")
-            fig.colorbar(im, ax=ax, shrink=0.8)
+            fig.colorbar(
+                im, ax=ax, shrink=0.8, label=axis_label(field or "state", units)
+            )
         ax_x0.legend(fontsize=8, loc="upper right")
 
     hist = analysis.history
@@ -179,7 +204,7 @@ def plot_analysis(
                 )
             if t is not None:
                 ax_par.plot(xg, np.asarray(t), "k-", label="truth")
-            ax_par.set_xlabel("x")
+            ax_par.set_xlabel(xlabel)
             ax_par.set_title(f"{name} field")
         else:
             im = ax_par.pcolormesh(
@@ -193,8 +218,8 @@ def plot_analysis(
         ax_par.legend(fontsize=8)
     else:
         ax_par.axis("off")
+    ax_cost.set_ylabel("J")
     fig.suptitle(title or analysis.message, fontsize=9)
-    try:
-        return _savefig(fig, path)
-    finally:
-        plt.close(fig)
+    if path is not None:
+        _savefig(fig, path)
+    return fig

@@ -6,7 +6,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ._build import RunSetup, build_run
+import numpy as np
+
+from ._build import RunSetup, build_run, state_units
 from ._schema import ConfigError
 
 
@@ -23,7 +25,13 @@ class RunOutput:
     seconds: float = 0.0
 
 
-def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput:
+def run(
+    cfg: dict,
+    *,
+    callback=None,
+    setup: RunSetup | None = None,
+    progress: bool = False,
+) -> RunOutput:
     """Build (unless ``setup`` is given) and run a configured assimilation.
 
     For a twin experiment, synthetic observations are made from the truth first
@@ -34,6 +42,8 @@ def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput
         cfg: a validated configuration.
         callback: progress callback passed to :func:`assimilation.assimilate`.
         setup: a prebuilt :class:`RunSetup`.
+        progress: progress bar and phase lines on stderr (see
+            :func:`assimilation.assimilate`).
 
     Returns:
         A :class:`RunOutput`.
@@ -76,7 +86,11 @@ def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput
     except (ValueError, TypeError) as err:
         raise ConfigError(f"cannot set up the 4D-Var cost: {err}") from err
     analysis = assimilate(
-        cost, setup.method, callback=callback, uncertainty=cfg["solver"]["uncertainty"]
+        cost,
+        setup.method,
+        callback=callback,
+        uncertainty=cfg["solver"]["uncertainty"],
+        progress=progress,
     )
     out = RunOutput(setup, analysis, setup.obs)
     if twin is not None:
@@ -90,8 +104,13 @@ def run(cfg: dict, *, callback=None, setup: RunSetup | None = None) -> RunOutput
             t0=setup.t0,
         )
         scores = score(analysis, cost.control, out.truth)
-        # The dataset records the state RMSEs and the 2-sigma coverage.
+        # The dataset records the state RMSEs, each parameter's error (analysis
+        # minus truth; its RMS for a field) and the 2-sigma coverage.
         out.scores = {k: v for k, v in scores.items() if k.startswith("rmse_")}
+        out.scores["error"] = {
+            name: float(e) if np.ndim(e) == 0 else float(np.sqrt(np.mean(e**2)))
+            for name, e in scores["parameter_error"].items()
+        }
         out.scores["within_2sigma"] = scores["within_2sigma"] or {}
     out.seconds = time.perf_counter() - start
     return out
@@ -107,7 +126,7 @@ def output_dataset(out: RunOutput, attrs: Mapping[str, Any] | None = None):
         out.analysis,
         out.setup.grid,
         out.obs,
-        units=model["units"],
+        units=state_units(model),
         length_units=model["length_units"],
         time_units=model["time_units"],
         reference=cfg["time"]["reference"],
@@ -129,6 +148,8 @@ def parameter_units(model: Mapping[str, Any]) -> dict[str, str]:
         )
     if length:
         out["depth"] = length
-    if u and t:
+    if isinstance(u, str) and t:
         out["source"] = f"{u} {t}-1"
+    if length and t:
+        out["velocity"] = f"{length} {t}-1"
     return out

@@ -152,6 +152,17 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
         ),
         "a number or a table of numbers per state field",
     ),
+    "str_or_table": (
+        lambda v: (
+            isinstance(v, str)
+            or (
+                isinstance(v, dict)
+                and v != {}
+                and all(isinstance(x, str) for x in v.values())
+            )
+        ),
+        "a string or a table of strings per state field",
+    ),
     "float_or_str": (
         lambda v: _is_number(v) or isinstance(v, str),
         "a number or a string",
@@ -205,7 +216,11 @@ SCHEMA = Section(
                     choices=("heat", "advection", "shallow_water"),
                     help="which PDE",
                 ),
-                "units": Key("str", default=None, help="units of the state"),
+                "units": Key(
+                    "str_or_table",
+                    default=None,
+                    help="units of the state, or a table of units per state field",
+                ),
                 "length_units": Key("str", default=None),
                 "time_units": Key("str", default=None),
                 "grid": Section(
@@ -214,6 +229,15 @@ SCHEMA = Section(
                         "lengths": Key("floats", default=1.0, check=_positive),
                         "boundary": Key("strs", default="periodic"),
                         "origin": Key("floats", default=0.0, check=_finite),
+                        "geographic_origin": Key(
+                            "floats",
+                            default=None,
+                            check=_finite,
+                            help="[lat0, lon0] in degrees: model lengths are "
+                            "distances from this point on its local tangent plane "
+                            "(x east, y north), so latitude/longitude coordinates "
+                            "of files convert to model lengths",
+                        ),
                     }
                 ),
                 "parameters": MapOf(Key("any"), help="model constructor values"),
@@ -235,6 +259,9 @@ SCHEMA = Section(
                 "variable": Key("str", default="u"),
                 "sigma": Key("float", default=None, check=_positive),
                 "outside": Key("str", default="error", choices=("error", "drop")),
+                "window": Key(
+                    "str", default="closed", choices=("closed", "open_start")
+                ),
                 "field": Key("str", default=None),
             },
             required=False,
@@ -281,6 +308,12 @@ SCHEMA = Section(
                 "gtol": Key("float", default=1e-6, check=_non_negative),
                 "ftol": Key("float", default=1e-12, check=_non_negative),
                 "uncertainty": Key("bool", default=True),
+                "precision": Key(
+                    "str",
+                    default="float64",
+                    choices=("float64", "float32"),
+                    help="floating-point precision of the run",
+                ),
             },
             required=False,
         ),
@@ -308,6 +341,7 @@ SCHEMA = Section(
                 "cases": Key("any", default=None),
                 "window_length": Key("float", default=None, check=_positive),
                 "n_windows": Key("int", default=None, check=_at_least(1)),
+                "cycle": Key("bool", default=False),
                 "seeds": Key("ints", default=None),
                 "keep_going": Key("bool", default=False),
                 "workers": Key("int", default=None, check=_at_least(1)),
@@ -321,10 +355,11 @@ SCHEMA = Section(
 
 
 # Per model: constructor keyword -> (kind, default, controllable as a Parameter).
+# Every differentiable (array) parameter of a model is controllable.
 MODELS: dict[str, dict[str, tuple[str, Any, bool]]] = {
     "heat": {"kappa": ("float", _REQUIRED, True), "source": ("float", None, True)},
     "advection": {
-        "velocity": ("floats", _REQUIRED, False),
+        "velocity": ("floats", _REQUIRED, True),
         "kappa": ("float", None, True),
         "scheme": ("str", "centered", False),
     },
@@ -332,8 +367,44 @@ MODELS: dict[str, dict[str, tuple[str, Any, bool]]] = {
         "depth": ("float", _REQUIRED, True),
         "g": ("float", 9.81, True),
         "f0": ("float", 0.0, True),
+        "beta": ("float", None, True),
         "drag": ("float", 0.0, True),
+        "quadratic_drag": ("float", None, True),
         "nonlinear": ("bool", False, False),
     },
 }
+# A vector parameter is calibrated per component: `velocity` on a 1D grid,
+# `velocity_y` and `velocity_x` on a 2D grid (array order).
+COMPONENTS = {"velocity": ("velocity_y", "velocity_x")}
+
+
+def control_names(model: str, ndim: int) -> list[str]:
+    """The names ``[control.parameters.<name>]`` accepts for ``model``."""
+    out = []
+    for name, (_, _, ok) in MODELS[model].items():
+        if not ok:
+            continue
+        if name in COMPONENTS and ndim == 2:
+            out.extend(COMPONENTS[name])
+        else:
+            out.append(name)
+    return out
+
+
 STATE_FIELDS = {"heat": None, "advection": None, "shallow_water": ("eta", "u", "v")}
+
+
+def component_value(values: dict, name: str):
+    """A model value by control name (``velocity_x`` is a component of
+    ``velocity``); None if unset."""
+    for vec, comps in COMPONENTS.items():
+        if name in comps:
+            v = values.get(vec)
+            if v is None:
+                return None
+            v = v if isinstance(v, list) else [v] * len(comps)
+            return v[comps.index(name)] if len(v) == len(comps) else None
+    v = values.get(name)
+    if isinstance(v, list) and len(v) == 1:
+        return v[0]
+    return v

@@ -11,8 +11,10 @@ import jax.scipy.linalg
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
+import optax.tree_utils as otu
 
 from .._results import RESULTS
+from .._tree import axpy
 from ._base import AbstractLinearSolver
 from ._probes import probe_diagonal
 
@@ -29,8 +31,8 @@ from ._probes import probe_diagonal
 # test every component against atol + rtol |b_i| (a zero crossing of b makes that test
 # absolute there), its CG also requires the last update to be small, and its GMRES
 # tests convergence only after a full restart cycle and always runs at least two: on
-# BENCHMARKS.md P6 and on 2D advection with velocity fields each cost several times the
-# iterations needed (docs/design.md).
+# P6 of benchmarks/README.md and on 2D advection with velocity fields each cost several
+# times the iterations needed (docs/design.md).
 
 INITIAL_GUESSES: tuple[str, ...] = ("rhs", "preconditioned", "zero")
 
@@ -40,30 +42,14 @@ def _initial_guess(kind: str, b, apply_m):
         return b
     if kind == "preconditioned":
         return b if apply_m is None else apply_m(b)
-    return jtu.tree_map(jnp.zeros_like, b)
+    return otu.tree_zeros_like(b)
 
 
-# Vector algebra on pytrees of arrays. The kernels below work on the state's own
-# pytree: flattening it into one vector (ravel_pytree) would copy every field at every
-# product with A and cost about as much as the product itself on a 2D stencil.
-
-
-def _dot(u, v):
-    hi = jax.lax.Precision.HIGHEST
-    leaves = [
-        jnp.vdot(a, b, precision=hi)
-        for a, b in zip(jtu.tree_leaves(u), jtu.tree_leaves(v), strict=True)
-    ]
-    return sum(leaves[1:], leaves[0])
-
-
-def _axpy(alpha, x, y):
-    """``alpha * x + y``."""
-    return jtu.tree_map(lambda a, b: alpha * a + b, x, y)
-
-
-def _sub(x, y):
-    return jtu.tree_map(jnp.subtract, x, y)
+# Vector algebra on pytrees of arrays (optax.tree_utils and dphys._tree). The kernels
+# below work on the state's own pytree: flattening it into one vector (ravel_pytree)
+# would copy every field at every product with A and cost about as much as the
+# product itself on a 2D stencil. Inner products are summed with
+# Precision.HIGHEST (tree_vdot).
 
 
 def _nonzero(a):
@@ -78,12 +64,12 @@ def _cg(apply_a, apply_m, b, x0, rtol, atol, max_steps):
     recomputed and, should rounding have made the two differ, CG restarts from there
     (so a reported success is a real one).
     """
-    target2 = (atol + rtol * jnp.sqrt(_dot(b, b))) ** 2
+    target2 = (atol + rtol * jnp.sqrt(otu.tree_vdot(b, b))) ** 2
 
     def run(x, r, steps):
         z = r if apply_m is None else apply_m(r)
-        rz = _dot(r, z)
-        rr = rz if apply_m is None else _dot(r, r)
+        rz = otu.tree_vdot(r, z)
+        rr = rz if apply_m is None else otu.tree_vdot(r, r)
 
         def cond(carry):
             *_, rr, k = carry
@@ -92,13 +78,13 @@ def _cg(apply_a, apply_m, b, x0, rtol, atol, max_steps):
         def body(carry):
             x, r, p, rz, _, k = carry
             ap = apply_a(p)
-            alpha = rz / _nonzero(_dot(p, ap))
-            x = _axpy(alpha, p, x)
-            r = _axpy(-alpha, ap, r)
+            alpha = rz / _nonzero(otu.tree_vdot(p, ap))
+            x = axpy(alpha, p, x)
+            r = axpy(-alpha, ap, r)
             z = r if apply_m is None else apply_m(r)
-            rz_new = _dot(r, z)
-            rr = rz_new if apply_m is None else _dot(r, r)
-            p = _axpy(rz_new / _nonzero(rz), p, z)
+            rz_new = otu.tree_vdot(r, z)
+            rr = rz_new if apply_m is None else otu.tree_vdot(r, r)
+            p = axpy(rz_new / _nonzero(rz), p, z)
             return x, r, p, rz_new, rr, k + 1
 
         x, *_, steps = jax.lax.while_loop(cond, body, (x, r, z, rz, rr, steps))
@@ -112,16 +98,16 @@ def _verified(run, apply_a, b, x0, target2, max_steps):
 
     def outer_cond(carry):
         _, r, steps = carry
-        return (_dot(r, r) > target2) & (steps < max_steps)
+        return (otu.tree_vdot(r, r) > target2) & (steps < max_steps)
 
     def outer_body(carry):
         x, r, steps = carry
         x, steps = run(x, r, steps)
-        return x, _sub(b, apply_a(x)), steps
+        return x, otu.tree_sub(b, apply_a(x)), steps
 
-    carry = (x0, _sub(b, apply_a(x0)), jnp.asarray(0))
+    carry = (x0, otu.tree_sub(b, apply_a(x0)), jnp.asarray(0))
     x, r, steps = jax.lax.while_loop(outer_cond, outer_body, carry)
-    return x, _dot(r, r) <= target2, steps
+    return x, otu.tree_vdot(r, r) <= target2, steps
 
 
 def _bicgstab(apply_a, apply_m, b, x0, rtol, atol, max_steps):
@@ -134,15 +120,15 @@ def _bicgstab(apply_a, apply_m, b, x0, rtol, atol, max_steps):
     with a fresh shadow residual. ``steps`` counts iterations (two products with $A$
     each).
     """
-    target2 = (atol + rtol * jnp.sqrt(_dot(b, b))) ** 2
+    target2 = (atol + rtol * jnp.sqrt(otu.tree_vdot(b, b))) ** 2
     dtype = jtu.tree_leaves(b)[0].dtype
     eps = jnp.finfo(dtype).eps
     precondition = (lambda v: v) if apply_m is None else apply_m
 
     def run(x, r, steps):
         rhat = r
-        rhat_norm = jnp.sqrt(_dot(rhat, rhat))
-        zero = jtu.tree_map(jnp.zeros_like, r)
+        rhat_norm = jnp.sqrt(otu.tree_vdot(rhat, rhat))
+        zero = otu.tree_zeros_like(r)
         one = jnp.ones((), dtype)
 
         def cond(carry):
@@ -151,28 +137,39 @@ def _bicgstab(apply_a, apply_m, b, x0, rtol, atol, max_steps):
 
         def body(carry):
             x, r, p, v, rho_old, alpha, omega, _, k, _ = carry
-            rho = _dot(rhat, r)
+            rho = otu.tree_vdot(rhat, r)
             beta = (rho / _nonzero(rho_old)) * (alpha / _nonzero(omega))
-            p = _axpy(beta, _axpy(-omega, v, p), r)
+            p = axpy(beta, axpy(-omega, v, p), r)
             phat = precondition(p)
             v = apply_a(phat)
-            rv = _dot(rhat, v)
+            rv = otu.tree_vdot(rhat, v)
             alpha = rho / _nonzero(rv)
-            s = _axpy(-alpha, v, r)
+            s = axpy(-alpha, v, r)
             shat = precondition(s)
             t = apply_a(shat)
-            omega = _dot(t, s) / _nonzero(_dot(t, t))
-            x = _axpy(omega, shat, _axpy(alpha, phat, x))
-            r = _axpy(-omega, t, s)
-            rr = _dot(r, r)
+            omega = otu.tree_vdot(t, s) / _nonzero(otu.tree_vdot(t, t))
+            x = axpy(omega, shat, axpy(alpha, phat, x))
+            r = axpy(-omega, t, s)
+            rr = otu.tree_vdot(r, r)
             tiny = eps * rhat_norm
-            broken = (jnp.abs(rho) <= tiny * jnp.sqrt(_dot(p, p))) | (
-                jnp.abs(rv) <= tiny * jnp.sqrt(_dot(v, v))
+            broken = (jnp.abs(rho) <= tiny * jnp.sqrt(otu.tree_vdot(p, p))) | (
+                jnp.abs(rv) <= tiny * jnp.sqrt(otu.tree_vdot(v, v))
             )
             broken = broken | (omega == 0) | ~jnp.isfinite(rr)
             return x, r, p, v, rho, alpha, omega, rr, k + 1, broken
 
-        carry = (x, r, zero, zero, one, one, one, _dot(r, r), steps, jnp.asarray(False))
+        carry = (
+            x,
+            r,
+            zero,
+            zero,
+            one,
+            one,
+            one,
+            otu.tree_vdot(r, r),
+            steps,
+            jnp.asarray(False),
+        )
         out = jax.lax.while_loop(cond, body, carry)
         return out[0], out[8]
 
@@ -195,15 +192,15 @@ def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
     hi = jax.lax.Precision.HIGHEST
     precondition = (lambda v: v) if apply_m is None else apply_m
     positive = lambda a: jnp.where(a > 0, a, 1.0)
-    target = atol + rtol * jnp.sqrt(_dot(b, b))
+    target = atol + rtol * jnp.sqrt(otu.tree_vdot(b, b))
 
     def cycle(x, r, steps):
         z = precondition(r)
-        beta = jnp.sqrt(_dot(z, z))
+        beta = jnp.sqrt(otu.tree_vdot(z, z))
         # Reduce the preconditioned residual by the factor the true one still needs
         # (with a margin of 2); every cycle takes at least one step, so a cycle that
         # starts below this target still makes progress.
-        inner_target = 0.5 * beta * target / positive(jnp.sqrt(_dot(r, r)))
+        inner_target = 0.5 * beta * target / positive(jnp.sqrt(otu.tree_vdot(r, r)))
         limit = jnp.minimum(restart, max_steps - steps)
         basis = jtu.tree_map(
             lambda a: (
@@ -228,12 +225,12 @@ def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
             def orthogonalise(i, wc):
                 w, col = wc
                 v = row(basis, i)
-                h = _dot(v, w)
-                return _axpy(-h, v, w), col.at[i].add(h)
+                h = otu.tree_vdot(v, w)
+                return axpy(-h, v, w), col.at[i].add(h)
 
             col = jnp.zeros(restart + 1, dtype)
             w, col = jax.lax.fori_loop(0, k + 1, orthogonalise, (w, col))
-            hn = jnp.sqrt(_dot(w, w))
+            hn = jnp.sqrt(otu.tree_vdot(w, w))
             basis = jtu.tree_map(
                 lambda v, a: v.at[k + 1].set(a / positive(hn)), basis, w
             )
@@ -272,19 +269,19 @@ def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
         update = jtu.tree_map(
             lambda v: jnp.tensordot(y, v[:restart], axes=1, precision=hi), basis
         )
-        x = jtu.tree_map(jnp.add, x, update)
-        return x, _sub(b, apply_a(x)), steps + k
+        x = otu.tree_add(x, update)
+        return x, otu.tree_sub(b, apply_a(x)), steps + k
 
     def outer_cond(carry):
         _, r, steps = carry
-        return (jnp.sqrt(_dot(r, r)) > target) & (steps < max_steps)
+        return (jnp.sqrt(otu.tree_vdot(r, r)) > target) & (steps < max_steps)
 
     def outer_body(carry):
         return cycle(*carry)
 
-    carry = (x0, _sub(b, apply_a(x0)), jnp.asarray(0))
+    carry = (x0, otu.tree_sub(b, apply_a(x0)), jnp.asarray(0))
     x, r, steps = jax.lax.while_loop(outer_cond, outer_body, carry)
-    return x, jnp.sqrt(_dot(r, r)) <= target, steps
+    return x, jnp.sqrt(otu.tree_vdot(r, r)) <= target, steps
 
 
 class _PytreeKrylov(lx.AbstractLinearSolver):
@@ -525,8 +522,8 @@ class Krylov(AbstractLinearSolver):
             $I-\gamma L$, from comb probes. The identity part keeps the smallest
             eigenvalue of $I-\gamma L$ at 1 whatever the coefficients, and dividing
             by a diagonal that varies in space spreads the cluster of smooth modes
-            near 1, so Jacobi usually costs iterations: on BENCHMARKS.md P6
-            (Crank-Nicolson heat, $\kappa$ within a factor 3, $\gamma\kappa/\Delta
+            near 1, so Jacobi usually costs iterations: on P6 (benchmarks/README.md,
+            Crank-Nicolson heat, $\kappa$ within a factor 3, $\gamma\kappa/\Delta
             x^2 \approx 0.7$) CG took 15.3 iterations per step with it and 7.3
             without; with $\kappa$ varying 400-fold, 68.6 and 29.4. It pays off
             when $\gamma|L| \gg 1$ everywhere with strongly varying coefficients
@@ -583,12 +580,12 @@ class Krylov(AbstractLinearSolver):
     def solve(self, model, t, gamma, rhs, structure):
         def mv(x):
             lx_ = model.linear(t, x)
-            return jtu.tree_map(lambda a, b: a - gamma * b, x, lx_)
+            return axpy(-gamma, lx_, x)
 
         precond = None
         if structure is not None:
             pdiag = jtu.tree_map(lambda d: 1.0 / (1.0 - gamma * d), structure)
-            precond = lambda x: jtu.tree_map(jnp.multiply, pdiag, x)
+            precond = lambda x: otu.tree_mul(pdiag, x)
         return krylov_solve(
             mv,
             rhs,
