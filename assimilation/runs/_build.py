@@ -41,19 +41,6 @@ class RunSetup:
     obs_times: Any = None
 
 
-@dataclasses.dataclass
-class RunOutput:
-    """The result of :func:`run`: the analysis, the observations used and, for a
-    twin experiment, the truth and the scores."""
-
-    setup: RunSetup
-    analysis: Any
-    obs: Any
-    truth: dict | None = None
-    scores: dict | None = None
-    seconds: float = 0.0
-
-
 def set_precision(precision: str) -> None:
     """Run in ``precision`` (``"float64"``: switch on JAX's x64 mode, logged).
 
