@@ -6,9 +6,11 @@ from ._assimilate import (
     assimilate as assimilate,
 )
 from ._control import (
+    AbstractControlVariable as AbstractControlVariable,
     AbstractTransform as AbstractTransform,
     Bounded as Bounded,
     Control as Control,
+    Decoded as Decoded,
     Identity as Identity,
     InitialState as InitialState,
     Log as Log,
@@ -16,7 +18,11 @@ from ._control import (
     Parameter as Parameter,
     Softplus as Softplus,
 )
-from ._cost import FourDVar as FourDVar
+from ._cost import (
+    AbstractCost as AbstractCost,
+    FourDVar as FourDVar,
+    gauss_newton_operator as gauss_newton_operator,
+)
 from ._covariance import (
     AbstractCovariance as AbstractCovariance,
     Dense as Dense,
@@ -29,7 +35,7 @@ from ._methods import (
     GaussNewton as GaussNewton,
     IterationState as IterationState,
 )
-from ._minimize import minimize as minimize
+from ._minimize import Solution as Solution, minimize as minimize
 from ._observation import (
     AbstractObservationOperator as AbstractObservationOperator,
     Interpolation as Interpolation,
@@ -37,6 +43,11 @@ from ._observation import (
     TimeInterpolation as TimeInterpolation,
 )
 from ._posterior import Posterior as Posterior, posterior as posterior
+from ._stopping import (
+    RESULTS as RESULTS,
+    TERMINATIONS as TERMINATIONS,
+    StoppingRule as StoppingRule,
+)
 from ._twin import (
     TwinResult as TwinResult,
     make_observations as make_observations,

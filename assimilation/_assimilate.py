@@ -20,11 +20,14 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax.tree_utils as otu
 
-from ._control import INITIAL_STATE, MODEL_ERROR
-from ._cost import FourDVar
+from ._control import INITIAL_STATE
+from ._cost import AbstractCost
 from ._methods import AbstractMethod, GaussNewton
+from ._minimize import _strong
 from ._posterior import posterior
+from ._stopping import TERMINATIONS, StoppingRule
 
 
 class History(eqx.Module):
@@ -40,6 +43,9 @@ class History(eqx.Module):
             spent in each iteration (0 at entry 0).
         elapsed: wall-clock seconds since the start, at each entry.
         parameters: ``{name: array (n_iterations+1, *shape)}`` physical values.
+        terms: ``{name: array (n_iterations+1,)}``: every named term of the cost
+            (``background_cost``/``obs_cost`` are its ``"background"`` and
+            ``"observation"`` entries).
     """
 
     cost: np.ndarray
@@ -50,6 +56,7 @@ class History(eqx.Module):
     inner_iterations: np.ndarray
     elapsed: np.ndarray
     parameters: dict
+    terms: dict = eqx.field(default_factory=dict)
 
     @property
     def n_iterations(self) -> int:
@@ -85,6 +92,8 @@ class Analysis(eqx.Module):
             parameter entries, rows labelled by ``parameter_labels``.
         parameter_labels: tuple of ``n_p`` strings.
         initial_state_std: posterior std of the initial state, or ``None``.
+        std: ``{name: posterior std of the physical value}`` for every control
+            variable the posterior covered (all with the dense method).
 
     Fit to the observations (shape ``(n_times, n_sensors)``, NaN where missing,
     observation minus model):
@@ -118,6 +127,7 @@ class Analysis(eqx.Module):
     parameter_correlation: Any
     parameter_labels: tuple[str, ...] = eqx.field(static=True)
     initial_state_std: Any
+    std: dict | None
     obs_times: Any
     obs_minus_background: Any
     obs_minus_analysis: Any
@@ -154,6 +164,8 @@ class Analysis(eqx.Module):
 
 
 def _info(cost, s):
+    values = cost.decode(s.v).values
+    names = () if cost.control is None else cost.control.parameter_names
     return {
         "cost": s.cost,
         "background_cost": s.background_cost,
@@ -161,13 +173,9 @@ def _info(cost, s):
         "grad_norm": s.grad_norm,
         "step_norm": s.step_norm,
         "inner_iterations": s.inner_iterations,
-        "parameters": cost.parameters(s.v),
+        "terms": dict(s.terms),
+        "parameters": {name: values[name] for name in names},
     }
-
-
-def _strong(tree):
-    """Drop weak types so that the state of every iteration has one signature."""
-    return jtu.tree_map(lambda x: x.astype(x.dtype) if eqx.is_array(x) else x, tree)
 
 
 @eqx.filter_jit
@@ -183,17 +191,22 @@ def _step_jit(method, cost, state):
 
 
 @eqx.filter_jit
-def _forecast_jit(cost, v):
-    return cost.forecast(v)
+def _report_jit(cost, v):
+    hx, final = cost.forecast(v)
+    return cost.decode(v), hx, final
 
 
 _posterior_jit = eqx.filter_jit(posterior)
 
 
 def _step_config(method):
-    """``method`` with the stopping options neutralised: they never enter the
-    jitted iteration, so changing them must not trigger a recompilation."""
-    return dataclasses.replace(method, max_iterations=0, gtol=0.0, ftol=0.0)
+    """``method`` with its default stopping options neutralised: they never enter
+    the jitted iteration, so changing them must not trigger a recompilation."""
+    fields = {f.name for f in dataclasses.fields(method)}
+    neutral = {"max_iterations": 0, "gtol": 0.0, "ftol": 0.0}
+    return dataclasses.replace(
+        method, **{k: x for k, x in neutral.items() if k in fields}
+    )
 
 
 _SCALARS = ("cost", "background_cost", "obs_cost", "grad_norm", "step_norm")
@@ -204,9 +217,10 @@ def _np_tree(tree):
 
 
 def assimilate(
-    cost: FourDVar,
+    cost: AbstractCost,
     method: AbstractMethod | None = None,
     *,
+    stop: StoppingRule | None = None,
     v0=None,
     callback: Callable[[int, dict], Any] | None = None,
     uncertainty: bool = True,
@@ -215,23 +229,29 @@ def assimilate(
     r"""Minimise a 4D-Var cost and return the :class:`Analysis`.
 
     Runs ``method`` (default :class:`GaussNewton`) one jitted iteration at a time
-    from Python, stopping at the first of: $\|\nabla J\| \le$ ``gtol``
+    from Python until the :class:`assimilation.StoppingRule` ``stop`` (default:
+    the method's, ``method.stopping_rule()``) is met: $\|\nabla J\| \le$ ``gtol``
     $\cdot\|\nabla J_0\|$ (``"gradient_tolerance"``), $J_{k-1}-J_k \le$ ``ftol``
     $\cdot J_k$ (``"cost_tolerance"``), ``max_iterations`` (``"max_iterations"``),
     a non-finite cost (``"nonfinite"``; the last finite iterate is kept) or the
-    callback returning ``True`` (``"callback"``). Then computes the Gauss-Newton
-    posterior (:func:`posterior`) if ``uncertainty``.
+    callback returning ``True`` (``"callback"``); the same rule
+    :func:`assimilation.minimize` applies inside JAX. Then computes the
+    Gauss-Newton posterior (:func:`posterior`) if ``uncertainty``.
 
     Args:
-        cost: a :class:`FourDVar`.
+        cost: an :class:`assimilation.AbstractCost` that runs a model (e.g.
+            :class:`FourDVar`: it has ``decode``, ``forecast``, ``obs`` and
+            ``control``).
         method: :class:`GaussNewton` or :class:`LBFGS`.
+        stop: the stopping rule (default: the method's).
         v0: starting whitened control (default: the background, $v = 0$).
         callback: ``callback(iteration, info)`` called after the start (iteration
             0) and after every iteration, with ``info`` a dict of Python floats /
             NumPy arrays: ``cost``, ``background_cost``, ``obs_cost``,
             ``grad_norm``, ``step_norm``, ``inner_iterations``, ``elapsed``,
-            ``parameters`` (``{name: physical value}``). Return ``True`` to stop.
-        uncertainty: compute the posterior parameter std and correlation.
+            ``terms`` (``{name: value}``), ``parameters`` (``{name: physical
+            value}``). Return ``True`` to stop.
+        uncertainty: compute the posterior standard deviations and correlations.
         progress: show a progress bar of the iterations (cost and gradient norm)
             and of the posterior phase on stderr (tqdm).
 
@@ -239,23 +259,32 @@ def assimilate(
         An :class:`Analysis`.
 
     Raises:
-        TypeError: if ``cost`` or ``method`` has the wrong type.
+        TypeError: if ``cost``, ``method`` or ``stop`` has the wrong type.
         ValueError: if ``v0`` does not match the control.
 
     Example:
         >>> analysis = assimilate(cost, GaussNewton(max_iterations=10))  # doctest: +SKIP
         >>> print(analysis.summary())  # doctest: +SKIP
     """
-    if not isinstance(cost, FourDVar):
-        raise TypeError(f"`cost` must be a FourDVar, got {type(cost).__name__}.")
+    if not isinstance(cost, AbstractCost):
+        raise TypeError(
+            "`cost` must be an assimilation.AbstractCost (e.g. FourDVar), got "
+            f"{type(cost).__name__}."
+        )
     method = GaussNewton() if method is None else method
     if not isinstance(method, AbstractMethod):
         raise TypeError(
             "`method` must be assimilation.GaussNewton() or assimilation.LBFGS(), got "
             f"{type(method).__name__}."
         )
+    if stop is None:
+        stop = method.stopping_rule()
+    elif not isinstance(stop, StoppingRule):
+        raise TypeError(
+            f"`stop` must be an assimilation.StoppingRule, got {type(stop).__name__}."
+        )
     v_start = cost.init() if v0 is None else v0
-    cost.control.check_control(v_start, cost.state0)
+    cost.check(v_start)
     _warn_if_single_precision(v_start)
     start = time.perf_counter()
     rows: list[dict] = []
@@ -266,11 +295,22 @@ def assimilate(
         info = {k: float(raw[k]) for k in _SCALARS}
         info["inner_iterations"] = int(raw["inner_iterations"])
         info["elapsed"] = time.perf_counter() - start
+        info["terms"] = {k: float(x) for k, x in raw["terms"].items()}
         info["parameters"] = {k: np.asarray(x) for k, x in raw["parameters"].items()}
         rows.append(info)
         return info
 
-    bar = _Progress(method.max_iterations) if progress else None
+    def check(it, info, cost_prev):
+        code = stop.check(
+            it,
+            grad_norm0=rows[0]["grad_norm"],
+            cost_prev=cost_prev,
+            cost=info["cost"],
+            grad_norm=info["grad_norm"],
+        )
+        return TERMINATIONS[int(code)]
+
+    bar = _Progress(stop.max_iterations) if progress else None
     if bar is not None:
         user_callback = callback
 
@@ -281,18 +321,11 @@ def assimilate(
     core = _step_config(method)
     state, raw = _init_jit(core, cost, v_start)
     info = record(raw)
-    stop = bool(callback(0, info)) if callback is not None else False
-    g0 = info["grad_norm"]
-    termination = "callback" if stop else None
-    if termination is None and not math.isfinite(info["cost"]):
-        termination = "nonfinite"
-    if termination is None and g0 == 0.0:
-        termination = "gradient_tolerance"
+    termination = "callback" if callback is not None and callback(0, info) else None
+    if termination is None:
+        termination = check(0, info, math.inf)
     it = 0
-    while termination is None:
-        if it >= method.max_iterations:
-            termination = "max_iterations"
-            break
+    while termination == "running":
         new, raw = _step_jit(core, cost, state)
         raw = jax.device_get(raw)
         if not (
@@ -306,12 +339,12 @@ def assimilate(
         info = record(raw)
         if callback is not None and callback(it, info):
             termination = "callback"
-        elif info["grad_norm"] <= method.gtol * g0:
-            termination = "gradient_tolerance"
-        elif 0.0 <= j_prev - info["cost"] <= method.ftol * abs(info["cost"]):
-            termination = "cost_tolerance"
+        else:
+            termination = check(it, info, j_prev)
 
-    v_a = state.v
+    terms = {
+        name: np.array([r["terms"][name] for r in rows]) for name in rows[0]["terms"]
+    }
     history = History(
         cost=np.array([r["cost"] for r in rows]),
         background_cost=np.array([r["background_cost"] for r in rows]),
@@ -322,13 +355,14 @@ def assimilate(
         elapsed=np.array([r["elapsed"] for r in rows]),
         parameters={
             name: np.stack([r["parameters"][name] for r in rows])
-            for name in cost.control.parameter_names
+            for name in rows[0]["parameters"]
         },
+        terms=terms,
     )
     if bar is not None:
         bar.close()
     return _make_analysis(
-        cost, v_a, history, termination, method, uncertainty, progress
+        cost, state.v, history, termination, stop, method, uncertainty, progress
     )
 
 
@@ -370,28 +404,23 @@ class _Progress:
 
 
 def _make_analysis(
-    cost, v_a, history, termination, method, uncertainty, progress=False
+    cost, v_a, history, termination, stop, method, uncertainty, progress=False
 ):
+    """The :class:`Analysis` at ``v_a``: every per-variable quantity comes from
+    iterating over the control variables (their decoded values and posterior
+    standard deviations), never from the variables' fields."""
     v_b = cost.init()
-    hx_b, final_b = _forecast_jit(cost, v_b)
-    hx_a, final_a = _forecast_jit(cost, v_a)
+    d_b, hx_b, final_b = _report_jit(cost, v_b)
+    d_a, hx_a, final_a = _report_jit(cost, v_a)
     y = cost.obs.values
     omb = jnp.where(jnp.isnan(y), jnp.nan, y - hx_b)
     oma = jnp.where(jnp.isnan(y), jnp.nan, y - hx_a)
-    x_b = cost.state0
-    x_a = cost.initial_state(v_a)
-    params_a = cost.parameters(v_a)
-    params_b = cost.parameters(v_b)
-    increments = {}
-    if cost.control.initial_state is not None:
-        increments[INITIAL_STATE] = jtu.tree_map(jnp.subtract, x_a, x_b)
-    for name in cost.control.parameter_names:
-        increments[name] = params_a[name] - params_b[name]
-    forcings = cost.forcings(v_a)
-    if forcings is not None:
-        increments[MODEL_ERROR] = forcings
-
-    p_std = p_std_z = corr = state_std = None
+    names = cost.control.names
+    parameter_names = cost.control.parameter_names
+    increments = {
+        name: otu.tree_sub(d_a.values[name], d_b.values[name]) for name in names
+    }
+    p_std = p_std_z = corr = state_std = std = None
     labels: tuple[str, ...] = ()
     if uncertainty:
         if progress:
@@ -411,45 +440,38 @@ def _make_analysis(
                 flush=True,
             )
         labels = post.labels
-        if post.names:
-            p_std = _np_tree(post.split(post.std))
-            p_std_z = _np_tree(post.split(post.std_unconstrained))
+        std = _np_tree(post.stds)
+        if parameter_names:
+            p_std = {n: np.asarray(post.stds[n]) for n in parameter_names}
+            p_std_z = {
+                n: np.asarray(post.stds_unconstrained[n]) for n in parameter_names
+            }
             corr = np.asarray(post.correlation)
-        state_std = (
-            None
-            if post.initial_state_std is None
-            else np.asarray(post.initial_state_std)
-        )
+        state_std = std.get(INITIAL_STATE)
     converged = termination in ("gradient_tolerance", "cost_tolerance")
     n_it = history.n_iterations
-    reason = {
-        "gradient_tolerance": f"gradient norm reduced below gtol={method.gtol:g}",
-        "cost_tolerance": f"relative cost decrease below ftol={method.ftol:g}",
-        "max_iterations": f"reached max_iterations={method.max_iterations}",
-        "callback": "stopped by the callback",
-        "nonfinite": "the cost became non-finite; kept the last finite iterate",
-    }[termination]
     message = (
         f"{type(method).__name__}: {'converged' if converged else 'stopped'} after "
-        f"{n_it} iteration(s) ({reason}); J {history.cost[0]:.6g} -> "
-        f"{history.cost[-1]:.6g}"
+        f"{n_it} iteration(s) ({stop.describe(termination)}); J "
+        f"{history.cost[0]:.6g} -> {history.cost[-1]:.6g}"
     )
     return Analysis(
         control=_np_tree(v_a),
-        initial_state=_np_tree(x_a),
-        background_state=_np_tree(x_b),
+        initial_state=_np_tree(d_a.initial_state),
+        background_state=_np_tree(d_b.initial_state),
         final_state=_np_tree(final_a),
         background_final_state=_np_tree(final_b),
-        parameters=_np_tree(params_a),
-        background_parameters=_np_tree(params_b),
+        parameters={n: np.asarray(d_a.values[n]) for n in parameter_names},
+        background_parameters={n: np.asarray(d_b.values[n]) for n in parameter_names},
         increments=_np_tree(increments),
-        model_error=None if forcings is None else _np_tree(forcings),
-        model=cost.model_at(v_a),
+        model_error=None if d_a.forcings is None else _np_tree(d_a.forcings),
+        model=d_a.model,
         parameter_std=p_std,
         parameter_std_unconstrained=p_std_z,
         parameter_correlation=corr,
         parameter_labels=tuple(labels),
         initial_state_std=state_std,
+        std=std,
         obs_times=np.asarray(cost.obs.times),
         obs_minus_background=np.asarray(omb),
         obs_minus_analysis=np.asarray(oma),

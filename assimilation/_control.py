@@ -1,6 +1,7 @@
-r"""What a variational analysis adjusts: the control declaration.
+r"""What a variational analysis adjusts: control variables and the control.
 
-A :class:`Control` lists, in one place, every quantity the assimilation may change:
+A :class:`Control` is an ordered collection of control variables
+(:class:`AbstractControlVariable`), each a quantity the assimilation may change:
 
 * :class:`InitialState`: the initial state $x_0 = x_b + U_x v_x$;
 * :class:`Parameter`: a physical parameter of the model (a scalar or a field, e.g.
@@ -8,26 +9,35 @@ A :class:`Control` lists, in one place, every quantity the assimilation may chan
   $p = T(z)$, $z = T^{-1}(p_b) + U_p v_p$ (``Log`` keeps $p$ positive,
   ``Bounded`` keeps it in an interval);
 * :class:`ModelError`: weak-constraint model-error forcing, one field per
-  sub-window, $\eta_j = U_q w_j$ with covariance $Q = U_q U_q^\top$.
+  sub-window, $\eta_j = U_q w_j$ with covariance $Q = U_q U_q^\top$;
+* any other :class:`AbstractControlVariable` (e.g. the weights of a learned model
+  correction): the collection is open.
 
 The optimiser only ever sees the *whitened* control $v$, a ``dict`` mapping each
-name to an array (``"initial_state"`` to a state-shaped pytree, ``"model_error"``
-to an array with a leading sub-window axis): $v = 0$ is the background and the
-background term of the cost is $\tfrac12\|v\|^2$.
+variable's ``name`` to its block (``"initial_state"`` to a state-shaped pytree,
+``"model_error"`` to an array with a leading sub-window axis): $v = 0$ is the
+background. :meth:`Control.decode` turns $v$ into everything a forecast needs, in
+one pass over the variables (:class:`Decoded`: the model, the initial state, the
+forcings and each variable's physical value), and each variable pushes a whitened
+covariance forward to standard deviations of its physical value
+(:meth:`AbstractControlVariable.push_forward`), so that posteriors and analyses
+iterate over variables instead of knowing their kinds.
 """
 
-from __future__ import annotations
-
 import abc
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from equinox import AbstractVar
 
+from ._checks import check_positive
 from ._covariance import AbstractCovariance, Diagonal
 
 
@@ -55,9 +65,9 @@ class AbstractTransform(eqx.Module):
 
     def derivative(self, z):
         """$T'(z)$ elementwise (for the delta-method standard deviation)."""
-        return jax.vmap(jax.grad(lambda s: self.forward(s)))(
-            jnp.ravel(z)
-        ).reshape(jnp.shape(z))
+        return jax.vmap(jax.grad(lambda s: self.forward(s)))(jnp.ravel(z)).reshape(
+            jnp.shape(z)
+        )
 
 
 class Identity(AbstractTransform):
@@ -155,7 +165,33 @@ class Bounded(AbstractTransform):
         _check_range(p, name, lower=self.lower, upper=self.upper)
 
 
-# ------------------------------------------------------------------------------ specs
+# ------------------------------------------------------------------------ decoding
+
+
+class Decoded(eqx.Module):
+    r"""A whitened control decoded into what a forecast runs: one hop, all at once.
+
+    Attributes:
+        model: the model with every controlled parameter set.
+        initial_state: $x_0$ (the background $x_b$ when the state is not
+            controlled).
+        forcings: the model-error forcings, a pytree with the state's structure and
+            a leading sub-window axis, or ``None`` (strong constraint).
+        values: ``{name: physical value}`` of every control variable, in control
+            order (the initial state, each parameter $p = T(z)$, the forcings).
+    """
+
+    model: Any
+    initial_state: Any
+    forcings: Any = None
+    values: dict = eqx.field(default_factory=dict)
+
+    def with_value(self, name: str, value, **changes) -> "Decoded":
+        """A copy with ``values[name] = value`` and the given fields replaced."""
+        return dataclasses.replace(self, values={**self.values, name: value}, **changes)
+
+
+# ----------------------------------------------------------------- control variables
 
 
 def _is_cov(x) -> bool:
@@ -167,10 +203,117 @@ def _cov_map(method: str, cov, tree):
     return jtu.tree_map(lambda c, t: getattr(c, method)(t), cov, tree, is_leaf=_is_cov)
 
 
-class InitialState(eqx.Module):
+def _labels(name: str, shape: tuple[int, ...]) -> list[str]:
+    if shape == ():
+        return [name]
+    return [f"{name}[{','.join(str(i) for i in idx)}]" for idx in np.ndindex(*shape)]
+
+
+class AbstractControlVariable(eqx.Module):
+    r"""One block of the whitened control $v$: a quantity the analysis may change.
+
+    A variable maps its whitened block $v_i$ to a Gaussian ("unconstrained")
+    coordinate $z_i = z_{b,i} + U_i v_i$ (affine, $U_i U_i^\top$ its prior
+    covariance) and then to its physical value $p_i = T_i(z_i)$ (elementwise; the
+    identity for states and forcings). Subclasses implement:
+
+    * :meth:`zeros`: the block of the background, $v_i = 0$, with its structure;
+    * :meth:`decode`: apply the block to a :class:`Decoded` (set a model leaf, add
+      an increment to the initial state, set the forcings, ...) and record the
+      physical value under :attr:`name`;
+    * :meth:`sqrt`: the linear map $U_i$ (whitened block to an increment of $z_i$,
+      with the structure of the physical value);
+
+    and may override :meth:`resolve` (fill in backgrounds from the model, check
+    shapes), :meth:`derivative` ($T_i'(z_i)$ for the delta method) and
+    :meth:`unconstrained`. Everything else (the push-forward of a whitened
+    covariance to physical standard deviations) is derived from these.
+
+    Attributes:
+        name: the key of the block in the whitened control and in every result.
+        correlated: class-level flag: whether the variable's entries enter the
+            posterior correlation matrix (:class:`assimilation.Posterior`); true
+            for parameters (a few entries), false for states and forcings.
+    """
+
+    name: AbstractVar[str]
+    correlated: ClassVar[bool] = False
+
+    def resolve(self, model, state0) -> "AbstractControlVariable":
+        """This variable with its backgrounds filled in from ``model``/``state0``
+        and its shapes checked (raise ``ValueError``/``TypeError`` otherwise)."""
+        return self
+
+    @abc.abstractmethod
+    def zeros(self, state0):
+        """The whitened block of the background, $v_i = 0$."""
+
+    @abc.abstractmethod
+    def decode(self, v, decoded: Decoded) -> "Decoded":
+        """``decoded`` with this variable's block ``v`` applied."""
+
+    @abc.abstractmethod
+    def sqrt(self, v):
+        """$U_i v$: the (linear) increment of the Gaussian coordinate."""
+
+    def derivative(self, v):
+        r"""$T_i'(z_i(v))$ elementwise, or ``None`` when $T_i$ is the identity."""
+        return None
+
+    def unconstrained(self, v):
+        r"""$z_i(v)$, or ``None`` when it depends on more than the variable (e.g.
+        the initial state's background)."""
+        return None
+
+    def labels(self, v) -> tuple[str, ...]:
+        """One label per entry of the physical value (``name`` or ``name[i,j]``)."""
+        leaves = jtu.tree_leaves(jax.eval_shape(self.sqrt, v))
+        if len(leaves) == 1:
+            return tuple(_labels(self.name, tuple(leaves[0].shape)))
+        return tuple(
+            label
+            for k, leaf in enumerate(leaves)
+            for label in _labels(f"{self.name}.{k}", tuple(leaf.shape))
+        )
+
+    def sqrt_matrix(self, v):
+        """$U_i$ as a dense matrix, ``(entries of the value, entries of v)``."""
+        flat, unravel = jfu.ravel_pytree(v)
+        eye = jnp.eye(flat.size, dtype=flat.dtype)
+        cols = jax.vmap(lambda e: jfu.ravel_pytree(self.sqrt(unravel(e)))[0])(eye)
+        return cols.T
+
+    def push_forward(self, v, covariance):
+        r"""Standard deviations of the physical value from a whitened covariance.
+
+        With $C$ the covariance of the block $v_i$ (a dense ``(n_i, n_i)`` matrix
+        over the flattened block, e.g. a block of the Gauss-Newton posterior
+        $(I + J_o^\top J_o)^{-1}$): $\mathrm{Cov}(z_i) = U_i C U_i^\top$, and
+        to first order (delta method) $\sigma_{p} = |T_i'(z_i)|\,\sigma_{z}$.
+
+        Returns:
+            ``(std, std_unconstrained)``, each with the structure of the physical
+            value (``std_unconstrained`` is $\sigma_z$).
+        """
+        u = self.sqrt_matrix(v)
+        var = jnp.sum(jnp.matmul(u, covariance, precision="highest") * u, axis=1)
+        like = jax.eval_shape(self.sqrt, v)
+        _, unravel = jfu.ravel_pytree(
+            jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+        )
+        std_z = unravel(jnp.sqrt(var))
+        d = self.derivative(v)
+        std = (
+            std_z if d is None else jtu.tree_map(lambda s, g: jnp.abs(g) * s, std_z, d)
+        )
+        return std, std_z
+
+
+class InitialState(AbstractControlVariable):
     r"""Control of the initial state: $x_0 = x_b + U v$, $B = UU^\top$.
 
-    The background $x_b$ is the ``state0`` given to :class:`assimilation.FourDVar`.
+    The background $x_b$ is the ``state0`` given to :class:`assimilation.FourDVar`
+    (the initial state of the :class:`Decoded` the block is applied to).
 
     Attributes:
         covariance: the background-error covariance $B$: one
@@ -189,10 +332,27 @@ class InitialState(eqx.Module):
                 f"them, one per state field; got {type(self.covariance).__name__}."
             )
 
-    name = INITIAL_STATE
+    @property
+    def name(self) -> str:
+        return INITIAL_STATE
+
+    def resolve(self, model, state0):
+        _check_cov_tree(self.covariance, state0, self.name)
+        return self
+
+    def zeros(self, state0):
+        return jtu.tree_map(jnp.zeros_like, state0)
+
+    def sqrt(self, v):
+        return _cov_map("sqrt", self.covariance, v)
+
+    def decode(self, v, decoded):
+        dx = self.sqrt(v)
+        x0 = jtu.tree_map(lambda a, b: a + b.astype(a.dtype), decoded.initial_state, dx)
+        return decoded.with_value(self.name, x0, initial_state=x0)
 
 
-class Parameter(eqx.Module):
+class Parameter(AbstractControlVariable):
     r"""A physical model parameter to calibrate: $p = T(z)$, $z = T^{-1}(p_b) + Uv$.
 
     Attributes:
@@ -223,6 +383,9 @@ class Parameter(eqx.Module):
     transform: AbstractTransform
     covariance: AbstractCovariance | None
     where: Callable | None = eqx.field(static=True)
+    _sigma: Any = None
+
+    correlated: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -262,24 +425,18 @@ class Parameter(eqx.Module):
         self.transform = transform
         if covariance is None:
             std = jnp.asarray(sigma)
-            if not isinstance(std, jax.core.Tracer) and not np.all(
-                np.isfinite(np.asarray(std)) & (np.asarray(std) > 0)
-            ):
-                raise ValueError(
-                    f"Parameter {name!r}: `sigma` must be positive and finite, got "
-                    f"{np.asarray(std)}."
-                )
+            check_positive(std, f"Parameter {name!r}: `sigma`")
             # The shape is fixed when the background is known (see `resolve`).
-            covariance = None if self.background is None else Diagonal(
-                std, shape=jnp.shape(self.background)
+            covariance = (
+                None
+                if self.background is None
+                else Diagonal(std, shape=jnp.shape(self.background))
             )
             self._sigma = std
         else:
             self._sigma = None
         self.covariance = covariance
         self.where = where
-
-    _sigma: Any = None
 
     def select(self, model):
         """The model leaf this parameter sets."""
@@ -297,7 +454,7 @@ class Parameter(eqx.Module):
                 ) from None
         return obj
 
-    def resolve(self, model) -> Parameter:
+    def resolve(self, model, state0=None) -> "Parameter":
         """Fill in the background from ``model`` and check shapes and ranges."""
         current = self.select(model)
         if current is None or not hasattr(current, "shape"):
@@ -325,17 +482,29 @@ class Parameter(eqx.Module):
         new = eqx.tree_at(lambda p: p.background, self, background, is_leaf=_none)
         return eqx.tree_at(lambda p: p.covariance, new, cov, is_leaf=_none)
 
+    def zeros(self, state0=None):
+        return jnp.zeros(jnp.shape(self.background), jnp.result_type(float))
+
     def unconstrained_background(self):
         return self.transform.inverse(self.background)
 
-    def physical(self, v):
-        """Physical value $T(T^{-1}(p_b) + Uv)$ for the whitened control ``v``."""
-        z = self.unconstrained_background() + self.covariance.sqrt(v)
-        return self.transform.forward(z)
+    def to_unconstrained(self, value):
+        """$T^{-1}(p)$ of a physical value ``value``."""
+        return self.transform.inverse(jnp.asarray(value))
+
+    def sqrt(self, v):
+        return self.covariance.sqrt(v)
 
     def unconstrained(self, v):
         """$z = T^{-1}(p_b) + Uv$."""
         return self.unconstrained_background() + self.covariance.sqrt(v)
+
+    def physical(self, v):
+        """Physical value $T(T^{-1}(p_b) + Uv)$ for the whitened control ``v``."""
+        return self.transform.forward(self.unconstrained(v))
+
+    def derivative(self, v):
+        return self.transform.derivative(self.unconstrained(v))
 
     def apply(self, model, value):
         """``model`` with this parameter set to ``value``."""
@@ -350,19 +519,24 @@ class Parameter(eqx.Module):
 
         return eqx.tree_at(where, model, value)
 
+    def decode(self, v, decoded):
+        p = self.physical(v)
+        return decoded.with_value(self.name, p, model=self.apply(decoded.model, p))
+
 
 def _none(x):
     return x is None
 
 
-class ModelError(eqx.Module):
+class ModelError(AbstractControlVariable):
     r"""Weak-constraint model error: a constant forcing $\eta_j$ per sub-window.
 
     The window of ``n_steps`` model steps is split into ``n_windows`` equal
     sub-windows; on sub-window $j$ the model is advanced with the extra source
-    $\eta_j$ (added to the model's forcing, in state units per time unit), and
-    $\eta_j = U_q w_j$ with the whitened control $w_j$, so $\eta_j\sim\mathcal N(0,Q)$
-    a priori and the cost gains $\tfrac12\sum_j\|w_j\|^2$.
+    $\eta_j$ (added to the model's forcing by :class:`dphys.Augmented`, in state
+    units per time unit), and $\eta_j = U_q w_j$ with the whitened control $w_j$,
+    so $\eta_j\sim\mathcal N(0,Q)$ a priori and the cost gains
+    $\tfrac12\sum_j\|w_j\|^2$.
 
     Attributes:
         covariance: $Q$, the covariance of each $\eta_j$ (an
@@ -375,8 +549,10 @@ class ModelError(eqx.Module):
     n_windows: int = eqx.field(static=True, default=1)
 
     def __check_init__(self):
-        if isinstance(self.n_windows, bool) or not isinstance(self.n_windows, int) or (
-            self.n_windows < 1
+        if (
+            isinstance(self.n_windows, bool)
+            or not isinstance(self.n_windows, int)
+            or (self.n_windows < 1)
         ):
             raise ValueError(
                 f"`n_windows` must be an integer >= 1, got {self.n_windows!r}."
@@ -388,22 +564,47 @@ class ModelError(eqx.Module):
                 f"{type(self.covariance).__name__}."
             )
 
-    name = MODEL_ERROR
+    @property
+    def name(self) -> str:
+        return MODEL_ERROR
+
+    def resolve(self, model, state0):
+        _check_cov_tree(self.covariance, state0, self.name)
+        return self
+
+    def zeros(self, state0):
+        n = self.n_windows
+        return jtu.tree_map(lambda x: jnp.zeros((n,) + jnp.shape(x), x.dtype), state0)
+
+    def sqrt(self, v):
+        return jax.vmap(lambda w: _cov_map("sqrt", self.covariance, w))(v)
+
+    def decode(self, v, decoded):
+        if decoded.forcings is not None:
+            raise ValueError(
+                "Two control variables set the model-error forcings; declare one "
+                "ModelError."
+            )
+        eta = self.sqrt(v)
+        return decoded.with_value(self.name, eta, forcings=eta)
+
+
+# --------------------------------------------------------------------- the control
 
 
 class Control(eqx.Module):
-    r"""The full control: any combination of initial state, parameters, model error.
+    r"""The control: an ordered, open collection of control variables.
 
-    Attributes:
-        initial_state: an :class:`InitialState`, or ``None`` to keep the initial
-            state fixed at the background (parameter-only calibration).
-        parameters: a tuple of :class:`Parameter` (unique names).
-        model_error: a :class:`ModelError` for weak-constraint 4D-Var, or ``None``
-            (strong constraint: the model is perfect).
-
-    The whitened control is a ``dict``: ``{"initial_state": state-shaped pytree,
+    ``Control(*variables)`` takes any :class:`AbstractControlVariable` s (unique
+    names); the keywords ``initial_state=``, ``parameters=`` and ``model_error=``
+    append an :class:`InitialState`, :class:`Parameter` s and a
+    :class:`ModelError` after them, in that order. The whitened control is a
+    ``dict`` ``{variable.name: block}``: ``{"initial_state": state-shaped pytree,
     <parameter name>: array of the parameter's shape, "model_error": array of shape
     (n_windows, *state shape)}`` with only the declared entries.
+
+    Attributes:
+        variables: the control variables, in order.
 
     Example:
         >>> import assimilation as da, dphys
@@ -416,11 +617,9 @@ class Control(eqx.Module):
         ('initial_state', 'kappa')
     """
 
-    initial_state: InitialState | None
-    parameters: tuple[Parameter, ...]
-    model_error: ModelError | None
+    variables: tuple[AbstractControlVariable, ...]
 
-    def __init__(self, *, initial_state=None, parameters=(), model_error=None):
+    def __init__(self, *variables, initial_state=None, parameters=(), model_error=None):
         if isinstance(parameters, Parameter):
             parameters = (parameters,)
         parameters = tuple(parameters)
@@ -430,10 +629,6 @@ class Control(eqx.Module):
                     f"`parameters` must hold assimilation.Parameter objects, got "
                     f"{type(p).__name__}."
                 )
-        names = [p.name for p in parameters]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"`parameters` has duplicate names {dup}; names are keys.")
         if initial_state is not None and not isinstance(initial_state, InitialState):
             raise TypeError(
                 "`initial_state` must be an assimilation.InitialState, got "
@@ -444,75 +639,84 @@ class Control(eqx.Module):
                 "`model_error` must be an assimilation.ModelError, got "
                 f"{type(model_error).__name__}."
             )
-        if initial_state is None and not parameters and model_error is None:
+        for i, var in enumerate(variables):
+            if not isinstance(var, AbstractControlVariable):
+                raise TypeError(
+                    f"`Control(*variables)`: entry {i} must be an "
+                    "assimilation.AbstractControlVariable (InitialState, Parameter, "
+                    f"ModelError, ...), got {type(var).__name__}."
+                )
+        variables = (
+            *variables,
+            *(() if initial_state is None else (initial_state,)),
+            *parameters,
+            *(() if model_error is None else (model_error,)),
+        )
+        if not variables:
             raise ValueError(
                 "`Control` is empty: declare at least one of `initial_state`, "
-                "`parameters` or `model_error`."
+                "`parameters` or `model_error` (or pass control variables)."
             )
-        self.initial_state = initial_state
-        self.parameters = parameters
-        self.model_error = model_error
+        names = [v.name for v in variables]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"The control has duplicate names {dup}; names are the keys of the "
+                "whitened control, give each variable its own."
+            )
+        self.variables = variables
+
+    # -- the collection
+    def __iter__(self) -> Iterator[AbstractControlVariable]:
+        return iter(self.variables)
+
+    def __len__(self) -> int:
+        return len(self.variables)
+
+    def __getitem__(self, name: str) -> "AbstractControlVariable":
+        for var in self.variables:
+            if var.name == name:
+                return var
+        raise KeyError(f"no control variable {name!r}; the control has {self.names}.")
 
     @property
     def names(self) -> tuple[str, ...]:
-        out = []
-        if self.initial_state is not None:
-            out.append(INITIAL_STATE)
-        out += [p.name for p in self.parameters]
-        if self.model_error is not None:
-            out.append(MODEL_ERROR)
-        return tuple(out)
+        return tuple(v.name for v in self.variables)
+
+    def _of_type(self, cls):
+        return tuple(v for v in self.variables if isinstance(v, cls))
+
+    @property
+    def initial_state(self) -> InitialState | None:
+        """The :class:`InitialState` variable, or ``None``."""
+        found = self._of_type(InitialState)
+        return found[0] if found else None
+
+    @property
+    def parameters(self) -> tuple[Parameter, ...]:
+        """The :class:`Parameter` variables, in order."""
+        return self._of_type(Parameter)
+
+    @property
+    def model_error(self) -> ModelError | None:
+        """The :class:`ModelError` variable, or ``None`` (strong constraint)."""
+        found = self._of_type(ModelError)
+        return found[0] if found else None
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.parameters)
 
-    def resolve(self, model, state0) -> Control:
-        """Fill in parameter backgrounds from ``model``; check every shape."""
-        if self.initial_state is not None:
-            _check_cov_tree(self.initial_state.covariance, state0, "initial_state")
-        if self.model_error is not None:
-            _check_cov_tree(self.model_error.covariance, state0, "model_error")
-        params = tuple(p.resolve(model) for p in self.parameters)
-        return eqx.tree_at(lambda c: c.parameters, self, params)
+    # -- building and checking
+    def resolve(self, model, state0) -> "Control":
+        """Every variable resolved against ``model`` and ``state0`` (backgrounds
+        filled in, shapes checked)."""
+        resolved = tuple(v.resolve(model, state0) for v in self.variables)
+        return eqx.tree_at(lambda c: c.variables, self, resolved)
 
     def zeros(self, state0) -> dict:
         """The whitened control of the background, $v = 0$."""
-        v = {}
-        if self.initial_state is not None:
-            v[INITIAL_STATE] = jtu.tree_map(jnp.zeros_like, state0)
-        for p in self.parameters:
-            v[p.name] = jnp.zeros(jnp.shape(p.background), jnp.result_type(float))
-        if self.model_error is not None:
-            n = self.model_error.n_windows
-            v[MODEL_ERROR] = jtu.tree_map(
-                lambda x: jnp.zeros((n,) + jnp.shape(x), x.dtype), state0
-            )
-        return v
-
-    def initial_state_of(self, v, state0):
-        """$x_0 = x_b + U v_x$ (``state0`` when the state is not controlled)."""
-        if self.initial_state is None:
-            return state0
-        dx = _cov_map("sqrt", self.initial_state.covariance, v[INITIAL_STATE])
-        return jtu.tree_map(lambda a, b: a + b.astype(a.dtype), state0, dx)
-
-    def forcings_of(self, v):
-        r"""Model-error forcings $\eta_j = U_q w_j$, leading axis ``n_windows``."""
-        if self.model_error is None:
-            return None
-        cov = self.model_error.covariance
-        return jax.vmap(lambda w: _cov_map("sqrt", cov, w))(v[MODEL_ERROR])
-
-    def parameters_of(self, v) -> dict:
-        """Physical parameter values ``{name: p}`` for the whitened control ``v``."""
-        return {p.name: p.physical(v[p.name]) for p in self.parameters}
-
-    def model_of(self, v, model):
-        """``model`` with every controlled parameter set from ``v``."""
-        for p in self.parameters:
-            model = p.apply(model, p.physical(v[p.name]))
-        return model
+        return {v.name: v.zeros(state0) for v in self.variables}
 
     def check_control(self, v, state0) -> None:
         """Raise ``ValueError`` unless ``v`` has this control's keys and shapes."""
@@ -532,6 +736,51 @@ class Control(eqx.Module):
                     f"Control entry {k!r} must have shapes {ref_shapes}, got {shapes}."
                 )
 
+    # -- decoding
+    def decode(self, v, model, state0) -> "Decoded":
+        """Decode the whitened control ``v`` in one pass over the variables.
+
+        Args:
+            v: the whitened control (``dict``).
+            model: the model at its background parameters.
+            state0: the background initial state $x_b$.
+
+        Returns:
+            A :class:`Decoded`: the model with the controlled parameters set, the
+            initial state, the forcings and every variable's physical value.
+        """
+        decoded = Decoded(model=model, initial_state=state0)
+        for var in self.variables:
+            decoded = var.decode(v[var.name], decoded)
+        return decoded
+
+    def sqrt(self, v) -> dict:
+        """$U v$ blockwise: ``{name: increment of the Gaussian coordinate}``."""
+        return {var.name: var.sqrt(v[var.name]) for var in self.variables}
+
+    # -- single quantities (kept for compatibility; `decode` gives them all at once)
+    def initial_state_of(self, v, state0):
+        """$x_0 = x_b + U v_x$ (``state0`` when the state is not controlled)."""
+        var = self.initial_state
+        if var is None:
+            return state0
+        return var.decode(v[var.name], Decoded(None, state0)).initial_state
+
+    def forcings_of(self, v):
+        r"""Model-error forcings $\eta_j = U_q w_j$, leading axis ``n_windows``."""
+        var = self.model_error
+        return None if var is None else var.sqrt(v[var.name])
+
+    def parameters_of(self, v) -> dict:
+        """Physical parameter values ``{name: p}`` for the whitened control ``v``."""
+        return {p.name: p.physical(v[p.name]) for p in self.parameters}
+
+    def model_of(self, v, model):
+        """``model`` with every controlled parameter set from ``v``."""
+        for p in self.parameters:
+            model = p.apply(model, p.physical(v[p.name]))
+        return model
+
 
 def _check_cov_tree(cov, state, name):
     if _is_cov(cov):
@@ -545,9 +794,7 @@ def _check_cov_tree(cov, state, name):
         cov.check_shape(state, f"{name}.covariance")
         return
     try:
-        pairs = jtu.tree_map(
-            lambda c, s: (c, s), cov, state, is_leaf=_is_cov
-        )
+        pairs = jtu.tree_map(lambda c, s: (c, s), cov, state, is_leaf=_is_cov)
     except ValueError as err:
         raise ValueError(
             f"`{name}.covariance` must have the pytree structure of the state: {err}"

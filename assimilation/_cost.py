@@ -1,7 +1,20 @@
-r"""Strong- and weak-constraint 4D-Var costs.
+r"""The problem abstraction (:class:`AbstractCost`) and the 4D-Var cost.
 
-With the whitened control $v$ of a :class:`assimilation.Control` (initial state,
-parameters, model-error forcings), the cost is
+An :class:`AbstractCost` is a *reduced functional* (pyadjoint's
+``ReducedFunctional``, optimistix's ``fn``): a scalar function $J(v)$ of a whitened
+control $v$, made of named terms,
+
+$$ J(v) = \sum_{\text{name}} J_{\text{name}}(v), $$
+
+at least ``"background"`` and ``"observation"`` (later ``"prior"``,
+``"model_error"``, ...). The minimisation methods, :func:`assimilation.minimize`,
+:func:`assimilation.assimilate` and :func:`assimilation.posterior` are written
+against it: they read the terms and, for Gauss-Newton, the whitened residual, and
+never re-derive a term themselves.
+
+:class:`FourDVar` is the strong- and weak-constraint 4D-Var cost. With the whitened
+control $v$ of a :class:`assimilation.Control` (initial state, parameters,
+model-error forcings),
 
 $$ J(v) = \tfrac12\|v\|^2
    + \tfrac12\sum_k \big\|R^{-1/2}\big(H_k(x(t_k; v)) - y_k\big)\big\|^2_{\text{observed}}, $$
@@ -14,14 +27,14 @@ $x_0 = x_b + B^{1/2}v_x$, $p = T(T^{-1}(p_b) + B_p^{1/2}v_p)$; with a
 (weak constraint). $R = \mathrm{diag}(\sigma_s^2)$ per sensor; missing values (NaN)
 drop out of the sum.
 
-The model trajectory is never stored: the observation hook
-``dphys.SaveAt(steps=..., fn=H)`` saves only sensor values at the steps that bracket
-the observation times, and ``jax.grad`` goes through the core's adjoints
-(transposed implicit solves, checkpointed time loop).
+The model trajectory is never stored: the observation hook (an ``eqx.Module``
+holding the observation operator, passed as ``dphys.SaveAt(steps=..., fn=hook)``)
+saves only sensor values at the steps that bracket the observation times, and
+``jax.grad`` goes through the core's adjoints (transposed implicit solves,
+checkpointed time loop).
 """
 
-from __future__ import annotations
-
+import abc
 import numbers
 from typing import Any
 
@@ -29,11 +42,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 import numpy as np
+import optax.tree_utils as otu
+from equinox import AbstractVar
 
 import dphys
 
-from ._control import Control
+from ._control import Control, Decoded
 from ._observation import (
     AbstractObservationOperator,
     Interpolation,
@@ -42,67 +58,197 @@ from ._observation import (
 )
 
 
-class _Forced(dphys.AbstractModel):
-    """``model`` with an extra constant source ``extra`` (model-error forcing)."""
-
-    grid: dphys.Grid
-    model: dphys.AbstractModel
-    extra: Any
-
-    def __init__(self, model, extra):
-        self.grid = model.grid
-        self.model = model
-        self.extra = extra
-
-    def linear(self, t, state):
-        return self.model.linear(t, state)
-
-    def explicit(self, t, state):
-        return self.model.explicit(t, state)
-
-    def forcing(self, t):
-        f = self.model.forcing(t)
-        if f is None:
-            return self.extra
-        return jtu.tree_map(jnp.add, f, self.extra)
-
-    @property
-    def translation_invariant(self):
-        return self.model.translation_invariant
-
-    @property
-    def symmetric(self):
-        return self.model.symmetric
-
-    @property
-    def autonomous(self):
-        return self.model.autonomous
-
-    def check_state(self, state):
-        return self.model.check_state(state)
-
-    def check_run(self, state, dt):
-        return self.model.check_run(state, dt)
-
-    def validate(self, state):
-        return self.model.validate(state)
+BACKGROUND = "background"
+OBSERVATION = "observation"
 
 
-def _tree_sq(tree):
-    leaves = jtu.tree_leaves(tree)
-    return sum(jnp.sum(jnp.square(x)) for x in leaves)
+def _shapes(tree):
+    return jtu.tree_structure(tree), [jnp.shape(x) for x in jtu.tree_leaves(tree)]
 
 
-class FourDVar(eqx.Module):
+class AbstractCost(eqx.Module):
+    r"""A cost function $J(v) = \sum_{\text{name}} J_{\text{name}}(v)$ of a whitened
+    control $v$: the problem that the minimisation methods solve.
+
+    Subclasses implement :meth:`init`, :meth:`terms` and :meth:`innovations`; a
+    least-squares cost also implements :meth:`residual` (Gauss-Newton and the
+    posterior need it), and a cost that runs a model implements :meth:`decode` and
+    :meth:`forecast` and sets :attr:`control` (what :func:`assimilation.assimilate`
+    reports in its :class:`assimilation.Analysis`). Every method is a pure function
+    of the control: jittable, differentiable and vmappable.
+
+    A cost that adds a term to another (a learned prior, a model-error penalty) is
+    a new subclass holding the other cost and forwarding what it does not change.
+
+    Attributes:
+        control: the :class:`assimilation.Control` whose variables the blocks of
+            $v$ are, or ``None`` for a cost of a bare vector (then
+            :func:`assimilation.posterior` reports only whitened quantities).
+    """
+
+    control: AbstractVar[Control | None]
+
+    @abc.abstractmethod
+    def init(self):
+        """The whitened control of the background (the starting point, $v_b$)."""
+
+    @abc.abstractmethod
+    def terms(self, control) -> dict[str, jax.Array]:
+        r"""The named terms $J_{\text{name}}(v)$, scalars, whose sum is the cost.
+
+        At least ``"background"`` and ``"observation"``; the order is the order
+        in which results list them.
+        """
+
+    @abc.abstractmethod
+    def innovations(self, control):
+        """Observation minus model equivalent, $y - H(x(v))$ (NaN where missing)."""
+
+    def residual(self, control):
+        r"""The whitened residual $r(v)$ of a least-squares cost,
+        $J = \tfrac12\|r(v)\|^2$: a pytree (e.g. ``{"background": ...,
+        "observation": ...}``) whose Jacobian Gauss-Newton linearises
+        (:func:`assimilation.gauss_newton_operator`).
+
+        A cost with a term that is not a sum of squares (an L1 or a learned prior)
+        returns the residual of its least-squares terms only: Gauss-Newton then
+        steps with the exact gradient of $J$ but the curvature $J_r^\top J_r$ of
+        those terms alone, and the Laplace posterior ignores the other terms'
+        curvature. The default raises: the cost is not least-squares.
+        """
+        raise TypeError(
+            f"{type(self).__name__} defines no `residual(control)`, so it is not a "
+            "least-squares cost: Gauss-Newton and the Laplace posterior need the "
+            "whitened residual r with J = 1/2 |r|^2. Use assimilation.LBFGS(), or "
+            "implement `residual`."
+        )
+
+    def decode(self, control) -> Decoded:
+        """The control decoded into model, initial state, forcings and values."""
+        raise TypeError(
+            f"{type(self).__name__} does not run a model (no `decode`): "
+            "assimilation.assimilate needs one to report an Analysis; use "
+            "assimilation.minimize for a bare cost."
+        )
+
+    def forecast(self, control):
+        """``(hx, final)``: the model equivalents of the observations and the state
+        at the end of the window."""
+        raise TypeError(
+            f"{type(self).__name__} does not run a model (no `forecast`): "
+            "assimilation.assimilate needs one to report an Analysis; use "
+            "assimilation.minimize for a bare cost."
+        )
+
+    def check(self, control) -> None:
+        """Raise ``ValueError`` unless ``control`` has the structure and shapes of
+        :meth:`init` (a static check, before tracing)."""
+        ref = jax.eval_shape(self.init)
+        if _shapes(control) != _shapes(ref):
+            raise ValueError(
+                f"The control must have the structure and shapes of `cost.init()`: "
+                f"{jtu.tree_structure(ref)} with shapes {_shapes(ref)[1]}, got "
+                f"{jtu.tree_structure(control)} with shapes {_shapes(control)[1]}."
+            )
+
+    def __call__(self, control):
+        """The cost $J(v)$, a scalar: the sum of :meth:`terms`."""
+        self.check(control)
+        return _total(self.terms(control))
+
+    def costs(self, control):
+        r"""``(J, J_b, J_o)``: total, background and observation terms."""
+        terms = self.terms(control)
+        zero = jnp.zeros((), jnp.result_type(*terms.values()))
+        return (
+            _total(terms),
+            terms.get(BACKGROUND, zero),
+            terms.get(OBSERVATION, zero),
+        )
+
+
+def _total(terms: dict):
+    values = list(terms.values())
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
+def gauss_newton_operator(cost: AbstractCost, control) -> lx.FunctionLinearOperator:
+    r"""The Gauss-Newton Hessian $A = J_r^\top J_r$ of a least-squares cost at
+    ``control``, a matrix-free ``lineax`` operator on the whitened control.
+
+    With the whitened residual $r(v)$ of :meth:`AbstractCost.residual`
+    ($J = \tfrac12\|r\|^2$) and $J_r = \partial r/\partial v$, $A v' = J_r^\top
+    (J_r v')$: the tangent-linear model (``jax.jvp``) then the adjoint (``jax.vjp``,
+    whose forward run is done once, here). For :class:`FourDVar`,
+    $r = [v;\ R^{-1/2}(H(x(v)) - y)]$ and $A = I + J_o^\top J_o \succeq I$. Tagged
+    symmetric positive semidefinite, so ``lineax.CG`` solves with it; this one
+    operator is the Gauss-Newton inner system, the Laplace posterior precision
+    (:func:`assimilation.posterior`) and the Hessian that implicit
+    hypergradients solve with.
+
+    Args:
+        cost: a least-squares :class:`AbstractCost` (it defines ``residual``).
+        control: the linearisation point, a whitened control.
+
+    Returns:
+        A ``lineax.FunctionLinearOperator`` from and to the control's structure;
+        ``.as_matrix()`` gives the dense matrix (in ``ravel_pytree`` order).
+
+    Example:
+        >>> op = gauss_newton_operator(cost, cost.init())  # doctest: +SKIP
+        >>> solver = lineax.CG(rtol=1e-8, atol=0.0)  # doctest: +SKIP
+        >>> delta = lineax.linear_solve(op, minus_grad, solver).value  # doctest: +SKIP
+    """
+    _, vjp_fn = jax.vjp(cost.residual, control)
+
+    def mv(tangent):
+        _, jt = jax.jvp(cost.residual, (control,), (tangent,))
+        return vjp_fn(jt)[0]
+
+    return lx.FunctionLinearOperator(
+        mv,
+        jax.eval_shape(lambda: control),
+        tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
+    )
+
+
+class _ObservationHook(eqx.Module):
+    """The observation hook of :func:`dphys.simulate`: sensor values of a state.
+
+    A Module, not a fresh function per call: its arrays (sensor weights, or a
+    learned operator's parameters) are traced data, so calling the cost again with
+    new values reuses the compiled run.
+    """
+
+    obs_op: AbstractObservationOperator
+
+    def __call__(self, t, state):
+        return self.obs_op(state)
+
+
+def _saveat(steps, hook):
+    return dphys.SaveAt(t1=False, steps=steps, fn=hook)
+
+
+class FourDVar(AbstractCost):
     r"""A 4D-Var cost function $J(v)$ over a window of ``n_steps`` model steps.
 
     Strong constraint by default; weak constraint when the control has a
     :class:`assimilation.ModelError` (the window is then run as ``n_windows``
-    chained :func:`dphys.simulate` calls, each with its own constant forcing).
-    Every method is a pure function of the whitened control ``v`` (a ``dict``,
-    see :class:`assimilation.Control`): jittable, differentiable and vmappable.
-    To vmap over observation sets (e.g. noise seeds), build the cost once and swap
-    values with ``eqx.tree_at(lambda c: c.obs.values, cost, values)``.
+    chained :func:`dphys.simulate` calls, each with the model plus its constant
+    forcing, :class:`dphys.Augmented`, which keeps every hook of the model: its
+    preferred solver, its run-time checks and their messages). Every method is a
+    pure function of the whitened control ``v`` (a ``dict``, see
+    :class:`assimilation.Control`): jittable, differentiable and vmappable. To vmap
+    over observation sets (e.g. noise seeds), build the cost once and swap values
+    with ``eqx.tree_at(lambda c: c.obs.values, cost, values)``.
+
+    Terms: ``"background"`` $\tfrac12\|v\|^2$ and ``"observation"``
+    $\tfrac12\|R^{-1/2}(H(x) - y)\|^2$; the whitened residual is
+    ``{"background": v, "observation": obs_residual(v)}``.
 
     Attributes:
         model: the model at its background parameters (controlled parameters are
@@ -233,21 +379,48 @@ class FourDVar(eqx.Module):
         """The whitened control of the background ($v = 0$)."""
         return self.control.zeros(self.state0)
 
+    def check(self, control) -> None:
+        self.control.check_control(control, self.state0)
+
+    def decode(self, v) -> Decoded:
+        """Everything the forecast runs, from one pass over the control variables:
+        the model at ``v``, $x_0(v)$, the forcings and each variable's value."""
+        return self.control.decode(v, self.model, self.state0)
+
     def initial_state(self, v):
         """$x_0(v)$."""
-        return self.control.initial_state_of(v, self.state0)
+        return self.decode(v).initial_state
 
     def parameters(self, v) -> dict:
         """Physical parameter values ``{name: value}``."""
-        return self.control.parameters_of(v)
+        values = self.decode(v).values
+        return {name: values[name] for name in self.control.parameter_names}
 
     def forcings(self, v):
         """Model-error forcings, leading axis ``n_windows`` (``None`` if strong)."""
-        return self.control.forcings_of(v)
+        return self.decode(v).forcings
 
     def model_at(self, v):
         """The model with the controlled parameters set from ``v``."""
-        return self.control.model_of(v, self.model)
+        return self.decode(v).model
+
+    def window_models(self, v) -> tuple[dphys.AbstractModel, ...]:
+        """The model run on each sub-window: the model at ``v`` (strong
+        constraint), or that model plus sub-window $j$'s forcing
+        (:class:`dphys.Augmented`) under weak constraint."""
+        return self._window_models(self.decode(v))
+
+    def _window_models(self, decoded: Decoded):
+        if decoded.forcings is None:
+            return (decoded.model,)
+        n_win = jtu.tree_leaves(decoded.forcings)[0].shape[0]
+        return tuple(
+            dphys.Augmented(
+                decoded.model,
+                forcing=jtu.tree_map(lambda f, j=j: f[j], decoded.forcings),
+            )
+            for j in range(n_win)
+        )
 
     # ------------------------------------------------------------------ the forecast
 
@@ -259,43 +432,36 @@ class FourDVar(eqx.Module):
             times, shape ``(n_times, n_sensors)``, and the state at the end of the
             window.
         """
-        model = self.model_at(v)
-        x0 = self.initial_state(v)
-        forcings = self.forcings(v)
+        decoded = self.decode(v)
+        models = self._window_models(decoded)
+        hook = _ObservationHook(self.obs_op)
         steps = self.sampling.steps
-        fn = lambda t, y: self.obs_op(y)
-        run = lambda m, x, n, t0, save: dphys.simulate(
-            m,
-            self.stepper,
-            x,
-            dt=self.dt,
-            n_steps=n,
-            t0=t0,
-            saveat=dphys.SaveAt(t1=False, steps=save, fn=fn),
-            adjoint=self.adjoint,
-            throw=self.throw,
-        )
-        if forcings is None:
-            traj = run(model, x0, self.n_steps, self.t0, steps)
-            saved, final = traj.ys, traj.final
-        else:
-            n_win = self.control.model_error.n_windows
-            m = self.n_steps // n_win
-            state, parts = x0, []
-            for j in range(n_win):
-                local = tuple(
-                    s - j * m
-                    for s in steps
-                    if j * m < s <= (j + 1) * m or (j == 0 and s == 0)
-                )
-                forced = _Forced(model, jtu.tree_map(lambda f: f[j], forcings))
-                traj = run(forced, state, m, self.t0 + j * m * self.dt, local)
-                if local:
-                    parts.append(traj.ys)
-                state = traj.final
-            saved = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-            final = state
-        return self.sampling(saved), final
+        m = self.n_steps // len(models)
+        state, parts = decoded.initial_state, []
+        for j, model in enumerate(models):
+            # The saved steps of sub-window j, counted from its start; step 0 (the
+            # initial state) belongs to the first.
+            local = tuple(
+                s - j * m
+                for s in steps
+                if j * m < s <= (j + 1) * m or (j == 0 and s == 0)
+            )
+            traj = dphys.simulate(
+                model,
+                self.stepper,
+                state,
+                dt=self.dt,
+                n_steps=m,
+                t0=self.t0 + j * m * self.dt,
+                saveat=_saveat(local, hook),
+                adjoint=self.adjoint,
+                throw=self.throw,
+            )
+            if local:
+                parts.append(traj.ys)
+            state = traj.final
+        saved = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        return self.sampling(saved), state
 
     def predict(self, v):
         """Model equivalents $H(x(t_k))$, shape ``(n_times, n_sensors)``."""
@@ -324,16 +490,17 @@ class FourDVar(eqx.Module):
         """
         return self._whiten(self.predict(v))
 
-    def costs(self, v):
-        """``(J, J_b, J_o)``: total, background ($\\frac12\\|v\\|^2$), observation."""
-        jb = 0.5 * _tree_sq(v)
-        jo = 0.5 * jnp.sum(jnp.square(self.obs_residual(v)))
-        return jb + jo, jb, jo
+    def residual(self, v) -> dict:
+        r"""``{"background": v, "observation": obs_residual(v)}``, with
+        $J = \tfrac12\|r\|^2$."""
+        return {BACKGROUND: v, OBSERVATION: self.obs_residual(v)}
 
-    def __call__(self, v):
-        """The cost $J(v)$ (a scalar)."""
-        self.control.check_control(v, self.state0)
-        return self.costs(v)[0]
+    def terms(self, v) -> dict:
+        r"""``{"background": ½‖v‖², "observation": ½‖R^{-1/2}(H(x) - y)‖²}``."""
+        return {
+            BACKGROUND: 0.5 * otu.tree_norm(v, squared=True),
+            OBSERVATION: 0.5 * jnp.sum(jnp.square(self.obs_residual(v))),
+        }
 
     def innovations(self, v):
         """$y_k - H(x(t_k))$ (observation minus model), NaN where missing."""

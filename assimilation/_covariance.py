@@ -43,6 +43,8 @@ import numpy as np
 import dphys
 import pdes
 
+from ._checks import check_positive
+
 
 class AbstractCovariance(eqx.Module):
     r"""A covariance $B = U U^\top$ on arrays of ``shape``, matrix-free.
@@ -110,14 +112,7 @@ def _variance(cov):
 
 
 def _check_std(std, name="std"):
-    if isinstance(std, jax.core.Tracer):
-        return
-    arr = np.asarray(std)
-    if not np.all(np.isfinite(arr) & (arr > 0)):
-        raise ValueError(
-            f"`{name}` must be positive and finite everywhere, got min "
-            f"{np.nanmin(arr) if arr.size else arr}. Give standard deviations (> 0)."
-        )
+    check_positive(std, name, fix="Give standard deviations (> 0).")
 
 
 class Diagonal(AbstractCovariance):

@@ -17,8 +17,12 @@ Both minimise a :class:`assimilation.FourDVar` cost over the whitened control $v
   $J$ and $\nabla J$ from the adjoint.
 
 Each is a state machine, ``init(cost, v) -> IterationState`` and
-``step(cost, state) -> IterationState``, driven by :func:`assimilation.minimize`
-(pure JAX) or :func:`assimilation.assimilate` (from Python, with stopping rules).
+``step(cost, state) -> IterationState``, written against
+:class:`assimilation.AbstractCost`: the terms come from ``cost.terms`` and the
+Gauss-Newton system from :func:`assimilation.gauss_newton_operator`, never
+re-derived here. They are driven by :func:`assimilation.minimize` (pure JAX) or
+:func:`assimilation.assimilate` (from Python); when to stop is a separate
+:class:`assimilation.StoppingRule`.
 
 References:
     P. Courtier, J.-N. Thépaut and A. Hollingsworth (1994), "A strategy for
@@ -36,19 +40,12 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import lineax as lx
 import optax
+import optax.tree_utils as otu
 
-from ._cost import FourDVar
-
-
-def _norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(tree)))
-
-
-def _add(a, b, scale=1.0):
-    return jtu.tree_map(lambda x, y: x + scale * y, a, b)
+from ._cost import BACKGROUND, OBSERVATION, AbstractCost, _total, gauss_newton_operator
+from ._stopping import StoppingRule
 
 
 class IterationState(eqx.Module):
@@ -56,7 +53,8 @@ class IterationState(eqx.Module):
 
     Attributes:
         v: the whitened control.
-        cost, background_cost, obs_cost: $J$, $J_b$, $J_o$ at ``v``.
+        cost: $J$ at ``v``.
+        terms: the named terms of $J$ at ``v`` (``cost.terms(v)``).
         grad: $\\nabla J(v)$ (same structure as ``v``).
         grad_norm: $\\|\\nabla J(v)\\|_2$.
         inner_iterations: work in the last iteration: CG steps (Gauss-Newton) or
@@ -67,64 +65,80 @@ class IterationState(eqx.Module):
 
     v: Any
     cost: jax.Array
-    background_cost: jax.Array
-    obs_cost: jax.Array
+    terms: dict
     grad: Any
     grad_norm: jax.Array
     inner_iterations: jax.Array
     step_norm: jax.Array
     opt_state: Any
 
+    @property
+    def background_cost(self):
+        """The ``"background"`` term (0 if the cost has none)."""
+        return self.terms.get(BACKGROUND, jnp.zeros_like(self.cost))
 
-def _evaluate(cost: FourDVar, v):
+    @property
+    def obs_cost(self):
+        """The ``"observation"`` term (0 if the cost has none)."""
+        return self.terms.get(OBSERVATION, jnp.zeros_like(self.cost))
+
+
+def evaluate(cost: AbstractCost, v):
+    """``(J, terms, grad)`` at ``v``: one forward and one adjoint run."""
+
     def f(v):
-        j, jb, jo = cost.costs(v)
-        return j, (jb, jo)
+        terms = cost.terms(v)
+        return _total(terms), terms
 
-    (j, (jb, jo)), g = jax.value_and_grad(f, has_aux=True)(v)
-    return j, jb, jo, g
+    (j, terms), g = jax.value_and_grad(f, has_aux=True)(v)
+    return j, terms, g
+
+
+def _start(cost, v, opt_state=None):
+    j, terms, g = evaluate(cost, v)
+    zero = jnp.zeros((), jnp.int32)
+    return IterationState(
+        v, j, terms, g, otu.tree_norm(g), zero, jnp.zeros_like(j), opt_state
+    )
 
 
 class AbstractMethod(eqx.Module):
     """A minimisation method for :func:`assimilate` and :func:`minimize`.
 
     Subclasses implement ``init(cost, v) -> IterationState`` and
-    ``step(cost, state) -> IterationState`` as pure JAX functions, plus the
-    stopping options ``max_iterations``, ``gtol`` and ``ftol``.
+    ``step(cost, state) -> IterationState`` as pure JAX functions of an
+    :class:`assimilation.AbstractCost`. A method may carry a default stopping rule
+    (:meth:`stopping_rule`); the step itself never looks at it.
     """
 
-    max_iterations: eqx.AbstractVar[int]
-    gtol: eqx.AbstractVar[float]
-    ftol: eqx.AbstractVar[float]
+    @abc.abstractmethod
+    def init(self, cost: AbstractCost, v) -> IterationState: ...
 
     @abc.abstractmethod
-    def init(self, cost: FourDVar, v) -> IterationState: ...
+    def step(self, cost: AbstractCost, state: IterationState) -> IterationState: ...
 
-    @abc.abstractmethod
-    def step(self, cost: FourDVar, state: IterationState) -> IterationState: ...
+    def stopping_rule(self) -> StoppingRule:
+        """The rule used when :func:`assimilate`/:func:`minimize` get none."""
+        return StoppingRule()
 
-    def _check(self):
-        if (
-            isinstance(self.max_iterations, bool)
-            or not isinstance(self.max_iterations, int)
-            or self.max_iterations < 0
-        ):
-            raise ValueError(
-                f"`max_iterations` must be an integer >= 0, got {self.max_iterations!r}."
-            )
-        for name in ("gtol", "ftol"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value >= 0):
-                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+
+def _stop_gradient(tree):
+    arrays, rest = eqx.partition(tree, eqx.is_inexact_array)
+    return eqx.combine(jax.lax.stop_gradient(arrays), rest)
 
 
 class GaussNewton(AbstractMethod):
     r"""Incremental 4D-Var: Gauss-Newton outer loops, CG inner loops.
 
+    Each step solves $A\,\delta = -\nabla J(v_k)$ with the Gauss-Newton operator
+    $A$ of :func:`assimilation.gauss_newton_operator` by ``lineax.CG``, then halves
+    the step while it does not decrease $J$. The step size is chosen without
+    differentiating through the search (its inputs are ``stop_gradient``-ed), so
+    the iteration can be differentiated (unrolled) through $v_k$ and $\delta$.
+
     Attributes:
-        max_iterations: maximum number of outer (re-linearisation) iterations.
-        gtol: stop when $\|\nabla J\| \le$ ``gtol`` $\cdot\|\nabla J(v_0)\|$.
-        ftol: stop when $J_{k-1} - J_k \le$ ``ftol`` $\cdot J_k$.
+        max_iterations, gtol, ftol: the default :class:`assimilation.StoppingRule`
+            (maximum outer iterations, relative gradient and cost tolerances).
         inner_max_steps: maximum CG iterations per outer iteration (a truncated
             CG step is used as is, as usual in incremental 4D-Var).
         inner_rtol: CG relative residual tolerance.
@@ -139,77 +153,63 @@ class GaussNewton(AbstractMethod):
     max_backtracks: int = eqx.field(static=True, default=8)
 
     def __check_init__(self):
-        self._check()
+        self.stopping_rule()  # validates max_iterations, gtol, ftol
         if not (isinstance(self.inner_max_steps, int) and self.inner_max_steps >= 1):
             raise ValueError(
                 f"`inner_max_steps` must be an integer >= 1, got "
                 f"{self.inner_max_steps!r}."
             )
 
+    def stopping_rule(self) -> StoppingRule:
+        return StoppingRule(self.max_iterations, self.gtol, self.ftol)
+
     def init(self, cost, v):
-        j, jb, jo, g = _evaluate(cost, v)
-        zero = jnp.zeros((), jnp.int32)
-        return IterationState(v, j, jb, jo, g, _norm(g), zero, jnp.zeros_like(j), None)
+        return _start(cost, v)
 
     def solve_increment(self, cost, v, grad=None):
         """One inner loop: the Gauss-Newton increment $\\delta$ at ``v``.
 
-        Solves $(I + J_o^\\top J_o)\\,\\delta = -\\nabla J(v)$ by CG. ``grad`` is
-        $\\nabla J(v)$ when already known. Returns ``(delta, cg_steps)``.
+        Solves $A\\,\\delta = -\\nabla J(v)$ by CG. ``grad`` is $\\nabla J(v)$
+        when already known. Returns ``(delta, cg_steps)``.
         """
-        # The primal run here is the linearisation point; `vjp_fn` is the adjoint
-        # model J_o^T (checkpointed as the cost is), `jax.jvp` the tangent linear J_o.
-        res, vjp_fn = jax.vjp(cost.obs_residual, v)
         if grad is None:
-            grad = _add(v, vjp_fn(res)[0])
-
-        def hvp(p):
-            _, jp = jax.jvp(cost.obs_residual, (v,), (p,))
-            (jt_jp,) = vjp_fn(jp)
-            return _add(p, jt_jp)
-
-        op = lx.FunctionLinearOperator(
-            hvp,
-            jax.eval_shape(lambda: v),
-            tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
-        )
+            grad = evaluate(cost, v)[2]
+        op = gauss_newton_operator(cost, v)
         solver = lx.CG(rtol=self.inner_rtol, atol=0.0, max_steps=self.inner_max_steps)
-        rhs = jtu.tree_map(jnp.negative, grad)
-        sol = lx.linear_solve(op, rhs, solver, throw=False)
+        sol = lx.linear_solve(op, otu.tree_scale(-1.0, grad), solver, throw=False)
         return sol.value, jnp.asarray(sol.stats["num_steps"], jnp.int32)
 
     def step(self, cost, state):
         v, j = state.v, state.cost
         delta, n_cg = self.solve_increment(cost, v, state.grad)
 
-        def trial(k):
-            return _add(v, delta, 0.5**k)
-
         # Backtracking: halve the step while it does not decrease J. The loop starts
         # at k = -1 so that the cost is traced once, in the body.
+        c, v0, d0, j0 = _stop_gradient((cost, v, delta, j))
+
         def cond(carry):
             k, j_new = carry
-            bad = ~(j_new <= j) | ~jnp.isfinite(j_new)
+            bad = ~(j_new <= j0) | ~jnp.isfinite(j_new)
             return (k < 0) | (bad & (k < self.max_backtracks))
 
         def body(carry):
             k, _ = carry
-            return k + 1, cost.costs(trial(k + 1))[0]
+            return k + 1, _total(c.terms(otu.tree_add_scale(v0, 0.5 ** (k + 1), d0)))
 
         k, _ = jax.lax.while_loop(cond, body, (-1, jnp.asarray(jnp.inf, j.dtype)))
-        v_new = trial(k)
-        j, jb, jo, g = _evaluate(cost, v_new)
-        step = _norm(_add(v_new, v, -1.0))
-        return IterationState(v_new, j, jb, jo, g, _norm(g), n_cg, step, None)
+        v_new = otu.tree_add_scale(v, jnp.asarray(0.5, j.dtype) ** k, delta)
+        new = _start(cost, v_new)
+        step = otu.tree_norm(otu.tree_sub(v_new, v))
+        return eqx.tree_at(
+            lambda s: (s.inner_iterations, s.step_norm), new, (n_cg, step)
+        )
 
 
 class LBFGS(AbstractMethod):
     r"""Limited-memory BFGS with a zoom (strong Wolfe) line search (``optax.lbfgs``).
 
     Attributes:
-        max_iterations: maximum number of iterations (one line search each).
-        gtol: stop when $\|\nabla J\| \le$ ``gtol`` $\cdot\|\nabla J(v_0)\|$.
-        ftol: stop when $J_{k-1} - J_k \le$ ``ftol`` $\cdot J_k$.
+        max_iterations, gtol, ftol: the default :class:`assimilation.StoppingRule`.
         memory: number of stored correction pairs.
         max_linesearch_steps: cap on cost evaluations per line search.
     """
@@ -221,7 +221,10 @@ class LBFGS(AbstractMethod):
     max_linesearch_steps: int = eqx.field(static=True, default=20)
 
     def __check_init__(self):
-        self._check()
+        self.stopping_rule()
+
+    def stopping_rule(self) -> StoppingRule:
+        return StoppingRule(self.max_iterations, self.gtol, self.ftol)
 
     def _optimizer(self):
         return optax.lbfgs(
@@ -232,16 +235,11 @@ class LBFGS(AbstractMethod):
         )
 
     def init(self, cost, v):
-        j, jb, jo, g = _evaluate(cost, v)
-        opt_state = self._optimizer().init(v)
-        zero = jnp.zeros((), jnp.int32)
-        return IterationState(
-            v, j, jb, jo, g, _norm(g), zero, jnp.zeros_like(j), opt_state
-        )
+        return _start(cost, v, self._optimizer().init(v))
 
     def step(self, cost, state):
         opt = self._optimizer()
-        value_fn = lambda w: cost.costs(w)[0]
+        value_fn = lambda w: _total(cost.terms(w))
         v = state.v
         updates, opt_state = opt.update(
             state.grad,
@@ -252,11 +250,19 @@ class LBFGS(AbstractMethod):
             value_fn=value_fn,
         )
         v_new = optax.apply_updates(v, updates)
-        # The line search already evaluated J and its gradient at the new point.
+        # The line search already evaluated J and its gradient at the new point;
+        # the named terms are the cost's own (a forward run, no adjoint).
         j, g = optax.value_and_grad_from_state(value_fn)(v_new, state=opt_state)
-        jb = 0.5 * _norm(v_new) ** 2
-        jo = j - jb
-        n_ls = optax.tree_utils.tree_get(opt_state, "num_linesearch_steps")
+        terms = cost.terms(v_new)
+        n_ls = otu.tree_get(opt_state, "num_linesearch_steps")
         n_ls = jnp.asarray(0 if n_ls is None else n_ls, jnp.int32)
-        step = _norm(updates)
-        return IterationState(v_new, j, jb, jo, g, _norm(g), n_ls, step, opt_state)
+        return IterationState(
+            v_new,
+            j,
+            terms,
+            g,
+            otu.tree_norm(g),
+            n_ls,
+            otu.tree_norm(updates),
+            opt_state,
+        )

@@ -31,15 +31,19 @@ import numpy as np
 
 import dphys
 
+from ._checks import (
+    check_positive,
+    check_time_axis,
+    is_concrete,
+    sensors_in_domain,
+    times_in_window,
+)
 
-# Relative tolerance (in units of the time step or grid spacing) under which an
-# observation time counts as lying on a model step, or a sensor as lying on the
-# domain boundary: a few hundred ulps of float64 coordinates built by arithmetic.
-_ON_GRID_RTOL = 1e-9
 
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+# Relative tolerance (in units of the time step) under which an observation time
+# counts as lying on a model step: a few hundred ulps of float64 times built by
+# arithmetic.
+_ON_STEP_RTOL = 1e-9
 
 
 def _as_float(x):
@@ -127,41 +131,26 @@ class Observations(eqx.Module):
                     f"`{name}` must be a floating-point array, got dtype "
                     f"{getattr(self, name).dtype}; pass e.g. `jnp.asarray(x, float)`."
                 )
-        if _is_concrete(self.times):
-            times = np.asarray(self.times)
-            if not np.all(np.isfinite(times)):
-                raise ValueError(f"`times` must be finite, got {times}.")
-            gaps = np.diff(times)
-            if np.any(gaps == 0):
-                dup = times[1:][gaps == 0]
-                raise ValueError(
-                    f"`times` has duplicate entries {dup[:5].tolist()}; merge records "
-                    "at equal times into one row (one column per sensor)."
-                )
-            if np.any(gaps < 0):
-                i = int(np.argmax(gaps < 0))
-                raise ValueError(
-                    f"`times` must be strictly increasing, but times[{i}] = "
-                    f"{times[i]} > times[{i + 1}] = {times[i + 1]}; sort the records "
-                    "by time (and the rows of `values` with them)."
-                )
-        if _is_concrete(self.positions):
+        check_time_axis(
+            self.times,
+            "times",
+            fix_duplicates="merge records at equal times into one row (one column "
+            "per sensor)",
+            fix_order="sort the records by time (and the rows of `values` with them)",
+        )
+        if is_concrete(self.positions):
             pos = np.asarray(self.positions)
             if not np.all(np.isfinite(pos)):
                 bad = np.flatnonzero(~np.all(np.isfinite(pos), axis=1))
                 raise ValueError(
                     f"`positions` must be finite; sensors {bad[:5].tolist()} are not."
                 )
-        if _is_concrete(self.sigma):
-            sig = np.asarray(self.sigma)
-            if not np.all(np.isfinite(sig) & (sig > 0)):
-                bad = np.flatnonzero(~(np.isfinite(sig) & (sig > 0)))
-                raise ValueError(
-                    f"`sigma` must be positive and finite for every sensor; sensors "
-                    f"{bad[:5].tolist()} have sigma {sig[bad[:5]].tolist()}. Give each "
-                    "sensor its observation-error standard deviation (> 0)."
-                )
-        if _is_concrete(self.values):
+        check_positive(
+            self.sigma,
+            "sigma",
+            fix="Give each sensor its observation-error standard deviation (> 0).",
+        )
+        if is_concrete(self.values):
             if np.any(np.isinf(np.asarray(self.values))):
                 raise ValueError(
                     "`values` contains infinities; mark missing values with NaN."
@@ -235,32 +224,14 @@ def _axis_weights(p, n, dx, x0, length, boundary):
 
 
 def check_positions(grid: dphys.Grid, positions) -> None:
-    """Raise ``ValueError`` if a sensor lies outside a non-periodic domain.
+    """Raise ``ValueError`` if a sensor lies outside a non-periodic domain
+    (:func:`assimilation._checks.sensors_in_domain`, one tolerance for all).
 
     Periodic axes accept any finite coordinate (it is wrapped into the domain).
     Traced positions are not checked.
     """
-    if not _is_concrete(positions):
-        return
-    pos = np.asarray(positions)
-    if pos.ndim != 2 or pos.shape[1] != grid.ndim:
-        raise ValueError(
-            f"`positions` must have shape (n_sensors, {grid.ndim}) for a {grid.ndim}D "
-            f"grid (array-axis order), got {pos.shape}."
-        )
-    for a in range(grid.ndim):
-        if grid.boundary[a] == "periodic":
-            continue
-        lo, hi = grid.origin[a], grid.origin[a] + grid.lengths[a]
-        tol = _ON_GRID_RTOL * grid.lengths[a]
-        bad = np.flatnonzero((pos[:, a] < lo - tol) | (pos[:, a] > hi + tol))
-        if bad.size:
-            raise ValueError(
-                f"`positions`: sensors {bad[:5].tolist()} lie outside the domain along "
-                f"axis {a} ({grid.boundary[a]} boundary, [{lo}, {hi}]): coordinates "
-                f"{pos[bad[:5], a].tolist()}. Move them inside or drop them; only "
-                "periodic axes wrap."
-            )
+    if is_concrete(positions):
+        sensors_in_domain(positions, grid, "positions")
 
 
 class Interpolation(AbstractObservationOperator):
@@ -399,25 +370,23 @@ class TimeInterpolation(eqx.Module):
     alpha: jax.Array
 
     def __init__(self, times, *, t0: float, dt: float, n_steps: int):
-        if not _is_concrete(times):
+        if not is_concrete(times):
             raise ValueError(
                 "`times` must be concrete (not traced under jit/vmap): they fix which "
                 "model steps are saved. Build the cost outside the transformed "
                 "function and replace only `values` inside it."
             )
-        times = np.asarray(times, dtype=np.float64)
-        s = (times - float(t0)) / float(dt)
         t1 = float(t0) + n_steps * float(dt)
-        bad = np.flatnonzero((s < -_ON_GRID_RTOL) | (s > n_steps + _ON_GRID_RTOL))
-        if bad.size:
-            raise ValueError(
-                f"`times`: observations {bad[:5].tolist()} at times "
-                f"{times[bad[:5]].tolist()} lie outside the assimilation window "
-                f"[t0, t0 + n_steps*dt] = [{t0}, {t1}]; drop them or lengthen the "
-                "window (`n_steps`)."
-            )
+        _, times, _ = times_in_window(
+            times,
+            (float(t0), t1),
+            "times",
+            fix=f"the window is [t0, t0 + n_steps*dt] = [{t0}, {t1}]: drop them or "
+            "lengthen the window (`n_steps`)",
+        )
+        s = (times - float(t0)) / float(dt)
         nearest = np.rint(s)
-        on_step = np.abs(s - nearest) <= _ON_GRID_RTOL
+        on_step = np.abs(s - nearest) <= _ON_STEP_RTOL
         lo = np.where(on_step, nearest, np.floor(s)).astype(np.int64)
         lo = np.clip(lo, 0, n_steps)
         hi = np.where(on_step, lo, np.minimum(lo + 1, n_steps))

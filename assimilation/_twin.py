@@ -28,7 +28,7 @@ import dphys
 
 from ._assimilate import Analysis, assimilate
 from ._control import Control
-from ._cost import FourDVar
+from ._cost import FourDVar, _ObservationHook, _saveat
 from ._methods import AbstractMethod
 from ._observation import Interpolation, Observations, TimeInterpolation
 
@@ -82,7 +82,7 @@ def make_observations(
         dt=dt,
         n_steps=n_steps,
         t0=t0,
-        saveat=dphys.SaveAt(t1=False, steps=sampling.steps, fn=lambda t, y: obs_op(y)),
+        saveat=_saveat(sampling.steps, _ObservationHook(obs_op)),
         adjoint=adjoint,
     )
     clean = sampling(traj.ys)
@@ -153,17 +153,90 @@ class TwinResult(eqx.Module):
                     f"(relative error {rel:.2%}{inside})"
                 )
             else:
-                lines.append(
-                    f"  {name}: field, relative error {rel:.2%}{inside}"
-                )
+                lines.append(f"  {name}: field, relative error {rel:.2%}{inside}")
         return "\n".join(lines)
 
 
 def _rmse(a, b) -> float:
-    diffs = [np.ravel(np.asarray(x) - np.asarray(y)) for x, y in zip(
-        jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    diffs = [
+        np.ravel(np.asarray(x) - np.asarray(y))
+        for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)
+    ]
     d = np.concatenate(diffs)
     return float(np.sqrt(np.mean(d**2)))
+
+
+def truth_of(
+    control: Control,
+    truth_model: dphys.AbstractModel,
+    stepper: dphys.AbstractStepper,
+    truth_state0,
+    *,
+    dt: float,
+    n_steps: int,
+    t0: float = 0.0,
+    adjoint: dphys.AbstractAdjoint = dphys.Checkpointed(),
+) -> dict:
+    """What a twin experiment scores against: ``{"state0", "final",
+    "parameters"}``, the true initial and final states and the true value of every
+    calibrated parameter (read from ``truth_model``)."""
+    final = dphys.simulate(
+        truth_model,
+        stepper,
+        truth_state0,
+        dt=dt,
+        n_steps=n_steps,
+        t0=t0,
+        adjoint=adjoint,
+    ).final
+    return {
+        "state0": truth_state0,
+        "final": final,
+        "parameters": {
+            p.name: np.asarray(p.select(truth_model)) for p in control.parameters
+        },
+    }
+
+
+def score(analysis: Analysis, control: Control, truth: dict) -> dict:
+    r"""Scores of an analysis against the truth of a twin experiment.
+
+    Args:
+        analysis: the :class:`Analysis`.
+        control: the control it was computed with (for the parameters' transforms).
+        truth: ``{"state0", "final", "parameters"}`` (see :func:`truth_of`).
+
+    Returns:
+        ``{"rmse_initial_background", "rmse_initial_analysis",
+        "rmse_final_background", "rmse_final_analysis"}`` (RMSE of the initial and
+        final states over all state entries), ``"parameter_error"`` (analysis minus
+        truth), ``"parameter_relative_error"`` ($\|p_a - p_t\|/\|p_t\|$) and
+        ``"within_2sigma"`` (per parameter, the fraction of entries whose true
+        unconstrained value lies within the posterior mean $\pm 2\sigma$; ``None``
+        without uncertainty).
+    """
+    err, rel, inside = {}, {}, {}
+    std_z = analysis.parameter_std_unconstrained
+    for p in control.parameters:
+        a = np.asarray(analysis.parameters[p.name])
+        t = np.asarray(truth["parameters"][p.name])
+        err[p.name] = a - t
+        rel[p.name] = float(
+            np.linalg.norm(np.ravel(a - t)) / np.linalg.norm(np.ravel(t))
+        )
+        if std_z is not None:
+            z_t = np.asarray(p.to_unconstrained(t))
+            z_a = np.asarray(p.to_unconstrained(a))
+            inside[p.name] = float(np.mean(np.abs(z_t - z_a) <= 2 * std_z[p.name]))
+    return {
+        "rmse_initial_background": _rmse(analysis.background_state, truth["state0"]),
+        "rmse_initial_analysis": _rmse(analysis.initial_state, truth["state0"]),
+        "rmse_final_background": _rmse(analysis.background_final_state, truth["final"]),
+        "rmse_final_analysis": _rmse(analysis.final_state, truth["final"]),
+        "parameter_error": err,
+        "parameter_relative_error": rel,
+        "within_2sigma": inside if std_z is not None else None,
+    }
 
 
 def twin_experiment(
@@ -258,36 +331,21 @@ def twin_experiment(
         adjoint=adjoint,
     )
     analysis = assimilate(cost, method, callback=callback)
-
-    truth_final = dphys.simulate(
-        truth_model, stepper, truth_state0, dt=dt, n_steps=n_steps, t0=t0,
+    truth = truth_of(
+        cost.control,
+        truth_model,
+        stepper,
+        truth_state0,
+        dt=dt,
+        n_steps=n_steps,
+        t0=t0,
         adjoint=adjoint,
-    ).final
-    truth_params = {
-        p.name: np.asarray(p.select(truth_model)) for p in cost.control.parameters
-    }
-    err, rel, inside = {}, {}, {}
-    for p in cost.control.parameters:
-        a = np.asarray(analysis.parameters[p.name])
-        t = truth_params[p.name]
-        err[p.name] = a - t
-        rel[p.name] = float(np.linalg.norm(np.ravel(a - t)) / np.linalg.norm(np.ravel(t)))
-        if analysis.parameter_std_unconstrained is not None:
-            z_t = np.asarray(p.transform.inverse(jnp.asarray(t)))
-            z_a = np.asarray(p.transform.inverse(jnp.asarray(a)))
-            s = np.asarray(analysis.parameter_std_unconstrained[p.name])
-            inside[p.name] = float(np.mean(np.abs(z_t - z_a) <= 2 * s))
+    )
     return TwinResult(
         analysis=analysis,
         obs=obs,
         truth_state0=jtu.tree_map(np.asarray, truth_state0),
-        truth_final_state=jtu.tree_map(np.asarray, truth_final),
-        truth_parameters=truth_params,
-        rmse_initial_background=_rmse(background_state0, truth_state0),
-        rmse_initial_analysis=_rmse(analysis.initial_state, truth_state0),
-        rmse_final_background=_rmse(analysis.background_final_state, truth_final),
-        rmse_final_analysis=_rmse(analysis.final_state, truth_final),
-        parameter_error=err,
-        parameter_relative_error=rel,
-        within_2sigma=inside if analysis.parameter_std_unconstrained is not None else None,
+        truth_final_state=jtu.tree_map(np.asarray, truth["final"]),
+        truth_parameters=truth["parameters"],
+        **score(analysis, cost.control, truth),
     )

@@ -202,7 +202,7 @@ def test_bad_input_errors(periodic_cost):
     with pytest.raises(ValueError, match="outside the assimilation window"):
         late = da.Observations([0.5, 1.5], obs.values[:2], obs.positions, obs.sigma)
         da.FourDVar(cost.model, stepper, x0, late, ctrl, **kw)
-    with pytest.raises(ValueError, match="outside the domain"):
+    with pytest.raises(ValueError, match="outside the dirichlet domain"):
         wall = pdes.Heat(dphys.Grid(24, boundary="dirichlet"), kappa=0.01)
         bad = da.Observations(obs.times, obs.values, obs.positions + 0.1, obs.sigma)
         da.FourDVar(wall, stepper, x0, bad, ctrl, **kw)
@@ -239,3 +239,117 @@ def test_bad_input_errors(periodic_cost):
         da.FourDVar(cost.model, stepper, x0, obs, ctrl, dt=-0.1, n_steps=10)
     with pytest.raises(TypeError, match="Observations"):
         da.FourDVar(cost.model, stepper, x0, obs.values, ctrl, **kw)
+
+
+# ------------------------------------------------- weak constraint keeps model hooks
+
+
+def _closed_basin_weak_cost():
+    """A 16x16 closed basin (walls everywhere), weak constraint on 2 sub-windows."""
+    n = 16
+    grid = dphys.Grid((n, n), lengths=(n * 10e3, n * 10e3), boundary="neumann")
+    y, x = grid.coords
+    depth = 1000.0 * (1.0 + 0.2 * jnp.cos(jnp.pi * x / grid.lengths[1]))
+    model = pdes.ShallowWater(grid, depth, f0=1e-4)
+    eta0 = 0.5 * jnp.exp(-((x - 80e3) ** 2 + (y - 80e3) ** 2) / (30e3) ** 2)
+    state0 = model.rest_state(eta0)
+    stepper = dphys.CrankNicolson()
+    kw = dict(dt=600.0, n_steps=4)
+    obs = da.make_observations(
+        model, stepper, state0, positions=[[40e3, 50e3], [120e3, 90e3]],
+        times=[1200.0, 2400.0], sigma=0.01, field="eta", **kw,
+    )
+    std = pdes.SWState(1e-4, 1e-6, 1e-6)
+    Q = jax.tree_util.tree_map(lambda s: da.Diagonal(s, shape=grid.shape), std)
+    control = da.Control(model_error=da.ModelError(Q, n_windows=2))
+    return da.FourDVar(model, stepper, state0, obs, control, **kw), model
+
+
+def test_weak_constraint_closed_basin_keeps_solver_and_message():
+    """The weak-constraint wrapper used to drop the model's hooks: a closed-basin
+    shallow-water cost then ran the generic Krylov solver instead of the model's
+    HelmholtzKrylov, and a dry cell failed with the generic message."""
+    cost, model = _closed_basin_weak_cost()
+    v = cost.init()
+    assert jnp.isfinite(cost(v))
+    # A model-error forcing that drains the basin: eta falls 2 m/s * 1200 s below
+    # the 800-1200 m depth in the first sub-window. The model's own message says so.
+    drain = jax.tree_util.tree_map(jnp.zeros_like, v)
+    drain["model_error"] = eqx.tree_at(
+        lambda s: s.eta, drain["model_error"], jnp.full((2, 16, 16), -2e4)
+    )
+    with pytest.raises(dphys.SimulationError, match="total water depth"):
+        cost(drain)
+    # The model each sub-window runs is resolved to the model's own solver.
+    state = cost.state0
+    assert type(dphys.Auto().resolve(model, state)) is pdes.HelmholtzKrylov
+    models = cost.window_models(v)
+    assert len(models) == 2
+    for m in models:
+        assert type(dphys.Auto().resolve(m, state)) is pdes.HelmholtzKrylov
+        assert m.invalid_state_message == model.invalid_state_message
+
+
+# --------------------------------------------------- the observation hook is data
+
+
+class _Counter:
+    """Hashable by identity, so it can sit in a static field."""
+
+    def __init__(self):
+        self.n = 0
+
+
+class _CountingInterpolation(da.AbstractObservationOperator):
+    """Interpolation that counts how often it is traced (called in Python)."""
+
+    inner: da.Interpolation
+    counter: _Counter = eqx.field(static=True)
+
+    def __call__(self, state):
+        self.counter.n += 1
+        return self.inner(state)
+
+    def transpose(self, values):
+        return self.inner.transpose(values)
+
+
+def test_eager_cost_calls_with_new_values_trace_the_run_once(periodic_cost, getkey):
+    """FourDVar passes its observation hook as an eqx.Module (data), not a fresh
+    lambda per call: three eager evaluations with new controls trace the run
+    once (before, every call retraced dphys.simulate's loop)."""
+    cost = periodic_cost
+    counter = _Counter()
+    op = _CountingInterpolation(cost.obs_op, counter)
+    cost = eqx.tree_at(lambda c: c.obs_op, cost, op)
+    values = [_random_control(cost, getkey()) for _ in range(3)]
+    cost(values[0])
+    traced = counter.n
+    assert traced > 0
+    for v in values[1:]:
+        cost(v)
+    assert counter.n == traced
+
+
+def test_posterior_pushes_every_block_forward():
+    """Each control variable turns its block of the whitened posterior covariance
+    into standard deviations of its physical value: here the model error,
+    eta = 0.2 w, has std 0.2 sqrt(C_ww) entry by entry."""
+    cost = _periodic_problem(n_windows=2)
+    v = cost.init()
+    post = eqx.filter_jit(da.posterior)(cost, v, method="dense")
+    assert set(post.stds) == {"initial_state", "kappa", "model_error"}
+    assert post.stds["model_error"].shape == (2, 24)
+    cov = jnp.linalg.inv(da.gauss_newton_operator(cost, v).as_matrix())
+    flat, unravel = jax.flatten_util.ravel_pytree(v)
+    index = unravel(jnp.arange(flat.size, dtype=flat.dtype))
+    i = jnp.ravel(index["model_error"]).astype(int)
+    expected = 0.2 * jnp.sqrt(jnp.diagonal(cov)[i]).reshape(2, 24)
+    np.testing.assert_allclose(post.stds["model_error"], expected, rtol=1e-8)
+    # kappa = exp(z): the physical std is kappa times the std of z.
+    kappa = cost.parameters(v)["kappa"]
+    np.testing.assert_allclose(
+        post.stds["kappa"], kappa * post.stds_unconstrained["kappa"], rtol=1e-10
+    )
+    np.testing.assert_allclose(post.std, [post.stds["kappa"]], rtol=1e-12)
+    assert post.labels == ("kappa",)

@@ -187,7 +187,7 @@ def test_sensors_outside_domain():
     with pytest.raises(
         DomainError,
         match=r"1 sensor\(s\) lie outside the neumann "
-        r"domain \[0, 1000\] along `x`: station\(s\) \[2\]",
+        r"domain \[0, 1000\] along `x` \(axis 0\): sensor\(s\) \[2\]",
     ):
         read_observations(
             obs_dataset(positions=(10.0, 500.0, 1000.5)), GRID, time_units="h"

@@ -1,5 +1,6 @@
 """Sensor observations: interpolation in space and time, adjoints, masks, bad input."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,7 +128,7 @@ def test_observations_bad_input(kwargs, match):
 @pytest.mark.parametrize("boundary", ["dirichlet", "neumann"])
 def test_sensor_outside_domain_raises(boundary):
     grid = dphys.Grid(8, lengths=1.0, boundary=boundary)
-    with pytest.raises(ValueError, match="outside the domain"):
+    with pytest.raises(ValueError, match=f"outside the {boundary} domain"):
         da.Interpolation(grid, [0.5, 1.2])
     grid2 = dphys.Grid((5, 5), boundary=("periodic", boundary))
     da.Interpolation(grid2, [[3.0, 0.5]])  # periodic axis wraps
@@ -165,3 +166,40 @@ def test_docstring_examples(module):
     mod = importlib.import_module(f"assimilation.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_one_edge_tolerance_for_sensors_and_times():
+    """The maths and the file readers share one check per rule with one tolerance
+    (1e-6 of the domain or window length): round-off past an edge is accepted
+    everywhere, a real miss refused everywhere."""
+    import assimilation.io as aio
+
+    grid = dphys.Grid(10, lengths=1.0, boundary="neumann")
+    near, far = 1.0 + 5e-7, 1.0 + 2e-6
+    da.Interpolation(grid, [0.5, near])
+    with pytest.raises(ValueError, match="outside the neumann domain"):
+        da.Interpolation(grid, [0.5, far])
+    obs = da.Observations([0.5], [[1.0, 2.0]], [0.5, 0.9], 0.1)
+    for pos, ok in ((near, True), (far, False)):
+        ds = aio.observations_to_dataset(
+            eqx.tree_at(lambda o: o.positions, obs, jnp.array([[0.5], [pos]]))
+        )
+        if ok:
+            assert float(aio.read_observations(ds, grid).positions[1, 0]) == 1.0
+        else:
+            with pytest.raises(aio.DomainError, match="outside the neumann domain"):
+                aio.read_observations(ds, grid)
+    # Observation times: the window [0, 1] of 10 steps.
+    da.TimeInterpolation([0.5, 1.0 + 5e-7], t0=0.0, dt=0.1, n_steps=10)
+    with pytest.raises(ValueError, match="outside the assimilation window"):
+        da.TimeInterpolation([0.5, 1.0 + 2e-6], t0=0.0, dt=0.1, n_steps=10)
+    for t_last, ok in ((1.0 + 5e-7, True), (1.0 + 2e-6, False)):
+        ds = aio.observations_to_dataset(
+            da.Observations([0.5, t_last], [[1.0, 2.0]] * 2, [0.5, 0.9], 0.1)
+        )
+        if ok:
+            read = aio.read_observations(ds, grid, window=(0.0, 1.0))
+            assert float(read.times[-1]) == 1.0
+        else:
+            with pytest.raises(aio.TimeAxisError, match="outside the assimilation"):
+                aio.read_observations(ds, grid, window=(0.0, 1.0))

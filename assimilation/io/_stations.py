@@ -16,6 +16,7 @@ from dphys.io import (
     spatial_dims,
 )
 
+from .._checks import EDGE_RTOL, check_positive, sensors_in_domain
 from .._observation import Observations
 from ._errors import (
     DataError,
@@ -33,7 +34,7 @@ from ._geo import (
 )
 from ._names import SIGMA_NAME, STATION_DIM
 from ._readers import _rename_time, _time_coord, _variable, opened
-from ._time import _EDGE_RTOL, _apply_window, _check_time_axis, model_times
+from ._time import _apply_window, _check_time_axis, model_times
 from ._units import _checked_units, convert_units
 
 
@@ -220,7 +221,7 @@ def _read_stations(
         raise ValueError(
             f"`position_names` must name {grid.ndim} coordinate(s), got {names}."
         )
-    cols = []
+    cols, pnames = [], []
     for axis, pname in enumerate(names):
         if pname not in ds.variables and position_names is None:
             pname = _find_position(ds, spatial_dims(grid.ndim)[axis]) or pname
@@ -245,8 +246,23 @@ def _read_stations(
             length_units,
             geometry,
         )
-        cols.append(_check_positions(pos, grid, axis, pname, ds))
-    positions = np.stack(cols, axis=-1)
+        cols.append(pos)
+        pnames.append(pname)
+    labels = ds[STATION_DIM].values if STATION_DIM in ds.coords else None
+    positions, wrapped, snapped = sensors_in_domain(
+        np.stack(cols, axis=-1),
+        grid,
+        pnames,
+        labels=labels,
+        error=DomainError,
+        fix="remove them, or fix the grid's `origin`/`lengths` or the positions' units",
+    )
+    for pname, n in wrapped.items():
+        logger.warning(
+            "wrapped %d sensor position(s) `%s` into the periodic domain", n, pname
+        )
+    for pname, n in snapped.items():
+        logger.info("snapped %d sensor position(s) `%s` onto the domain edge", n, pname)
     sig = _read_sigma(ds, da, variable, sigma, values.shape[1], data_units, units)
     return t, values, positions, sig, data_units
 
@@ -317,7 +333,7 @@ def _read_gridded(
                 positions[:, axis] - lo, grid.lengths[axis]
             )
         else:
-            tol = _EDGE_RTOL * grid.lengths[axis]
+            tol = EDGE_RTOL * grid.lengths[axis]
             positions[:, axis] = np.where(
                 (positions[:, axis] >= lo - tol) & (positions[:, axis] <= hi + tol),
                 np.clip(positions[:, axis], lo, hi),
@@ -402,48 +418,6 @@ def _gridded_sigma(ds, da, variable, sigma, sdims, data_units, units, keep):
     return sig
 
 
-def _check_positions(pos, grid, axis, name, ds):
-    if not np.all(np.isfinite(pos)):
-        raise DataError(f"sensor positions `{name}` contain NaN/Inf values.")
-    lo = grid.origin[axis]
-    hi = lo + grid.lengths[axis]
-    if grid.boundary[axis] == "periodic":
-        wrapped = lo + np.mod(pos - lo, grid.lengths[axis])
-        n = int(
-            np.sum(~np.isclose(wrapped, pos, rtol=0, atol=1e-12 * grid.lengths[axis]))
-        )
-        if n:
-            logger.warning(
-                "wrapped %d sensor position(s) `%s` into the periodic domain [%g, %g)",
-                n,
-                name,
-                lo,
-                hi,
-            )
-        return wrapped
-    tol = _EDGE_RTOL * grid.lengths[axis]
-    near = ((pos < lo) & (pos >= lo - tol)) | ((pos > hi) & (pos <= hi + tol))
-    if np.any(near):
-        logger.info(
-            "snapped %d sensor position(s) `%s` onto the domain edge",
-            int(near.sum()),
-            name,
-        )
-        pos = np.where(near, np.clip(pos, lo, hi), pos)
-    bad = (pos < lo) | (pos > hi)
-    if np.any(bad):
-        idx = np.flatnonzero(bad)
-        label = ds[STATION_DIM].values[idx[:3]] if STATION_DIM in ds.coords else idx[:3]
-        raise DomainError(
-            f"{idx.size} sensor(s) lie outside the {grid.boundary[axis]} domain "
-            f"[{lo:g}, {hi:g}] along `{name}`: station(s) "
-            f"{np.ravel(label).tolist()} at {[float(v) for v in pos[idx[:3]]]}. "
-            "Remove them, or fix the grid's "
-            "`origin`/`lengths` or the positions' units."
-        )
-    return pos
-
-
 def _read_sigma(ds, da, variable, sigma, n_sensors, data_units, units):
     if sigma is None:
         if SIGMA_NAME in ds.variables:
@@ -473,9 +447,10 @@ def _read_sigma(ds, da, variable, sigma, n_sensors, data_units, units):
             f"`sigma` must be a scalar or have one value per sensor ({n_sensors}), got "
             f"shape {sig.shape}."
         )
-    if not np.all(np.isfinite(sig) & (sig > 0)):
-        raise DataError(
-            f"`sigma` must be positive and finite for every sensor, got min "
-            f"{np.min(sig):.3g}; observation errors cannot be zero or negative."
-        )
+    check_positive(
+        sig,
+        "sigma",
+        fix="Observation errors cannot be zero or negative.",
+        error=DataError,
+    )
     return np.array(sig)

@@ -14,6 +14,7 @@ from dphys.io import (
     TIME_DIM,
 )
 
+from .._checks import check_time_axis, times_in_window
 from ._errors import (
     TimeAxisError,
     UnitsError,
@@ -173,27 +174,14 @@ def model_times(
 
 
 def _check_time_axis(t: np.ndarray, name: str) -> None:
-    diffs = np.diff(t)
-    if np.any(diffs == 0):
-        i = int(np.argmax(diffs == 0))
-        raise TimeAxisError(
-            f"`{name}` has duplicate times: entries {i} and {i + 1} are both "
-            f"{t[i]:.6g} (model time); merge or drop them, e.g. "
-            f"`ds.drop_duplicates('{name}')`."
-        )
-    if np.any(diffs < 0):
-        i = int(np.argmax(diffs < 0))
-        raise TimeAxisError(
-            f"`{name}` is not increasing: entry {i + 1} ({t[i + 1]:.6g}) comes after "
-            f"entry {i} ({t[i]:.6g}) (model time); sort the data, e.g. "
-            f"`ds.sortby('{name}')`."
-        )
-
-
-# Times and positions within this fraction of the window length / domain length
-# outside it are snapped onto its edge (logged) rather than refused: values stored
-# as float32, or converted between units, miss an edge by a few ulps.
-_EDGE_RTOL = 1e-6
+    check_time_axis(
+        t,
+        name,
+        fix_duplicates=f"merge or drop them, e.g. `ds.drop_duplicates('{name}')`",
+        fix_order=f"sort the data, e.g. `ds.sortby('{name}')`",
+        error=TimeAxisError,
+        unit=" (model time)",
+    )
 
 
 def _apply_window(t: np.ndarray, window, outside: str, name: str, closed="both"):
@@ -205,44 +193,27 @@ def _apply_window(t: np.ndarray, window, outside: str, name: str, closed="both")
     window before)."""
     if outside not in ("error", "drop"):
         raise ValueError(f"`outside` must be 'error' or 'drop', got {outside!r}.")
-    if closed not in ("both", "right"):
-        raise ValueError(f"`closed` must be 'both' or 'right', got {closed!r}.")
-    keep = np.ones(t.shape, dtype=bool)
     if window is None:
-        return keep, t
-    t0, t1 = (float(w) for w in window)
-    if not t1 >= t0:
-        raise ValueError(
-            f"`window` must be (start, end) with end >= start, got {window}."
-        )
-    tol = _EDGE_RTOL * max(t1 - t0, 1e-3 * max(abs(t0), abs(t1), 1.0))
-    near = ((t < t0) & (t >= t0 - tol)) | ((t > t1) & (t <= t1 + tol))
-    if np.any(near):
-        logger.info(
-            "snapped %d time(s) of `%s` within %.3g of the window edges onto them",
-            int(near.sum()),
-            name,
-            tol,
-        )
-        t = np.where(near, np.clip(t, t0, t1), t)
-    keep = ((t > t0) if closed == "right" else (t >= t0)) & (t <= t1)
+        return np.ones(t.shape, dtype=bool), t
+    keep, t, n_snapped = times_in_window(
+        t,
+        window,
+        name,
+        outside=outside,
+        fix="select the window's data first (`ds.sel(time=slice(...))`), widen the "
+        "window, or drop them with `outside='drop'`",
+        error=TimeAxisError,
+        closed=closed,
+    )
+    if n_snapped:
+        logger.info("snapped %d time(s) of `%s` onto the window edges", n_snapped, name)
     n_out = int(np.sum(~keep))
-    if n_out and outside == "error":
-        first = float(t[~keep][0])
-        raise TimeAxisError(
-            f"`{name}` has {n_out} of {t.size} times outside the assimilation window "
-            f"{'(' if closed == 'right' else '['}{t0:.6g}, {t1:.6g}] (model time), "
-            f"e.g. {first:.6g}. Select the window's "
-            "data first (`ds.sel(time=slice(...))`), widen the window, or drop them "
-            "with `outside='drop'`."
-        )
     if n_out:
         logger.warning(
             "dropped %d of %d times of `%s` outside the window [%g, %g]",
             n_out,
             t.size,
             name,
-            t0,
-            t1,
+            *window,
         )
     return keep, t

@@ -185,7 +185,8 @@ def analysis_to_dataset(
       ``p_truth`` (twin), ``p_history(iteration, ...)``;
       ``parameter_correlation(parameter, parameter2)`` between all scalar entries;
     * convergence ``cost``, ``background_cost``, ``obs_cost``, ``grad_norm``,
-      ``step_norm``, ``inner_iterations``, ``elapsed`` on ``iteration``;
+      ``step_norm``, ``inner_iterations``, ``elapsed`` on ``iteration`` (and
+      ``<name>_cost`` for any other named term of the cost);
     * the observations ``obs(time, station)``, ``sigma(station)``, sensor positions
       ``station_x`` (``station_y``), and the residuals ``obs_minus_background`` and
       ``obs_minus_analysis`` (NaN where missing).
@@ -371,6 +372,15 @@ def analysis_to_dataset(
             dims=(ITERATION_DIM,),
             attrs={"long_name": long_name, "units": u},
         )
+    # Terms beyond the background and observation ones (a prior, a model-error
+    # penalty of another cost) as `<name>_cost`.
+    for name, values in hist.terms.items():
+        if name not in ("background", "observation"):
+            data[f"{name}_cost"] = xr.DataArray(
+                np.asarray(values),
+                dims=(ITERATION_DIM,),
+                attrs={"long_name": f"cost term {name!r}", "units": "1"},
+            )
 
     pos = np.asarray(obs.positions)
     station = {

@@ -41,19 +41,6 @@ class RunSetup:
     obs_times: Any = None
 
 
-@dataclasses.dataclass
-class RunOutput:
-    """The result of :func:`run`: the analysis, the observations used and, for a
-    twin experiment, the truth and the scores."""
-
-    setup: RunSetup
-    analysis: Any
-    obs: Any
-    truth: dict | None = None
-    scores: dict | None = None
-    seconds: float = 0.0
-
-
 def set_precision(precision: str) -> None:
     """Run in ``precision`` (``"float64"``: switch on JAX's x64 mode, logged).
 
@@ -490,6 +477,7 @@ def build_run(cfg: dict) -> RunSetup:
         setup.truth_state0 = state0 + leaves_cov.sample(key=k_state)
     else:
         import jax.tree_util as jtu
+        import optax.tree_utils as otu
 
         from .._covariance import AbstractCovariance
 
@@ -499,7 +487,7 @@ def build_run(cfg: dict) -> RunSetup:
         keys = jr.split(k_state, len(covs))
         draws = [c.sample(key=k) for c, k in zip(covs, keys, strict=True)]
         noise = jtu.tree_unflatten(jtu.tree_structure(state0), draws)
-        setup.truth_state0 = _zero_walls(jtu.tree_map(jnp.add, state0, noise), grid)
+        setup.truth_state0 = _zero_walls(otu.tree_add(state0, noise), grid)
     lo = jnp.asarray(grid.origin, dtype)
     hi = lo + jnp.asarray(grid.lengths, dtype)
     pos = lo + (hi - lo) * jr.uniform(k_pos, (twin["n_sensors"], grid.ndim), dtype)

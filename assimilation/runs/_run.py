@@ -25,18 +25,6 @@ class RunOutput:
     seconds: float = 0.0
 
 
-def _rmse(a, b) -> float:
-    import jax.tree_util as jtu
-
-    d = np.concatenate(
-        [
-            np.ravel(np.asarray(x) - np.asarray(y))
-            for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)
-        ]
-    )
-    return float(np.sqrt(np.mean(d**2)))
-
-
 def run(
     cfg: dict,
     *,
@@ -62,11 +50,9 @@ def run(
     """
     import time
 
-    import dphys
-
     from .._assimilate import assimilate
     from .._cost import FourDVar
-    from .._twin import make_observations
+    from .._twin import make_observations, score, truth_of
 
     start = time.perf_counter()
     setup = build_run(cfg) if setup is None else setup
@@ -108,56 +94,24 @@ def run(
     )
     out = RunOutput(setup, analysis, setup.obs)
     if twin is not None:
-        truth_final = dphys.simulate(
+        out.truth = truth_of(
+            cost.control,
             setup.truth_model,
             setup.stepper,
             setup.truth_state0,
             dt=setup.dt,
             n_steps=setup.n_steps,
             t0=setup.t0,
-        ).final
-        truth_params = {
-            p.name: np.asarray(p.select(setup.truth_model))
-            for p in cost.control.parameters
+        )
+        scores = score(analysis, cost.control, out.truth)
+        # The dataset records the state RMSEs, each parameter's error (analysis
+        # minus truth; its RMS for a field) and the 2-sigma coverage.
+        out.scores = {k: v for k, v in scores.items() if k.startswith("rmse_")}
+        out.scores["error"] = {
+            name: float(e) if np.ndim(e) == 0 else float(np.sqrt(np.mean(e**2)))
+            for name, e in scores["parameter_error"].items()
         }
-        out.truth = {
-            "state0": setup.truth_state0,
-            "final": truth_final,
-            "parameters": truth_params,
-        }
-        scores = {
-            "rmse_initial_background": _rmse(
-                analysis.background_state, setup.truth_state0
-            ),
-            "rmse_initial_analysis": _rmse(analysis.initial_state, setup.truth_state0),
-            "rmse_final_background": _rmse(
-                analysis.background_final_state, truth_final
-            ),
-            "rmse_final_analysis": _rmse(analysis.final_state, truth_final),
-            # analysis minus truth (scalar) or its root mean square (field)
-            "error": {
-                name: float(
-                    np.asarray(analysis.parameters[name]) - truth_params[name]
-                    if np.ndim(truth_params[name]) == 0
-                    else _rmse(analysis.parameters[name], truth_params[name])
-                )
-                for name in truth_params
-            },
-            "within_2sigma": {},
-        }
-        if analysis.parameter_std_unconstrained is not None:
-            import jax.numpy as jnp
-
-            for p in cost.control.parameters:
-                z_t = np.asarray(p.transform.inverse(jnp.asarray(truth_params[p.name])))
-                z_a = np.asarray(
-                    p.transform.inverse(jnp.asarray(analysis.parameters[p.name]))
-                )
-                s = np.asarray(analysis.parameter_std_unconstrained[p.name])
-                scores["within_2sigma"][p.name] = float(
-                    np.mean(np.abs(z_t - z_a) <= 2 * s)
-                )
-        out.scores = scores
+        out.scores["within_2sigma"] = scores["within_2sigma"] or {}
     out.seconds = time.perf_counter() - start
     return out
 
