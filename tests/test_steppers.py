@@ -226,13 +226,66 @@ SOLVE_CASES = [
         dphys.Krylov(preconditioner=None),
         1e-9,
     ),
+    # Non-symmetric operators (advection-diffusion with a velocity field): every heat
+    # operator is symmetric, so a solver that solves with A^T instead of A (e.g.
+    # swapped bands) passes the cases above and fails these.
+    (
+        "tridiagonal-advection-dirichlet",
+        dphys.Grid(24, boundary="dirichlet"),
+        "advection",
+        dphys.Tridiagonal(),
+        1e-13,
+    ),
+    (
+        "tridiagonal-advection-neumann",
+        dphys.Grid(24, boundary="neumann"),
+        "advection-upwind",
+        dphys.Tridiagonal(),
+        1e-13,
+    ),
+    (
+        "gmres-advection-2d",
+        dphys.Grid((8, 12), boundary="dirichlet"),
+        "advection",
+        dphys.Krylov(method="gmres"),
+        1e-9,
+    ),
+    (
+        "bicgstab-advection-1d",
+        dphys.Grid(24),
+        "advection-upwind",
+        dphys.Krylov(method="bicgstab"),
+        1e-9,
+    ),
+    (
+        "fft-advection-2d",
+        dphys.Grid((8, 12), lengths=(1.0, 2.0)),
+        "advection-constant",
+        dphys.FFT(),
+        1e-13,
+    ),
 ]
+
+
+def _solve_model(kind, grid):
+    """The model of a solve case: heat (symmetric) or advection (non-symmetric)."""
+    if kind == "scalar":
+        return pdes.Heat(grid, 0.1)
+    if kind == "field":
+        return pdes.Heat(grid, _field(grid))
+    if kind == "advection-constant":
+        return pdes.Advection(grid, (0.7, -1.3), kappa=0.02, scheme="upwind")
+    # A velocity field with no zero (the upwind kink) and a diffusivity field.
+    velocity = tuple(1.0 + 2.0 * _field(grid) for _ in range(grid.ndim))
+    scheme = "upwind" if kind == "advection-upwind" else "centered"
+    return pdes.Advection(grid, velocity, kappa=0.3 * _field(grid), scheme=scheme)
 
 
 @pytest.mark.parametrize("case", SOLVE_CASES, ids=[c[0] for c in SOLVE_CASES])
 def test_implicit_solve_residual(case, getkey):
     _, grid, kind, solver, tol = case
-    model = pdes.Heat(grid, 0.1 if kind == "scalar" else _field(grid))
+    model = _solve_model(kind, grid)
+    assert model.symmetric == (kind in ("scalar", "field"))
     rhs = jax.random.normal(getkey(), grid.shape)
     gamma = 0.37
 
@@ -251,6 +304,8 @@ def test_implicit_solve_residual(case, getkey):
     assert np.linalg.norm(residual) / float(jnp.linalg.norm(rhs)) < tol
     # ... and it is the solution of the dense system.
     A = np.eye(n) - gamma * np.asarray(apply_l(jnp.eye(n))).T
+    if not model.symmetric:  # really non-symmetric, so A and A^T solves differ
+        assert np.abs(A - A.T).max() > 0.1 * np.abs(A - np.eye(n)).max()
     exact = np.linalg.solve(A, np.asarray(rhs).ravel())
     np.testing.assert_allclose(
         np.asarray(x).ravel(), exact, atol=100 * tol * np.abs(exact).max()
