@@ -697,8 +697,8 @@ def taylor_test(
     Nothing is raised when the check fails (non-finite values included): read
     `passed`. A failure on collapsed steps (the largest moves $x$ by less than
     $\sqrt{\varepsilon_\mathrm{mach}}$ of its size, e.g. at an exact minimum where
-    $f \approx 0$) also warns and its `str()` suggests an `eps0`. `f` is called `n_eps + 2` times (`n_eps + 1` with `eps0`) and is
-    not jitted here; pass
+    $f \approx 0$) also warns and its `str()` suggests an `eps0`. `f` is called
+    `n_eps + 2` times (`n_eps + 1` with `eps0`) and is not jitted here; pass
     `jax.jit(f)` if it is expensive to trace.
 
     Args:

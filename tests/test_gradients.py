@@ -208,9 +208,14 @@ def advection_params(grid, scalar):
         return {"state0": blob(grid), "velocity": velocity, "kappa": jnp.asarray(0.01)}
     xs = coords(grid)
     velocity = tuple(
-        jnp.asarray(0.8 + 0.3 * np.sin(2 * np.pi * xs[-1] + a)) for a in range(grid.ndim)
+        jnp.asarray(0.8 + 0.3 * np.sin(2 * np.pi * xs[-1] + a))
+        for a in range(grid.ndim)
     )
-    return {"state0": blob(grid), "velocity": velocity, "kappa": 0.5 * kappa_field(grid)}
+    return {
+        "state0": blob(grid),
+        "velocity": velocity,
+        "kappa": 0.5 * kappa_field(grid),
+    }
 
 
 def advection_model(grid, params):
@@ -325,6 +330,62 @@ def test_checkpointed_equals_unrolled():
         g = _grad(sensor_cost(grid, stepper, pdes.Heat, adjoint=adjoint), params)
         # Same arithmetic, replayed: agreement to round-off.
         _assert_tree_close(g, ref, 1e-12)
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_checkpointing_runs_the_remainder_chunks(levels):
+    """Loop lengths that the chunks do not divide: every `rest` branch of the
+    nested and segmented scans must run its steps (a skipped remainder chunk
+    loses steps), values and gradients equal to the unchecked loop."""
+    from dphys._adjoint import nested_scan, segmented_scan
+
+    def count(c):
+        return c + 1, c + 1
+
+    # nested_scan: 50 = 6 x 8 + 2 at two levels; 100 = 4 x 22 + 12, 22 = 4 x 5 + 2
+    # at three. The counter sees every step once, in order.
+    length = 50 if levels == 2 else 100
+    final, ys = nested_scan(count, jnp.asarray(0), length, levels)
+    assert int(final) == length
+    np.testing.assert_array_equal(ys, np.arange(1, length + 1))
+    # segmented_scan: segments longer than a chunk (one segment of 103 = 10 x 10 +
+    # 3 steps) and shorter (103 segments of 1 step, in groups of 10 + 3).
+    for n_seg, seg in ((1, 103), (103, 1), (7, 15)):
+        final, ys = segmented_scan(
+            lambda c: (c + 1, None), lambda c: c, jnp.asarray(0), n_seg, seg, levels
+        )
+        assert int(final) == n_seg * seg, (n_seg, seg)
+        np.testing.assert_array_equal(ys, seg * np.arange(1, n_seg + 1))
+
+    # Through simulate, with its gradient (stepping and fast-forward loops).
+    grid = dphys.Grid(16)
+    u0 = blob(grid)
+    for saveat, fast in (
+        (dphys.SaveAt(), False),
+        (dphys.SaveAt(every=1), False),
+        (dphys.SaveAt(every=1), True),
+    ):
+
+        def run(u, adjoint, saveat=saveat, fast=fast):
+            traj = dphys.simulate(
+                pdes.Heat(grid, 0.01),
+                dphys.CrankNicolson(),
+                u,
+                dt=0.05,
+                n_steps=103,
+                saveat=saveat,
+                adjoint=adjoint,
+                fast_forward=fast,
+            )
+            return traj.ys
+
+        cost = lambda u, adjoint: jnp.sum(jnp.sin(3.0 * run(u, adjoint)))
+        ref = run(u0, dphys.Unrolled())
+        got = run(u0, dphys.Checkpointed(levels=levels))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-14)
+        g_ref = jax.grad(cost)(u0, dphys.Unrolled())
+        g = jax.grad(cost)(u0, dphys.Checkpointed(levels=levels))
+        np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-14)
 
 
 def test_fast_forward_gradient_equals_stepping():
