@@ -475,6 +475,44 @@ def test_krylov_gradient_memory_independent_of_iterations(method):
     assert abs(mem_tight - mem_loose) <= 0.05 * mem_loose, (mem_loose, mem_tight)
 
 
+def test_newton_gradient_memory_independent_of_iterations():
+    """FullyImplicit differentiates each Newton solve by the implicit function
+    theorem (one transposed GMRES solve), so reverse mode stores nothing per Newton
+    or GMRES iteration: the compiled gradient's temporary memory is the same for a
+    loose solve (a few iterations, low caps) and a tight one (more iterations, caps
+    of 60 Newton and 800 GMRES steps). Differentiating through the iterations
+    instead would store a state per iteration (or per checkpoint)."""
+    grid = dphys.Grid((16, 16), boundary="neumann")
+    kappa, u0 = kappa_field(grid), blob(grid)
+
+    def make(rtol, max_steps, linear_rtol, linear_max_steps):
+        stepper = dphys.FullyImplicit(
+            rtol=rtol,
+            atol=rtol * 1e-2,
+            max_steps=max_steps,
+            linear_rtol=linear_rtol,
+            linear_max_steps=linear_max_steps,
+        )
+
+        def f(kappa, u):
+            model = Reaction(grid, kappa, rate=2.0)
+            ss = stepper.init(model, 0.0, 0.2, u)
+            new, _, _, iterations = stepper.step(model, 0.0, 0.2, u, ss)
+            return jnp.sum(new**2), iterations
+
+        return f
+
+    loose = make(0.5, 3, 1e-3, 30)
+    tight = make(1e-13, 60, 1e-13, 800)
+    it_loose = int(jax.jit(loose)(kappa, u0)[1])
+    it_tight = int(jax.jit(tight)(kappa, u0)[1])
+    assert it_tight > it_loose, (it_loose, it_tight)  # really more Newton steps
+    grad = lambda f: jax.grad(f, argnums=(0, 1), has_aux=True)
+    mem_loose = _temp_bytes(grad(loose), kappa, u0)
+    mem_tight = _temp_bytes(grad(tight), kappa, u0)
+    assert abs(mem_tight - mem_loose) <= 0.05 * mem_loose, (mem_loose, mem_tight)
+
+
 def test_checkpointed_memory_grows_sublinearly():
     grid = dphys.Grid((16, 16), lengths=1.0)
     params = {"state0": blob(grid), "kappa": jnp.asarray(0.01)}
