@@ -36,6 +36,7 @@ checkpointed time loop).
 
 import abc
 import numbers
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -60,6 +61,23 @@ from ._observation import (
 
 BACKGROUND = "background"
 OBSERVATION = "observation"
+
+
+def _warn_if_unobserved(obs: Observations, t_start: float, t_end: float) -> None:
+    """Warn when every observation in the window is missing (all NaN): the cost
+    then has no observation term and the analysis is the background."""
+    values = obs.values
+    if isinstance(values, jax.core.Tracer) or values.size == 0:
+        return
+    if bool(np.all(np.isnan(np.asarray(values)))):
+        warnings.warn(
+            f"all {values.size} observation values in the window [{t_start:g}, "
+            f"{t_end:g}] are missing (NaN): the cost has no observation term and "
+            "the analysis will equal the background. Check the observation file, "
+            "its time axis and the sensor positions (a sensor outside the data's "
+            "time range reads as missing).",
+            stacklevel=3,
+        )
 
 
 def _shapes(tree):
@@ -372,6 +390,10 @@ class FourDVar(AbstractCost):
         self.dt = float(dt)
         self.n_steps = int(n_steps)
         self.throw = bool(throw)
+        _warn_if_unobserved(obs, self.t0, self.t0 + self.n_steps * self.dt)
+        # The model runs inside jit (traced), where simulate cannot check the
+        # stepper at this dt: check it here, with concrete values.
+        stepper.check_run(model, state0, dt, t0)
 
     # ------------------------------------------------------------------ the control
 

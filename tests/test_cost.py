@@ -415,3 +415,20 @@ def test_weak_constraint_sub_windows_start_at_their_own_time(getkey):
         sub = dphys.Augmented(model, forcing=eta[j])
         wrong = dphys.simulate(sub, stepper, wrong, dt=dt, n_steps=m, t0=t0).final
     assert float(jnp.max(jnp.abs(wrong - state))) > 1e-3
+
+
+def test_all_observations_missing_warns():
+    """A window whose observations are all NaN has no observation term: building
+    its cost warns, and the analysis is the background."""
+    cost = _periodic_problem()
+    nan = jnp.full_like(cost.obs.values, jnp.nan)
+    empty = eqx.tree_at(lambda o: o.values, cost.obs, nan)
+    args = (cost.model, cost.stepper, cost.state0, empty, cost.control)
+    kw = dict(dt=cost.dt, n_steps=cost.n_steps, adjoint=dphys.Unrolled())
+    with pytest.warns(UserWarning, match=r"all 24 observation values .* are missing"):
+        blind = da.FourDVar(*args, **kw)
+    v = _random_control(cost, jax.random.key(0))
+    assert float(blind.costs(v)[2]) == 0.0  # no observation term
+    # One observed value is enough: no warning.
+    one = eqx.tree_at(lambda o: o.values, empty, empty.values.at[1, 2].set(0.3))
+    da.FourDVar(*args[:3], one, args[4], **kw)
