@@ -23,11 +23,6 @@ import dphys
 import pdes
 
 
-# The library part (inner solves on the project's Krylov solvers with a 2-norm
-# stopping rule, inner statistics in the history) is not in yet.
-pytestmark = pytest.mark.xfail(strict=True, reason="inner solves not yet rebuilt")
-
-
 N, DT, N_STEPS = 100, 0.01, 50
 
 
@@ -167,3 +162,67 @@ def test_gauss_newton_with_exact_zeros_in_the_gradient():
     a = da.assimilate(cost, da.GaussNewton(gtol=1e-10), uncertainty=False)
     np.testing.assert_allclose(a.cost_analysis, j_exact, rtol=1e-10)
     assert a.converged and a.n_iterations <= 3, a.message
+
+
+class _WrongCurvature(da.AbstractCost):
+    r"""$J(v) = \tfrac12\|v - 1\|^2$ but a residual scaled by ``c``: the
+    Gauss-Newton operator $c^2 I$ is wrong, so its step $-\nabla J / c^2$
+    overshoots by $1/c^2$ and no halving (8 allowed) decreases $J$."""
+
+    c: float
+    control: None = None
+
+    def init(self):
+        return jnp.zeros(4)
+
+    def residual(self, v):
+        return {"background": self.c * (v - 1.0)}
+
+    def terms(self, v):
+        return {"background": 0.5 * jnp.sum((v - 1.0) ** 2)}
+
+    def innovations(self, v):
+        return jnp.zeros(0)
+
+
+def test_a_step_that_increases_j_is_never_taken():
+    cost = _WrongCurvature(1e-3)
+    sol = da.minimize(cost, da.GaussNewton(), n_iterations=3, throw=False)
+    assert sol.termination == "no_decrease"
+    assert sol.result == da.RESULTS.no_decrease
+    assert int(sol.stats["num_iterations"]) == 0
+    np.testing.assert_array_equal(sol.control, cost.init())
+    np.testing.assert_array_equal(sol.history["cost"], 2.0)  # J never moved
+    with pytest.raises(eqx.EquinoxRuntimeError, match="decreased the cost"):
+        da.minimize(cost, da.GaussNewton(), n_iterations=3)
+    # The same cost with the right curvature converges in one step (control).
+    sol = da.minimize(_WrongCurvature(1.0), da.GaussNewton(), n_iterations=2)
+    np.testing.assert_allclose(sol.control, 1.0, rtol=1e-12)
+    assert sol.termination == "running"
+
+
+def test_truncated_inner_solves_are_reported(advection):
+    """An inner cap below what CG needs: each step is a truncated CG step (still a
+    descent direction, J decreases), and the history and the message say the
+    solves did not converge, with their residuals."""
+    cost, _, _ = advection
+    a = da.assimilate(
+        cost,
+        da.GaussNewton(max_iterations=3, gtol=1e-10, inner_max_steps=5),
+        uncertainty=False,
+    )
+    h = a.history
+    assert h.inner_result[1:] == ("max_steps",) * 3
+    np.testing.assert_array_equal(h.inner_iterations[1:], 5)
+    assert np.all(h.inner_residual[1:] > 1e-3)
+    assert np.all(np.diff(h.cost) < 0)
+    assert "3 of 3 inner solve(s) did not converge (max_steps" in a.message
+    # The same history inside JAX.
+    sol = da.minimize(
+        cost, da.GaussNewton(inner_max_steps=5), n_iterations=1, throw=False
+    )
+    assert int(sol.history["inner_result"][1]) == 1  # INNER_RESULTS[1]
+    assert da.INNER_RESULTS[1] == "max_steps"
+    np.testing.assert_allclose(
+        sol.history["inner_residual"][1], h.inner_residual[1], rtol=1e-8
+    )
