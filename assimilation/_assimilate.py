@@ -101,7 +101,9 @@ class Analysis(eqx.Module):
         parameter_labels: tuple of ``n_p`` strings.
         initial_state_std: posterior std of the initial state, or ``None``.
         std: ``{name: posterior std of the physical value}`` for every control
-            variable the posterior covered (all with the dense method).
+            variable the posterior covered (all with the dense and Lanczos
+            methods; the analysis message names any that are missing or not
+            finite).
 
     Fit to the observations (shape ``(n_times, n_sensors)``, NaN where missing,
     observation minus model):

@@ -202,7 +202,9 @@ def gauss_newton_operator(cost: AbstractCost, control) -> lx.FunctionLinearOpera
     (J_r v')$: the tangent-linear model (``jax.jvp``) then the adjoint (``jax.vjp``,
     whose forward run is done once, here). For :class:`FourDVar`,
     $r = [v;\ R^{-1/2}(H(x(v)) - y)]$ and $A = I + J_o^\top J_o \succeq I$. Tagged
-    symmetric positive semidefinite, so ``lineax.CG`` solves with it; this one
+    symmetric positive semidefinite, so CG solves with it (Gauss-Newton uses
+    :func:`dphys.krylov_solve`, which stops on the 2-norm of the true residual;
+    ``lineax.CG`` tests each component against ``rtol |b_i|``); this one
     operator is the Gauss-Newton inner system, the Laplace posterior precision
     (:func:`assimilation.posterior`) and the Hessian that implicit
     hypergradients solve with.
@@ -217,8 +219,9 @@ def gauss_newton_operator(cost: AbstractCost, control) -> lx.FunctionLinearOpera
 
     Example:
         >>> op = gauss_newton_operator(cost, cost.init())  # doctest: +SKIP
-        >>> solver = lineax.CG(rtol=1e-8, atol=0.0)  # doctest: +SKIP
-        >>> delta = lineax.linear_solve(op, minus_grad, solver).value  # doctest: +SKIP
+        >>> delta, result, steps = dphys.krylov_solve(
+        ...     op.mv, minus_grad, method="cg", initial_guess="zero"
+        ... )  # doctest: +SKIP
     """
     _, vjp_fn = jax.vjp(cost.residual, control)
 

@@ -328,6 +328,10 @@ def test_lanczos_posterior_equals_dense_on_every_field():
         s_lz = getattr(lz.initial_state_std, name)
         assert np.all(np.isfinite(s_lz)), name
         np.testing.assert_allclose(s_lz, s, rtol=1e-6, err_msg=name)
+    # Too few vectors: reported, never silent.
+    short = jax.jit(lambda v: da.posterior(cost, v, method="lanczos", max_rank=3))(v)
+    assert not bool(short.converged) and int(short.rank) == 3
+    assert "NOT CONVERGED" in short.describe()
     # The leading eigenvalues are those of the dense Gauss-Newton Hessian.
     a = da.gauss_newton_operator(cost, v).as_matrix()
     lam = np.sort(np.linalg.eigvalsh(a))[::-1]
@@ -336,8 +340,8 @@ def test_lanczos_posterior_equals_dense_on_every_field():
 
 
 # About 2.5 minutes on a loaded 2-core machine (the Diffusion prior's variance and
-# one tangent-linear/adjoint run per Lanczos vector on 36 x 40 cells): slow; the same code path is
-# checked against the dense inverse by default on the 6 x 8 copy above.
+# one tangent-linear/adjoint run per Lanczos vector on 36 x 40 cells): slow; the
+# same code path is checked against the dense inverse by default on the 6 x 8 copy.
 @pytest.mark.slow
 def test_large_shallow_water_posterior_is_finite_and_verified():
     """A 4320-unknown control (above `max_dense`): "auto" takes Lanczos; every
