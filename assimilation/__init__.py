@@ -44,6 +44,7 @@ from ._observation import (
 )
 from ._posterior import Posterior as Posterior, posterior as posterior
 from ._stopping import (
+    INNER_RESULTS as INNER_RESULTS,
     RESULTS as RESULTS,
     TERMINATIONS as TERMINATIONS,
     StoppingRule as StoppingRule,

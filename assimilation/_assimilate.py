@@ -27,7 +27,7 @@ from ._cost import AbstractCost
 from ._methods import AbstractMethod, GaussNewton
 from ._minimize import _strong
 from ._posterior import posterior
-from ._stopping import TERMINATIONS, StoppingRule
+from ._stopping import INNER_RESULTS, TERMINATIONS, StoppingRule
 
 
 class History(eqx.Module):
@@ -41,6 +41,12 @@ class History(eqx.Module):
         step_norm: $\\|v_k - v_{k-1}\\|_2$ (0 at entry 0).
         inner_iterations: CG steps (Gauss-Newton) or line-search steps (L-BFGS)
             spent in each iteration (0 at entry 0).
+        inner_residual: Gauss-Newton's relative inner true residual
+            $\\|A\\delta + \\nabla J\\|_2/\\|\\nabla J\\|_2$ per iteration (0 at
+            entry 0 and for L-BFGS).
+        inner_result: how each inner solve ended, as names from
+            :data:`assimilation.INNER_RESULTS` (``"converged"``, ``"max_steps"``,
+            ``"nonfinite"``; ``"converged"`` at entry 0 and for L-BFGS).
         elapsed: wall-clock seconds since the start, at each entry.
         parameters: ``{name: array (n_iterations+1, *shape)}`` physical values.
         terms: ``{name: array (n_iterations+1,)}``: every named term of the cost
@@ -57,6 +63,8 @@ class History(eqx.Module):
     elapsed: np.ndarray
     parameters: dict
     terms: dict = eqx.field(default_factory=dict)
+    inner_residual: np.ndarray | None = None
+    inner_result: tuple[str, ...] = eqx.field(static=True, default=())
 
     @property
     def n_iterations(self) -> int:
@@ -93,7 +101,9 @@ class Analysis(eqx.Module):
         parameter_labels: tuple of ``n_p`` strings.
         initial_state_std: posterior std of the initial state, or ``None``.
         std: ``{name: posterior std of the physical value}`` for every control
-            variable the posterior covered (all with the dense method).
+            variable the posterior covered (all with the dense and Lanczos
+            methods; the analysis message names any that are missing or not
+            finite).
 
     Fit to the observations (shape ``(n_times, n_sensors)``, NaN where missing,
     observation minus model):
@@ -107,7 +117,9 @@ class Analysis(eqx.Module):
         n_iterations: iterations performed.
         converged: whether a tolerance was met.
         termination: ``"gradient_tolerance"``, ``"cost_tolerance"``,
-            ``"max_iterations"``, ``"callback"`` or ``"nonfinite"``.
+            ``"max_iterations"``, ``"callback"``, ``"nonfinite"`` or
+            ``"no_decrease"`` (a Gauss-Newton step failed to decrease $J$; the
+            last iterate is kept).
         message: a one-line human-readable summary.
         method: the method's class name (``"GaussNewton"``, ``"LBFGS"``).
     """
@@ -173,6 +185,9 @@ def _info(cost, s):
         "grad_norm": s.grad_norm,
         "step_norm": s.step_norm,
         "inner_iterations": s.inner_iterations,
+        "inner_residual": s.inner_residual,
+        "inner_result": s.inner_result,
+        "failed": s.failed,
         "terms": dict(s.terms),
         "parameters": {name: values[name] for name in names},
     }
@@ -294,6 +309,8 @@ def assimilate(
         raw = jax.device_get(raw)
         info = {k: float(raw[k]) for k in _SCALARS}
         info["inner_iterations"] = int(raw["inner_iterations"])
+        info["inner_residual"] = float(raw["inner_residual"])
+        info["inner_result"] = INNER_RESULTS[int(raw["inner_result"])]
         info["elapsed"] = time.perf_counter() - start
         info["terms"] = {k: float(x) for k, x in raw["terms"].items()}
         info["parameters"] = {k: np.asarray(x) for k, x in raw["parameters"].items()}
@@ -337,7 +354,11 @@ def assimilate(
         state = new
         it += 1
         info = record(raw)
-        if callback is not None and callback(it, info):
+        if bool(raw["failed"]):
+            # The method kept the iterate (no step decreased J): the row records
+            # the attempt's inner solve, and the run ends here.
+            termination = "no_decrease"
+        elif callback is not None and callback(it, info):
             termination = "callback"
         else:
             termination = check(it, info, j_prev)
@@ -352,6 +373,8 @@ def assimilate(
         grad_norm=np.array([r["grad_norm"] for r in rows]),
         step_norm=np.array([r["step_norm"] for r in rows]),
         inner_iterations=np.array([r["inner_iterations"] for r in rows]),
+        inner_residual=np.array([r["inner_residual"] for r in rows]),
+        inner_result=tuple(r["inner_result"] for r in rows),
         elapsed=np.array([r["elapsed"] for r in rows]),
         parameters={
             name: np.stack([r["parameters"][name] for r in rows])
@@ -363,6 +386,19 @@ def assimilate(
         bar.close()
     return _make_analysis(
         cost, state.v, history, termination, stop, method, uncertainty, progress
+    )
+
+
+def _inner_summary(history) -> str:
+    """What the inner solves did, when one of them did not converge."""
+    results = history.inner_result[1:]
+    bad = [r for r in results if r != "converged"]
+    if not bad or history.inner_residual is None:
+        return ""
+    worst = float(np.max(history.inner_residual[1:]))
+    return (
+        f"; {len(bad)} of {len(results)} inner solve(s) did not converge "
+        f"({', '.join(sorted(set(bad)))}; largest relative residual {worst:.2g})"
     )
 
 
@@ -421,6 +457,7 @@ def _make_analysis(
         name: otu.tree_sub(d_a.values[name], d_b.values[name]) for name in names
     }
     p_std = p_std_z = corr = state_std = std = None
+    post_note = ""
     labels: tuple[str, ...] = ()
     if uncertainty:
         if progress:
@@ -440,6 +477,7 @@ def _make_analysis(
                 flush=True,
             )
         labels = post.labels
+        post_note = post.describe()
         std = _np_tree(post.stds)
         if parameter_names:
             p_std = {n: np.asarray(post.stds[n]) for n in parameter_names}
@@ -455,6 +493,9 @@ def _make_analysis(
         f"{n_it} iteration(s) ({stop.describe(termination)}); J "
         f"{history.cost[0]:.6g} -> {history.cost[-1]:.6g}"
     )
+    message += _inner_summary(history)
+    if post_note:
+        message += "; posterior: " + post_note
     return Analysis(
         control=_np_tree(v_a),
         initial_state=_np_tree(d_a.initial_state),

@@ -203,6 +203,19 @@ def _cov_map(method: str, cov, tree):
     return jtu.tree_map(lambda c, t: getattr(c, method)(t), cov, tree, is_leaf=_is_cov)
 
 
+def _cov_variance(cov, tree):
+    """``diag(B)`` leafwise, broadcast to ``tree``'s leaves (``cov``: one
+    covariance or a pytree prefix of ``tree``)."""
+    return jtu.tree_map(
+        lambda c, t: jnp.broadcast_to(c.variance(), jnp.shape(t)).astype(
+            jnp.result_type(t)
+        ),
+        cov,
+        tree,
+        is_leaf=_is_cov,
+    )
+
+
 def _labels(name: str, shape: tuple[int, ...]) -> list[str]:
     if shape == ():
         return [name]
@@ -283,6 +296,51 @@ class AbstractControlVariable(eqx.Module):
         cols = jax.vmap(lambda e: jfu.ravel_pytree(self.sqrt(unravel(e)))[0])(eye)
         return cols.T
 
+    def prior_variance(self, v):
+        r"""$\mathrm{diag}(U_i U_i^\top)$, the prior variance of $z_i$, with the
+        structure of the physical value (default: from :meth:`sqrt_matrix`;
+        variables with a covariance override it with the covariance's own
+        ``variance()``)."""
+        u = self.sqrt_matrix(v)
+        like = jax.eval_shape(self.sqrt, v)
+        _, unravel = jfu.ravel_pytree(
+            jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+        )
+        return unravel(jnp.sum(u * u, axis=1))
+
+    def push_forward_low_rank(self, v, vectors, weights):
+        r"""Standard deviations from a low-rank update of the prior,
+        $C = I + V\,\mathrm{diag}(w)\,V^\top$ on the block $v_i$.
+
+        Then $\mathrm{Var}(z_i) = \mathrm{diag}(U_iU_i^\top) + \sum_j w_j
+        (U_i V_{:,j})^2$ (one product with $U_i$ per column, no dense $U_i$), and
+        $\sigma_p = |T_i'(z_i)|\,\sigma_z$ as in :meth:`push_forward`.
+
+        Args:
+            v: the block at the analysis.
+            vectors: ``(k, n_i)``, the columns $V_{:,j}$ as rows (flattened
+                blocks).
+            weights: ``(k,)``.
+
+        Returns:
+            ``(std, std_unconstrained)`` with the structure of the physical value.
+        """
+        _, unravel = jfu.ravel_pytree(v)
+        cols = jax.vmap(lambda row: self.sqrt(unravel(row)))(vectors)
+        prior = self.prior_variance(v)
+        w = jnp.asarray(weights)
+        var = jtu.tree_map(
+            lambda p, c: p + jnp.tensordot(w, c * c, axes=1, precision="highest"),
+            prior,
+            cols,
+        )
+        std_z = jtu.tree_map(lambda x: jnp.sqrt(x), var)
+        d = self.derivative(v)
+        std = (
+            std_z if d is None else jtu.tree_map(lambda s, g: jnp.abs(g) * s, std_z, d)
+        )
+        return std, std_z
+
     def push_forward(self, v, covariance):
         r"""Standard deviations of the physical value from a whitened covariance.
 
@@ -345,6 +403,9 @@ class InitialState(AbstractControlVariable):
 
     def sqrt(self, v):
         return _cov_map("sqrt", self.covariance, v)
+
+    def prior_variance(self, v):
+        return _cov_variance(self.covariance, v)
 
     def decode(self, v, decoded):
         dx = self.sqrt(v)
@@ -495,6 +556,9 @@ class Parameter(AbstractControlVariable):
     def sqrt(self, v):
         return self.covariance.sqrt(v)
 
+    def prior_variance(self, v):
+        return jnp.broadcast_to(self.covariance.variance(), jnp.shape(v))
+
     def unconstrained(self, v):
         """$z = T^{-1}(p_b) + Uv$."""
         return self.unconstrained_background() + self.covariance.sqrt(v)
@@ -578,6 +642,10 @@ class ModelError(AbstractControlVariable):
 
     def sqrt(self, v):
         return jax.vmap(lambda w: _cov_map("sqrt", self.covariance, w))(v)
+
+    def prior_variance(self, v):
+        # The same Q for every sub-window.
+        return jax.vmap(lambda w: _cov_variance(self.covariance, w))(v)
 
     def decode(self, v, decoded):
         if decoded.forcings is not None:

@@ -36,6 +36,7 @@ checkpointed time loop).
 
 import abc
 import numbers
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -60,6 +61,23 @@ from ._observation import (
 
 BACKGROUND = "background"
 OBSERVATION = "observation"
+
+
+def _warn_if_unobserved(obs: Observations, t_start: float, t_end: float) -> None:
+    """Warn when every observation in the window is missing (all NaN): the cost
+    then has no observation term and the analysis is the background."""
+    values = obs.values
+    if isinstance(values, jax.core.Tracer) or values.size == 0:
+        return
+    if bool(np.all(np.isnan(np.asarray(values)))):
+        warnings.warn(
+            f"all {values.size} observation values in the window [{t_start:g}, "
+            f"{t_end:g}] are missing (NaN): the cost has no observation term and "
+            "the analysis will equal the background. Check the observation file, "
+            "its time axis and the sensor positions (a sensor outside the data's "
+            "time range reads as missing).",
+            stacklevel=3,
+        )
 
 
 def _shapes(tree):
@@ -184,7 +202,9 @@ def gauss_newton_operator(cost: AbstractCost, control) -> lx.FunctionLinearOpera
     (J_r v')$: the tangent-linear model (``jax.jvp``) then the adjoint (``jax.vjp``,
     whose forward run is done once, here). For :class:`FourDVar`,
     $r = [v;\ R^{-1/2}(H(x(v)) - y)]$ and $A = I + J_o^\top J_o \succeq I$. Tagged
-    symmetric positive semidefinite, so ``lineax.CG`` solves with it; this one
+    symmetric positive semidefinite, so CG solves with it (Gauss-Newton uses
+    :func:`dphys.krylov_solve`, which stops on the 2-norm of the true residual;
+    ``lineax.CG`` tests each component against ``rtol |b_i|``); this one
     operator is the Gauss-Newton inner system, the Laplace posterior precision
     (:func:`assimilation.posterior`) and the Hessian that implicit
     hypergradients solve with.
@@ -199,8 +219,9 @@ def gauss_newton_operator(cost: AbstractCost, control) -> lx.FunctionLinearOpera
 
     Example:
         >>> op = gauss_newton_operator(cost, cost.init())  # doctest: +SKIP
-        >>> solver = lineax.CG(rtol=1e-8, atol=0.0)  # doctest: +SKIP
-        >>> delta = lineax.linear_solve(op, minus_grad, solver).value  # doctest: +SKIP
+        >>> delta, result, steps = dphys.krylov_solve(
+        ...     op.mv, minus_grad, method="cg", initial_guess="zero"
+        ... )  # doctest: +SKIP
     """
     _, vjp_fn = jax.vjp(cost.residual, control)
 
@@ -372,6 +393,10 @@ class FourDVar(AbstractCost):
         self.dt = float(dt)
         self.n_steps = int(n_steps)
         self.throw = bool(throw)
+        _warn_if_unobserved(obs, self.t0, self.t0 + self.n_steps * self.dt)
+        # The model runs inside jit (traced), where simulate cannot check the
+        # stepper at this dt: check it here, with concrete values.
+        stepper.check_run(model, state0, dt, t0)
 
     # ------------------------------------------------------------------ the control
 

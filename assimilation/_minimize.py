@@ -23,6 +23,7 @@ from ._cost import AbstractCost
 from ._methods import AbstractMethod, GaussNewton, IterationState
 from ._stopping import (
     MAX_ITERATIONS,
+    NO_DECREASE,
     NONFINITE,
     RESULTS,
     RUNNING,
@@ -86,6 +87,8 @@ def _row(state: IterationState) -> dict:
         "grad_norm": state.grad_norm,
         "step_norm": state.step_norm,
         "inner_iterations": state.inner_iterations,
+        "inner_residual": state.inner_residual,
+        "inner_result": state.inner_result,
         "terms": dict(state.terms),
     }
 
@@ -195,8 +198,11 @@ def minimize(
         )
         finite = jnp.isfinite(new.cost) & jnp.isfinite(new.grad_norm)
         accept = running & finite
+        # A failed step leaves v unchanged (the method kept the iterate) but its
+        # inner statistics are recorded; it is not counted as an iteration.
         state = jtu.tree_map(lambda a, b: jnp.where(accept, a, b), new, state)
-        taken = taken + accept.astype(jnp.int32)
+        moved = accept & ~new.failed
+        taken = taken + moved.astype(jnp.int32)
         check = (
             jnp.asarray(RUNNING, jnp.int32)
             if stop is None
@@ -208,6 +214,7 @@ def minimize(
                 grad_norm=state.grad_norm,
             )
         )
+        check = jnp.where(new.failed, NO_DECREASE, check)
         code = jnp.where(running, jnp.where(finite, check, NONFINITE), code)
         return (state, taken, code.astype(jnp.int32)), _row(state)
 

@@ -21,6 +21,7 @@ COST_TOLERANCE = 2
 MAX_ITERATIONS = 3
 NONFINITE = 4
 CALLBACK = 5
+NO_DECREASE = 6
 TERMINATIONS = (
     "running",
     "gradient_tolerance",
@@ -28,7 +29,18 @@ TERMINATIONS = (
     "max_iterations",
     "nonfinite",
     "callback",
+    "no_decrease",
 )
+
+# Outcome of one inner (linear) solve of an outer iteration, recorded in the
+# history as ``inner_result`` (int32 inside JAX, indexing this tuple): the solve
+# met its tolerance on the true residual; it stopped at its iteration cap (a
+# truncated step, used only if it decreases the cost); or it produced a
+# non-finite increment (never used).
+INNER_CONVERGED = 0
+INNER_MAX_STEPS = 1
+INNER_NONFINITE = 2
+INNER_RESULTS = ("converged", "max_steps", "nonfinite")
 
 
 class RESULTS(dphys.RESULTS):
@@ -44,6 +56,13 @@ class RESULTS(dphys.RESULTS):
         "iterate is kept. Check the model run at that control (dt, parameters "
         "outside their valid range) and the observation errors."
     )
+    no_decrease = (
+        "No step along the method's direction decreased the cost (after "
+        "`max_backtracks` halvings); the last iterate is kept. The inner solve may "
+        "not have converged (see `history.inner_result` and `inner_residual`): "
+        "raise `inner_max_steps`, or check the gradient and the Gauss-Newton "
+        "operator (e.g. with dphys.testing.taylor_test)."
+    )
 
 
 class StoppingRule(eqx.Module):
@@ -55,6 +74,10 @@ class StoppingRule(eqx.Module):
       (also at $k = 0$ when $\nabla J_0 = 0$);
     * ``"cost_tolerance"``: $0 \le J_{k-1} - J_k \le$ ``ftol`` $\cdot |J_k|$;
     * ``"max_iterations"``: $k \ge$ ``max_iterations``.
+
+    A method may also end the run itself: ``"no_decrease"`` when its step failed
+    to decrease $J$ (Gauss-Newton after ``max_backtracks`` halvings); the rule is
+    not consulted then and the last iterate is kept.
 
     Attributes:
         max_iterations: the most iterations (static int >= 0).
@@ -115,6 +138,7 @@ class StoppingRule(eqx.Module):
             "max_iterations": f"reached max_iterations={self.max_iterations}",
             "callback": "stopped by the callback",
             "nonfinite": "the cost became non-finite; kept the last finite iterate",
+            "no_decrease": "no step decreased the cost; kept the last iterate",
             "running": "stopped after the requested iterations",
         }[termination]
 
@@ -125,6 +149,12 @@ def result_of(code):
         code == NONFINITE,
         RESULTS.nonfinite_cost,
         RESULTS.where(
-            code == MAX_ITERATIONS, RESULTS.max_iterations_reached, RESULTS.successful
+            code == NO_DECREASE,
+            RESULTS.no_decrease,
+            RESULTS.where(
+                code == MAX_ITERATIONS,
+                RESULTS.max_iterations_reached,
+                RESULTS.successful,
+            ),
         ),
     )

@@ -29,6 +29,7 @@ import pathlib
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -480,6 +481,10 @@ def _configure_logging(verbose: bool) -> None:
         log.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _log_warning(message, category, filename, lineno, file=None, line=None):
+    logger.warning("%s", message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dphys`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -510,7 +515,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runs import BatchError
 
     try:
-        return commands[args.command](args, argv)
+        with warnings.catch_warnings():
+            # Library warnings (a scheme far from monotone at this dt, a window
+            # without observations) go to the same log as the CLI's own messages,
+            # one line each.
+            warnings.showwarning = _log_warning
+            return commands[args.command](args, argv)
     except (
         FileNotFoundError,
         FileExistsError,

@@ -257,6 +257,7 @@ def _check_static(
     # here, and init/step/propagate read that (see AbstractStepper.resolve).
     stepper = stepper.resolve(model, state0)
     model.check_run(state0, dt)
+    stepper.check_run(model, state0, dt, t0)
     return stepper
 
 

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import abc
 import functools
+import warnings
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax.tree_utils as otu
@@ -36,7 +38,14 @@ import optimistix as optx
 from ._checks import describe, static_bool, static_int, static_real
 from ._model import AbstractModel
 from ._results import RESULTS
-from ._solver import FFT, AbstractLinearSolver, Auto, FactoredSymbol, resolve_solver
+from ._solver import (
+    FFT,
+    AbstractLinearSolver,
+    Auto,
+    FactoredSymbol,
+    probe_diagonal,
+    resolve_solver,
+)
 from ._solver._krylov import _PytreeKrylov
 from ._tree import add, axpy, scale
 
@@ -124,6 +133,11 @@ class AbstractStepper(eqx.Module):
         self.check(model, state0)
         return self
 
+    def check_run(self, model: AbstractModel, state0, dt, t0=0.0) -> None:
+        """Warn (``warnings.warn``) about a valid but likely unintended run, e.g. a
+        scheme that is not monotone at this ``dt``. Called by :func:`dphys.simulate`
+        before tracing; skipped for traced values. Default: nothing."""
+
     def split_state(self, stepper_state):
         """``(constant, varying)`` parts of a stepper state; see :meth:`join_state`.
 
@@ -177,6 +191,61 @@ class LinearSolveState(eqx.Module):
 def _residual(model, t1, gamma, new_state, rhs):
     r"""$(I - \gamma L(t_1))u - b$."""
     return otu.tree_sub(axpy(-gamma, model.linear(t1, new_state), new_state), rhs)
+
+def _traced(*trees) -> bool:
+    return any(
+        isinstance(leaf, jax.core.Tracer)
+        for tree in trees
+        for leaf in jtu.tree_leaves(eqx.filter(tree, eqx.is_array_like))
+    )
+
+
+# Warn when the grid-scale modes of a θ-step flip sign and keep more than 2/3 of
+# their amplitude per step, (1-θ) dt max|L_ii| > 5 (Crank-Nicolson heat: diffusion
+# number kappa dt / dx^2 > 5 in 1D). Between 1 and 5 the step is already not
+# monotone, but such steps are routine (smooth data, oscillations damped by 3x per
+# step or more); beyond 5 the oscillations of a steep profile persist for many steps.
+OSCILLATION_LIMIT = 5.0
+
+
+def warn_if_not_monotone(model, state0, dt, t0, theta: float, name: str) -> None:
+    r"""Warn if a θ-step is far from monotone at this ``dt``.
+
+    A θ-step is $u^{n+1} = (I - \theta\Delta t L)^{-1}(I + (1-\theta)\Delta t L)
+    u^n$. For diffusion and upwind advection $L$ has non-negative off-diagonal
+    entries, so $(I - \theta\Delta t L)^{-1}$ is non-negative and the step is
+    monotone (no new extrema, positivity kept) exactly when $I + (1-\theta)\Delta t
+    L$ has a non-negative diagonal: $\rho = (1-\theta)\Delta t\,\max_i|L_{ii}|
+    \le 1$ (Crank-Nicolson: diffusion number $\kappa\Delta t/\Delta x^2 \le 1$ in
+    1D, upwind Courant number $\le 2$). Beyond it the grid-scale modes flip sign
+    every step with $|G| \approx (\rho - 1)/(\rho + 1)$ ($\theta = \tfrac12$): a
+    steep profile oscillates and overshoots. This warns when $\rho >$
+    :data:`OSCILLATION_LIMIT` (5: the oscillations keep more than 2/3 of their
+    amplitude per step). :class:`BackwardEuler` is monotone at any ``dt``. The
+    diagonal of $L$ at ``t0`` is probed (:func:`dphys.probe_diagonal`); traced
+    values are skipped.
+    """
+    if theta >= 1.0 or _traced(model, state0, dt, t0):
+        return
+    diag = probe_diagonal(model, t0, state0)
+    worst = max(
+        (float(jnp.max(-d)) for d in jtu.tree_leaves(diag) if d.size), default=0.0
+    )
+    rho = (1.0 - theta) * float(dt) * worst
+    if rho <= OSCILLATION_LIMIT:
+        return
+    gain = abs(1.0 - rho) / (1.0 + theta / (1.0 - theta) * rho)
+    warnings.warn(
+        f"{name} with dt={float(dt):.6g} is far from monotone: (1-theta) dt "
+        f"max|L_ii| = {rho:.3g} (monotone up to 1; for diffusion it is (1-theta) "
+        "times twice the diffusion number kappa dt/dx^2 summed over axes, for "
+        "upwind advection (1-theta) times the Courant number). The grid-scale "
+        f"modes flip sign every step and keep {gain:.2f} of their amplitude, so "
+        "steep profiles oscillate and overshoot. BackwardEuler stays monotone at "
+        f"any dt (BDF2 also damps the grid-scale modes); or keep {name} with "
+        f"dt <= {1.0 / ((1.0 - theta) * worst):.3g} (monotone).",
+        stacklevel=5,  # the caller of dphys.simulate
+    )
 
 
 class _AbstractLinearImplicit(AbstractStepper):
@@ -276,6 +345,9 @@ class _AbstractTheta(_AbstractLinearImplicit):
 
     def init(self, model, t0, dt, state0):
         return self._init_solve(model, t0, state0, self.theta * dt)
+
+    def check_run(self, model, state0, dt, t0=0.0):
+        warn_if_not_monotone(model, state0, dt, t0, self.theta, type(self).__name__)
 
     def split_state(self, stepper_state):
         return stepper_state, None
@@ -407,6 +479,9 @@ class IMEX(_AbstractLinearImplicit):
     def init(self, model, t0, dt, state0):
         n0 = model.explicit(t0, state0)
         return (self._init_solve(model, t0, state0, 0.5 * dt), n0)
+
+    def check_run(self, model, state0, dt, t0=0.0):
+        warn_if_not_monotone(model, state0, dt, t0, 0.5, "IMEX (Crank-Nicolson on L)")
 
     def split_state(self, stepper_state):
         return stepper_state[0], stepper_state[1:]

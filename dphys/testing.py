@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools as ft
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -438,6 +439,12 @@ class TaylorResult(eqx.Module):
         f0: $f(x)$.
         dfdh: the directional derivative $\langle g, h\rangle$ being verified.
         passed: whether `rate1 >= min_rate` (and `rate2 >= min_rate + 1`).
+        relative_step: how far the largest step moves `x` relative to its size,
+            $\epsilon_0 / \epsilon_u$ with $\epsilon_u = \min_\ell
+            \mathrm{rms}(x_\ell)/\mathrm{rms}(h_\ell)$ (0.1 at most by default).
+            Below $\sqrt{\varepsilon_\mathrm{mach}}$ the steps have *collapsed*:
+            $x + \epsilon h$ differs from $x$ only in its last digits, and a
+            failure says nothing about the gradient (see `hint`).
 
     A summary is `inf` when the remainders after the first step sit at round-off
     level and that round-off level is small against the previous-order remainder
@@ -462,6 +469,29 @@ class TaylorResult(eqx.Module):
     f0: float
     dfdh: float
     passed: bool
+    relative_step: float
+    eps_mach: float
+
+    @property
+    def collapsed(self) -> bool:
+        """Whether the steps are too small to say anything (see `relative_step`)."""
+        return self.relative_step < math.sqrt(self.eps_mach)
+
+    @property
+    def hint(self) -> str | None:
+        """What to try when the test failed on collapsed steps, else ``None``."""
+        if self.passed or not self.collapsed:
+            return None
+        return (
+            f"the largest step moves x by only {self.relative_step:.1e} of its size: "
+            "the steps collapsed, and this failure says nothing about the gradient. "
+            f"The default step rule takes |f(x)| = {abs(self.f0):.1e} as the "
+            "round-off scale, which shrinks the steps when x sits at (or extremely "
+            "close to) a minimum where f is nearly 0, or where f crosses zero. Pass "
+            "a larger `eps0`, e.g. `eps0` = "
+            f"{1e-3 * self.eps[0] / self.relative_step:.1e} (a step moving x by "
+            "0.1% of its size)."
+        )
 
     def __str__(self) -> str:
         status = "PASSED" if self.passed else "FAILED"
@@ -491,6 +521,8 @@ class TaylorResult(eqx.Module):
             "  summary rates: median of usable rates; '*' marks a remainder at "
             "round-off level (its rates are not used)"
         )
+        if self.hint is not None:
+            lines.append(f"  hint: {self.hint}")
         return "\n".join(lines)
 
 
@@ -663,8 +695,10 @@ def taylor_test(
     and the test fails.
 
     Nothing is raised when the check fails (non-finite values included): read
-    `passed`. `f` is called `n_eps + 2` times (`n_eps + 1` with `eps0`) and is
-    not jitted here; pass
+    `passed`. A failure on collapsed steps (the largest moves $x$ by less than
+    $\sqrt{\varepsilon_\mathrm{mach}}$ of its size, e.g. at an exact minimum where
+    $f \approx 0$) also warns and its `str()` suggests an `eps0`. `f` is called
+    `n_eps + 2` times (`n_eps + 1` with `eps0`) and is not jitted here; pass
     `jax.jit(f)` if it is expensive to trace.
 
     Args:
@@ -750,7 +784,7 @@ def taylor_test(
         rate2 = _summary_rate(remainder2, rates2, roundoff, remainder1, resolution)
         rate = rate2
         passed = passed and rate2 >= min_rate + 1.0
-    return TaylorResult(
+    result = TaylorResult(
         eps=eps,
         remainder0=remainder0,
         remainder1=remainder1,
@@ -767,7 +801,14 @@ def taylor_test(
         f0=f0,
         dfdh=dfdh,
         passed=bool(passed),
+        relative_step=float(eps[0]) / unit_step,
+        eps_mach=eps_mach,
     )
+    if result.hint is not None:
+        # A failure on collapsed steps is not a verdict on the gradient: say so
+        # even to callers that only read `passed`.
+        warnings.warn(f"taylor_test failed: {result.hint}", stacklevel=2)
+    return result
 
 
 # --------------------------------------------------------------------------------------

@@ -474,3 +474,30 @@ def test_assimilate_warns_in_float32():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "running in single precision (float32)" in proc.stdout
+
+
+@pytest.mark.filterwarnings("default::UserWarning")
+def test_library_warnings_reach_the_log(tmp_path, capsys, caplog):
+    # Observations all missing, and Crank-Nicolson at diffusion number 14 (kappa
+    # 0.5, dt 0.05, dx 1/24): both are warned about, one record each in the CLI's
+    # log (printed as "dphys: WARNING: ..." on stderr outside pytest).
+    write_obs(tmp_path / "obs.nc")
+    ds = dio.read_netcdf(tmp_path / "obs.nc")
+    ds["u"] = ds["u"] * np.nan
+    dio.write_netcdf(ds, tmp_path / "obs.nc")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        HEAT_TOML.format(extra="").replace(
+            "parameters = { kappa = 0.01 }", "parameters = { kappa = 0.5 }"
+        )
+    )
+    code, _, err = run_cli(capsys, "assimilate", str(cfg), "-q")
+    assert code == 0, err
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "assimilation.cli" and r.levelname == "WARNING"
+    ]
+    assert any("observation values" in line and "missing" in line for line in lines)
+    assert any("far from monotone" in line for line in lines), lines
+    assert all("\n" not in line for line in lines)

@@ -353,3 +353,82 @@ def test_posterior_pushes_every_block_forward():
     )
     np.testing.assert_allclose(post.std, [post.stds["kappa"]], rtol=1e-12)
     assert post.labels == ("kappa",)
+
+
+def test_weak_constraint_sub_windows_start_at_their_own_time(getkey):
+    """A time-dependent model (a source that varies in time) and t0 != 0: sub-window
+    j must run from t0 + j m dt. With zero model error the weak-constraint forecast
+    equals the strong-constraint one; with model error it equals a chain of runs
+    started by hand at each sub-window's own time. (With an autonomous model a
+    sub-window started at the wrong time gives the same answer.)"""
+    grid = dphys.Grid(16, lengths=1.0, boundary="periodic")
+    (x,) = grid.coords
+    shape = jnp.cos(2 * jnp.pi * x)
+    model = pdes.Heat(grid, kappa=0.01, source_fn=lambda t: jnp.sin(3.0 * t) * shape)
+    stepper = dphys.CrankNicolson()
+    t0, dt, n_steps, n_windows = 0.3, 0.1, 12, 3
+    obs = da.make_observations(
+        model,
+        stepper,
+        jnp.sin(2 * jnp.pi * x),
+        positions=jnp.linspace(0.05, 0.9, 5),
+        times=jnp.array([0.45, 0.7, 0.95, 1.2, 1.5]),
+        sigma=0.05,
+        dt=dt,
+        n_steps=n_steps,
+        t0=t0,
+    )
+    B = da.Diffusion(grid, 0.1, std=0.3)
+    kw = dict(dt=dt, n_steps=n_steps, t0=t0, adjoint=dphys.Unrolled())
+    xb = 0.9 * jnp.sin(2 * jnp.pi * x)
+    strong = da.FourDVar(
+        model, stepper, xb, obs, da.Control(initial_state=da.InitialState(B)), **kw
+    )
+    me = da.ModelError(da.Diagonal(0.5, shape=grid.shape), n_windows=n_windows)
+    weak = da.FourDVar(
+        model,
+        stepper,
+        xb,
+        obs,
+        da.Control(initial_state=da.InitialState(B), model_error=me),
+        **kw,
+    )
+    v = {"initial_state": 0.3 * jax.random.normal(getkey(), grid.shape)}
+    zero = {**v, "model_error": jnp.zeros((n_windows, 16))}
+    np.testing.assert_allclose(weak.predict(zero), strong.predict(v), rtol=1e-12)
+    np.testing.assert_allclose(
+        weak.final_state(zero), strong.final_state(v), rtol=1e-12, atol=1e-14
+    )
+    forced = {**v, "model_error": jax.random.normal(getkey(), (n_windows, 16))}
+    eta = weak.forcings(forced)
+    m = n_steps // n_windows
+    state = weak.initial_state(forced)
+    for j in range(n_windows):
+        sub = dphys.Augmented(model, forcing=eta[j])
+        state = dphys.simulate(
+            sub, stepper, state, dt=dt, n_steps=m, t0=t0 + j * m * dt
+        ).final
+    np.testing.assert_allclose(weak.final_state(forced), state, rtol=1e-12, atol=1e-14)
+    # The time dependence matters: the same chain started at t0 every time differs.
+    wrong = weak.initial_state(forced)
+    for j in range(n_windows):
+        sub = dphys.Augmented(model, forcing=eta[j])
+        wrong = dphys.simulate(sub, stepper, wrong, dt=dt, n_steps=m, t0=t0).final
+    assert float(jnp.max(jnp.abs(wrong - state))) > 1e-3
+
+
+def test_all_observations_missing_warns():
+    """A window whose observations are all NaN has no observation term: building
+    its cost warns, and the analysis is the background."""
+    cost = _periodic_problem()
+    nan = jnp.full_like(cost.obs.values, jnp.nan)
+    empty = eqx.tree_at(lambda o: o.values, cost.obs, nan)
+    args = (cost.model, cost.stepper, cost.state0, empty, cost.control)
+    kw = dict(dt=cost.dt, n_steps=cost.n_steps, adjoint=dphys.Unrolled())
+    with pytest.warns(UserWarning, match=r"all 24 observation values .* are missing"):
+        blind = da.FourDVar(*args, **kw)
+    v = _random_control(cost, jax.random.key(0))
+    assert float(blind.costs(v)[2]) == 0.0  # no observation term
+    # One observed value is enough: no warning.
+    one = eqx.tree_at(lambda o: o.values, empty, empty.values.at[1, 2].set(0.3))
+    da.FourDVar(*args[:3], one, args[4], **kw)

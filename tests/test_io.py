@@ -1,5 +1,7 @@
 """dphys.io: Grid/Trajectory <-> xarray/netCDF, exact round trips and clear errors."""
 
+import pathlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -246,3 +248,30 @@ def test_write_netcdf_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     dio.write_netcdf(ds, target)
     assert [p.name for p in tmp_path.iterdir()] == ["out.nc"]
+
+
+def test_atomic_write_puts_its_temporary_file_beside_the_target(tmp_path, monkeypatch):
+    # os.replace is an atomic rename only within one file system: the temporary
+    # file must live in the target's own directory (not in the system's temporary
+    # directory), under a hidden name, and the target appears only at the end.
+    ds = dio.to_dataset(jnp.zeros(12), GRIDS[0])
+    target = tmp_path / "runs" / "out.nc"
+    written = []
+    real = xr.Dataset.to_netcdf
+
+    def spy(self, path, *args, **kwargs):
+        written.append(pathlib.Path(path))
+        assert not target.exists()
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", spy)
+    dio.write_netcdf(ds, target)
+    (tmp,) = written
+    assert tmp.parent == target.parent and tmp != target
+    assert tmp.name.startswith(".out.nc.") and tmp.name.endswith(".tmp")
+    assert not tmp.exists() and target.exists()
+    with dio.atomic_write(target) as tmp:
+        assert tmp.parent == target.parent and tmp.exists() and tmp != target
+        tmp.write_text("replaced")
+    assert target.read_text() == "replaced"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.nc"]

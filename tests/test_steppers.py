@@ -226,13 +226,66 @@ SOLVE_CASES = [
         dphys.Krylov(preconditioner=None),
         1e-9,
     ),
+    # Non-symmetric operators (advection-diffusion with a velocity field): every heat
+    # operator is symmetric, so a solver that solves with A^T instead of A (e.g.
+    # swapped bands) passes the cases above and fails these.
+    (
+        "tridiagonal-advection-dirichlet",
+        dphys.Grid(24, boundary="dirichlet"),
+        "advection",
+        dphys.Tridiagonal(),
+        1e-13,
+    ),
+    (
+        "tridiagonal-advection-neumann",
+        dphys.Grid(24, boundary="neumann"),
+        "advection-upwind",
+        dphys.Tridiagonal(),
+        1e-13,
+    ),
+    (
+        "gmres-advection-2d",
+        dphys.Grid((8, 12), boundary="dirichlet"),
+        "advection",
+        dphys.Krylov(method="gmres"),
+        1e-9,
+    ),
+    (
+        "bicgstab-advection-1d",
+        dphys.Grid(24),
+        "advection-upwind",
+        dphys.Krylov(method="bicgstab"),
+        1e-9,
+    ),
+    (
+        "fft-advection-2d",
+        dphys.Grid((8, 12), lengths=(1.0, 2.0)),
+        "advection-constant",
+        dphys.FFT(),
+        1e-13,
+    ),
 ]
+
+
+def _solve_model(kind, grid):
+    """The model of a solve case: heat (symmetric) or advection (non-symmetric)."""
+    if kind == "scalar":
+        return pdes.Heat(grid, 0.1)
+    if kind == "field":
+        return pdes.Heat(grid, _field(grid))
+    if kind == "advection-constant":
+        return pdes.Advection(grid, (0.7, -1.3), kappa=0.02, scheme="upwind")
+    # A velocity field with no zero (the upwind kink) and a diffusivity field.
+    velocity = tuple(1.0 + 2.0 * _field(grid) for _ in range(grid.ndim))
+    scheme = "upwind" if kind == "advection-upwind" else "centered"
+    return pdes.Advection(grid, velocity, kappa=0.3 * _field(grid), scheme=scheme)
 
 
 @pytest.mark.parametrize("case", SOLVE_CASES, ids=[c[0] for c in SOLVE_CASES])
 def test_implicit_solve_residual(case, getkey):
     _, grid, kind, solver, tol = case
-    model = pdes.Heat(grid, 0.1 if kind == "scalar" else _field(grid))
+    model = _solve_model(kind, grid)
+    assert model.symmetric == (kind in ("scalar", "field"))
     rhs = jax.random.normal(getkey(), grid.shape)
     gamma = 0.37
 
@@ -251,6 +304,8 @@ def test_implicit_solve_residual(case, getkey):
     assert np.linalg.norm(residual) / float(jnp.linalg.norm(rhs)) < tol
     # ... and it is the solution of the dense system.
     A = np.eye(n) - gamma * np.asarray(apply_l(jnp.eye(n))).T
+    if not model.symmetric:  # really non-symmetric, so A and A^T solves differ
+        assert np.abs(A - A.T).max() > 0.1 * np.abs(A - np.eye(n)).max()
     exact = np.linalg.solve(A, np.asarray(rhs).ravel())
     np.testing.assert_allclose(
         np.asarray(x).ravel(), exact, atol=100 * tol * np.abs(exact).max()
@@ -507,3 +562,59 @@ def test_a_hint_that_hides_a_term_is_refused():
     model = _Lying(GRID, jnp.asarray(0.05), jnp.asarray(1.0))
     with pytest.raises(ValueError, match="`_Lying.has_explicit` is False but"):
         dphys.simulate(model, dphys.CrankNicolson(), U0, dt=0.01, n_steps=2)
+
+# ------------------------------------------------------------- monotonicity warning
+
+
+def _step_profile(stepper, r):
+    """One step of 1D heat from a unit spike at diffusion number r."""
+    grid = dphys.Grid(32, boundary="neumann")
+    u0 = jnp.where(jnp.arange(32) == 16, 1.0, 0.0)
+    dt = r * grid.spacing[0] ** 2 / 0.01
+    return dphys.simulate(pdes.Heat(grid, 0.01), stepper, u0, dt=dt, n_steps=1).final
+
+
+def test_crank_nicolson_at_a_large_diffusion_number_warns():
+    # r = kappa dt / dx^2 = 100: CN's explicit half has diagonal 1 - r < 0, and one
+    # step of a spike leaves [0, 1] (negative values: the grid-scale modes flip
+    # sign with |G| near 1) ...
+    with pytest.warns(UserWarning, match="far from monotone.*BackwardEuler stays"):
+        u = _step_profile(dphys.CrankNicolson(), 100.0)
+    assert float(jnp.max(u)) > 1.0 + 1e-3 or float(jnp.min(u)) < -1e-3
+    # ... backward Euler stays in [0, 1], and CN at r <= 1 too: no warning.
+    for stepper, r in ((dphys.BackwardEuler(), 100.0), (dphys.CrankNicolson(), 0.9)):
+        u = _step_profile(stepper, r)
+        assert -1e-14 <= float(jnp.min(u)) and float(jnp.max(u)) <= 1.0 + 1e-14
+    # Routine steps between the monotone limit and the warning limit run quietly:
+    # (1 - theta) dt max|L_ii| = 2 (1 - theta) r = 5 for CN at r = 5 and for
+    # theta = 0.75 at r = 10; just above, they warn.
+    _step_profile(dphys.CrankNicolson(), 5.0)
+    _step_profile(dphys.Theta(0.75), 10.0)
+    with pytest.warns(UserWarning, match=r"Theta with dt=.* dt <= "):
+        _step_profile(dphys.Theta(0.75), 10.5)
+    # IMEX uses CN on L.
+    with pytest.warns(UserWarning, match="IMEX"):
+        _step_profile(dphys.IMEX(), 100.0)
+
+
+def test_upwind_courant_number_above_ten_warns_under_crank_nicolson():
+    grid = dphys.Grid(40, lengths=1.0)
+    model = pdes.Advection(grid, 1.0, scheme="upwind")
+    u0 = jnp.where(jnp.abs(grid.coords[0] - 0.5) < 0.2, 1.0, 0.0)
+    dx = grid.spacing[0]
+    dphys.simulate(model, dphys.CrankNicolson(), u0, dt=9.5 * dx, n_steps=1)
+    with pytest.warns(UserWarning, match="far from monotone"):
+        dphys.simulate(model, dphys.CrankNicolson(), u0, dt=11.0 * dx, n_steps=1)
+
+
+def test_monotonicity_check_skips_traced_values():
+    # Inside jit the values are unknown: no probe and no warning.
+    grid = dphys.Grid(32, boundary="neumann")
+    run = jax.jit(
+        lambda u, k: (
+            dphys.simulate(
+                pdes.Heat(grid, k), dphys.CrankNicolson(), u, dt=1.0, n_steps=1
+            ).final
+        )
+    )
+    run(jnp.ones(32), jnp.asarray(0.01))

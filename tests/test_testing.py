@@ -75,6 +75,27 @@ def test_taylor_fails_for_slightly_wrong_gradient(seed):
     assert "FAILED" in str(res)
 
 
+@pytest.mark.parametrize("factor", [0.1, 0.25, 0.7])
+def test_taylor_rates_use_the_step_factor(factor):
+    # Rates are log(r_i / r_{i+1}) / log(1 / factor): 1 for r0 and 2 for r1 of a
+    # correct gradient at any factor, and 1 for r1 of a 0.1%-wrong one. Computed
+    # with log 2 instead, the rates at factor 0.25 would double (a wrong gradient
+    # would then pass with rate 2).
+    x = point()
+    grad = jax.grad(cost)(x)
+    n_eps = 4 if factor < 0.5 else 8  # comparable span of steps
+    res = dt.taylor_test(cost, x, grad=grad, factor=factor, n_eps=n_eps)
+    assert res.passed and abs(res.rate1 - 2.0) < 0.1, str(res)
+    assert abs(res.rate0 - 1.0) < 0.1, str(res)
+    np.testing.assert_allclose(res.eps[1:] / res.eps[:-1], factor, rtol=1e-14)
+    # The reported rates are the successive log-ratios over log(1/factor).
+    expect = np.log(res.remainder1[:-1] / res.remainder1[1:]) / np.log(1 / factor)
+    np.testing.assert_allclose(res.rates1, expect, rtol=1e-12)
+    wrong = scaled(grad, 1.0 + 1e-3)
+    bad = dt.taylor_test(cost, x, grad=wrong, factor=factor, n_eps=n_eps)
+    assert not bad.passed and abs(bad.rate1 - 1.0) < 0.2, str(bad)
+
+
 def test_taylor_fails_for_wrong_sign():
     x = point()
     res = dt.taylor_test(cost, x, grad=scaled(jax.grad(cost)(x), -1.0))
@@ -133,9 +154,11 @@ def test_taylor_roundoff_cannot_hide_a_wrong_gradient():
     # With a far too small eps0 every remainder is round-off: undecidable, not a pass.
     x = point()
     wrong = scaled(jax.grad(cost)(x), 1.0 + 1e-3)
-    res = dt.taylor_test(cost, x, grad=wrong, eps0=1e-13)
+    with pytest.warns(UserWarning, match="collapsed"):
+        res = dt.taylor_test(cost, x, grad=wrong, eps0=1e-13)
     assert np.all(res.remainder1 <= res.roundoff)
     assert not res.passed and math.isnan(res.rate)
+    assert res.collapsed and "larger `eps0`" in str(res)
 
 
 def test_taylor_quadratic_with_hvp_is_exact_to_roundoff():
@@ -215,6 +238,29 @@ def test_taylor_gradient_dominated_by_a_small_parameter():
     assert res.eps[0] * abs(float(grad["kappa"])) <= 0.1 * 2e-3 * (1 + 1e-12)
     bad = dt.taylor_test(f, x, grad=wrong, direction=along)
     assert not bad.passed and abs(bad.rate - 1.0) < 0.2
+
+
+def test_taylor_collapsed_steps_suggest_eps0():
+    # At an exact minimum where f is ~1e-25 the default rule takes |f| as the
+    # round-off scale and shrinks the steps until x + eps h == x: the test fails
+    # without saying anything about the gradient. It must say so and suggest eps0.
+    a = jnp.array([[2.0, 1.0, 0.0], [0.5, 3.0, 1.0], [0.0, 1.0, 4.0], [1.0, 1.0, 1.0]])
+    x_min = jnp.array([0.3, -0.7, 1.1])
+    f = jax.jit(lambda x: 0.5 * jnp.sum((a @ (x - x_min)) ** 2))
+    x = x_min + 1e-13
+    with pytest.warns(UserWarning, match="collapsed"):
+        res = dt.taylor_test(f, x)
+    assert not res.passed and res.collapsed
+    assert res.relative_step < 1e-8
+    assert "hint" in str(res) and "eps0" in str(res)
+    # The suggested step (0.1% of x) verifies the same gradient.
+    suggested = float(res.hint.split("`eps0` = ")[1].split(" ")[0])
+    good = dt.taylor_test(f, x, eps0=suggested)
+    assert good.passed and abs(good.rate1 - 2.0) < 0.1, str(good)
+    assert not good.collapsed and good.hint is None
+    # A genuinely wrong gradient on sensible steps fails without the hint.
+    bad = dt.taylor_test(cost, point(), grad=scaled(jax.grad(cost)(point()), 1.001))
+    assert not bad.passed and not bad.collapsed and "hint" not in str(bad)
 
 
 def test_taylor_explicit_eps0_and_determinism():

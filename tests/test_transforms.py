@@ -250,3 +250,35 @@ def test_saveat_plain_function_hook_still_works():
         **kw,
     )
     np.testing.assert_allclose(hooked.ys, full.ys[:, ::4] + full.ts[:, None])
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["fft-fast-forward", "fft-stepping", "tridiagonal-unrolled", "checkpointed"],
+)
+def test_saveat_hook_receives_the_save_time(path):
+    """The hook is called as fn(t, state) with t = t0 + k dt of the saved step k, on
+    every code path that calls it: the initial save, the fast-forward segments, the
+    stepped segments (plain and checkpointed). A hook that returns t makes ys equal
+    ts exactly; one called with t - dt (or t0) would not."""
+    periodic = path.startswith("fft")
+    grid = dphys.Grid(16, boundary="periodic" if periodic else "neumann")
+    model = pdes.Heat(grid, 0.02)
+    adjoint = dphys.Checkpointed(levels=2) if path == "checkpointed" else None
+    t0, dt, n_steps = 1.25, 0.1, 40
+    saveat = dphys.SaveAt(t0=True, steps=(3, 9, 17, 40), fn=lambda t, u: t)
+    traj = dphys.simulate(
+        model,
+        dphys.CrankNicolson(),
+        blob(grid),
+        t0=t0,
+        dt=dt,
+        n_steps=n_steps,
+        saveat=saveat,
+        fast_forward=path == "fft-fast-forward" if periodic else None,
+        adjoint=dphys.Unrolled() if adjoint is None else adjoint,
+    )
+    assert bool(traj.stats["fast_forward"]) == (path == "fft-fast-forward")
+    expected = t0 + dt * np.array([0, 3, 9, 17, 40])
+    np.testing.assert_allclose(traj.ts, expected, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(traj.ys, traj.ts, rtol=0, atol=1e-14)

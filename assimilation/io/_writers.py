@@ -185,8 +185,8 @@ def analysis_to_dataset(
       ``p_truth`` (twin), ``p_history(iteration, ...)``;
       ``parameter_correlation(parameter, parameter2)`` between all scalar entries;
     * convergence ``cost``, ``background_cost``, ``obs_cost``, ``grad_norm``,
-      ``step_norm``, ``inner_iterations``, ``elapsed`` on ``iteration`` (and
-      ``<name>_cost`` for any other named term of the cost);
+      ``step_norm``, ``inner_iterations``, ``inner_residual``, ``elapsed`` on
+      ``iteration`` (and ``<name>_cost`` for any other named term of the cost);
     * the observations ``obs(time, station)``, ``sigma(station)``, sensor positions
       ``station_x`` (``station_y``), and the residuals ``obs_minus_background`` and
       ``obs_minus_analysis`` (NaN where missing).
@@ -365,8 +365,15 @@ def analysis_to_dataset(
         ("grad_norm", "norm of the gradient in the whitened control space", "1"),
         ("step_norm", "norm of the control step", "1"),
         ("inner_iterations", "inner (CG or line-search) iterations", "1"),
+        (
+            "inner_residual",
+            "relative true residual of the Gauss-Newton inner solve",
+            "1",
+        ),
         ("elapsed", "wall-clock time since the start", "s"),
     ):
+        if getattr(hist, key) is None:
+            continue
         data[key] = xr.DataArray(
             np.asarray(getattr(hist, key)),
             dims=(ITERATION_DIM,),
