@@ -120,8 +120,11 @@ def minimize(
 
     Args:
         cost: an :class:`assimilation.AbstractCost`.
-        method: :class:`assimilation.GaussNewton` (default) or
-            :class:`assimilation.LBFGS`.
+        method: :class:`assimilation.GaussNewton` (default),
+            :class:`assimilation.LBFGS`, or a proximal method of
+            :mod:`assimilation.learn` (``FISTA()``, ``ISTA()``, ``ADMM()``, ...) on
+            an ``assimilation.learn.CompositeCost`` (a cost plus a non-smooth
+            prior).
         n_iterations: number of iterations (a static int), or the cap with ``stop``.
         stop: an :class:`assimilation.StoppingRule`.
         v0: starting whitened control (default: the background, ``cost.init()``).

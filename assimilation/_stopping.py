@@ -72,7 +72,8 @@ class StoppingRule(eqx.Module):
       rejected; the last finite iterate is kept);
     * ``"gradient_tolerance"``: $\|\nabla J_k\| \le$ ``gtol`` $\cdot\|\nabla J_0\|$
       (also at $k = 0$ when $\nabla J_0 = 0$);
-    * ``"cost_tolerance"``: $0 \le J_{k-1} - J_k \le$ ``ftol`` $\cdot |J_k|$;
+    * ``"cost_tolerance"``: $0 \le J_{k-1} - J_k \le$ ``ftol`` $\cdot |J_k|$
+      (never with ``ftol=None``);
     * ``"max_iterations"``: $k \ge$ ``max_iterations``.
 
     A method may also end the run itself: ``"no_decrease"`` when its step failed
@@ -82,7 +83,9 @@ class StoppingRule(eqx.Module):
     Attributes:
         max_iterations: the most iterations (static int >= 0).
         gtol: relative gradient tolerance (static float >= 0).
-        ftol: relative cost-decrease tolerance (static float >= 0).
+        ftol: relative cost-decrease tolerance (static float >= 0), or ``None``
+            for no cost test (for methods whose cost stalls in working precision
+            before the iterate converges, e.g. proximal methods).
 
     Example:
         >>> import assimilation as da
@@ -92,7 +95,7 @@ class StoppingRule(eqx.Module):
 
     max_iterations: int = eqx.field(static=True, default=20)
     gtol: float = eqx.field(static=True, default=1e-6)
-    ftol: float = eqx.field(static=True, default=1e-12)
+    ftol: float | None = eqx.field(static=True, default=1e-12)
 
     def __check_init__(self):
         m = self.max_iterations
@@ -100,6 +103,8 @@ class StoppingRule(eqx.Module):
             raise ValueError(f"`max_iterations` must be an integer >= 0, got {m!r}.")
         for name in ("gtol", "ftol"):
             value = getattr(self, name)
+            if name == "ftol" and value is None:
+                continue
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
@@ -117,11 +122,14 @@ class StoppingRule(eqx.Module):
         cost, grad_norm = jnp.asarray(cost), jnp.asarray(grad_norm)
         decrease = jnp.asarray(cost_prev) - cost
         code = jnp.where(iteration >= self.max_iterations, MAX_ITERATIONS, RUNNING)
-        code = jnp.where(
-            (iteration > 0) & (decrease >= 0) & (decrease <= self.ftol * jnp.abs(cost)),
-            COST_TOLERANCE,
-            code,
-        )
+        if self.ftol is not None:
+            code = jnp.where(
+                (iteration > 0)
+                & (decrease >= 0)
+                & (decrease <= self.ftol * jnp.abs(cost)),
+                COST_TOLERANCE,
+                code,
+            )
         code = jnp.where(
             grad_norm <= self.gtol * jnp.asarray(grad_norm0), GRADIENT_TOLERANCE, code
         )
@@ -134,7 +142,7 @@ class StoppingRule(eqx.Module):
         """A short reason for the message of an analysis."""
         return {
             "gradient_tolerance": f"gradient norm reduced below gtol={self.gtol:g}",
-            "cost_tolerance": f"relative cost decrease below ftol={self.ftol:g}",
+            "cost_tolerance": f"relative cost decrease below ftol={self.ftol}",
             "max_iterations": f"reached max_iterations={self.max_iterations}",
             "callback": "stopped by the callback",
             "nonfinite": "the cost became non-finite; kept the last finite iterate",

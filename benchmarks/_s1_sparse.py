@@ -147,7 +147,7 @@ def run_s1(size: str = "full", quick: bool = False) -> tuple[list[dict], dict]:
 
             def body(s, _):
                 s = method.step(cost, s)
-                return s, jnp.sum((s.x - x) ** 2)
+                return s, jnp.sum((s.v - x) ** 2)
 
             _, errs = jax.lax.scan(body, state, None, length=n_iter)
             return jnp.concatenate([jnp.sum(x * x)[None], errs])
@@ -167,7 +167,8 @@ def run_s1(size: str = "full", quick: bool = False) -> tuple[list[dict], dict]:
                 max_steps=c.n_iter_terminal,
                 rtol=1e-10,
             )
-            return sol.value, sol.stats["num_steps"], sol.result == L.RESULTS.successful
+            ok = sol.result == L.RESULTS.successful
+            return sol.value, sol.stats["num_iterations"], ok
 
         x, steps, ok = jax.vmap(one)(y_test, lams)
         err = float(jnp.sum((x - x_test) ** 2))

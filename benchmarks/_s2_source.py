@@ -202,8 +202,8 @@ def run_s2(size: str = "full", quick: bool = False) -> tuple[list[dict], dict]:
                 length=k - done,
             )
             done = k
-            outs.append(state.x)
-        return jnp.stack(outs), state.objective
+            outs.append(state.v)
+        return jnp.stack(outs), state.cost
 
     fista_batch = jax.jit(jax.vmap(fista_run))
     scale_val = jnp.max(jax.vmap(op.transpose().mv)(y_val), axis=(1, 2))

@@ -114,7 +114,7 @@ print(
     "FISTA",
     "converged" if sol.result == L.RESULTS.successful else "stopped",
     "after",
-    int(sol.stats["num_steps"]),
+    int(sol.stats["num_iterations"]),
     "steps",
 )
 

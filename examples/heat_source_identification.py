@@ -17,8 +17,9 @@
 #   minimum-norm, smeared-out field that fits the data.
 # * **The sparse answer**: the *same* 4D-Var cost plus a non-smooth prior,
 #   $J(v) + \lambda\sum_i v_i + \iota_{v\ge0}$ (sparse, non-negative), minimised by
-#   FISTA with backtracking (`assimilation.learn.CompositeCost`): 4D-Var with an
-#   L1 prior is just a cost with a non-smooth term.
+#   FISTA with backtracking (`assimilation.learn.CompositeCost`, run by the same
+#   engine as 4D-Var, `assimilation.minimize`): 4D-Var with an L1 prior is just a
+#   cost with a non-smooth term, its history reporting each term.
 #
 # This is a twin experiment: the truth is known, so both answers can be scored.
 
@@ -126,17 +127,20 @@ print(gauss.message)
 # %%
 lam = 6.0
 sparse_cost = L.CompositeCost(cost, L.NonNegativeL1(lam))
-sol = L.solve(
-    sparse_cost, L.FISTA(backtrack=True), cost.init(), max_steps=400, rtol=1e-6
+sol = da.minimize(
+    sparse_cost,
+    L.FISTA(backtrack=True),
+    stop=da.StoppingRule(400, gtol=1e-6, ftol=None),
+    throw=False,
 )
 f_sparse = sigma_b * sol.value["source"]
 print(
     "FISTA",
-    "converged" if sol.result == L.RESULTS.successful else "stopped",
+    "converged" if sol.result == da.RESULTS.successful else "stopped",
     "after",
-    int(sol.stats["num_steps"]),
+    int(sol.stats["num_iterations"]),
     "steps,",
-    int(sol.stats["sweeps"]),
+    int(sol.history["inner_iterations"].sum()),
     "cost evaluations",
 )
 

@@ -72,7 +72,7 @@ ALL_METHODS = {
 
 @eqx.filter_jit
 def _solve(cost, method, x0, rtol=1e-11):
-    return L.solve(cost, method, x0, max_steps=20000, rtol=rtol)
+    return L.solve(cost, method, x0, max_steps=3000, rtol=rtol)
 
 
 def test_all_methods_reach_the_same_lasso_minimiser(getkey):
@@ -92,7 +92,7 @@ def test_all_methods_reach_the_same_lasso_minimiser(getkey):
     for name, sol in sols.items():
         # Each method to its own tolerance of 1e-11 relative step length.
         assert dt.tree_allclose(sol.value, ref, rtol=0, atol=1e-7), name
-        assert float(sol.state.objective) == pytest.approx(
+        assert float(sol.state.cost) == pytest.approx(
             float(cost.value(ref)), rel=1e-9
         ), name
 
@@ -119,22 +119,24 @@ def test_tv_least_squares_fista_and_chambolle_pock_agree(getkey):
         assert a.result == L.RESULTS.successful
         assert b.result == L.RESULTS.successful
         assert dt.tree_allclose(a.value, b.value, rtol=0, atol=1e-5)
-        assert float(b.state.objective) == pytest.approx(
-            float(a.state.objective), rel=1e-6
-        )
+        assert float(b.state.cost) == pytest.approx(float(a.state.cost), rel=1e-6)
 
 
 def test_admm_primal_and_dual_residuals_vanish(getkey):
     A, y = _lasso(getkey())
     cost = L.CompositeCost(L.LeastSquares(lx.MatrixLinearOperator(A), y), L.L1(0.02))
     sol = _solve(cost, L.ADMM(rho=1.0), jnp.zeros(A.shape[1]))
-    n = int(sol.stats["num_steps"])
-    r = np.asarray(sol.history.residual[1 : n + 1])
-    s = np.asarray(sol.history.dual_residual[1 : n + 1])
-    assert r[-1] < 1e-10 and s[-1] < 1e-10
+    # The primal and dual residuals of the step that produced the final iterate.
+    nxt = sol.state.opt_state
+    r0 = L.ADMM(rho=1.0)._step(cost, L.ADMM(rho=1.0)._init(cost, jnp.zeros(60)))
+    r, s = float(nxt.residual), float(nxt.dual_residual)
+    assert r < 1e-10 and s < 1e-10
     # Both decay by orders of magnitude (not necessarily monotonically).
-    assert r[-1] < 1e-6 * r[0] and s[-1] < 1e-6 * s[0]
-    assert np.isnan(np.asarray(sol.history.residual[n + 1 :])).all()
+    assert r < 1e-6 * float(r0.residual) and s < 1e-6 * float(r0.dual_residual)
+    # The engine's residual (both, in gradient units) fell by the tolerance.
+    g = np.asarray(sol.history["grad_norm"])
+    n = int(sol.stats["num_iterations"])
+    assert g[n] <= 1e-11 * g[0] and np.all(g[n:] == g[n])
 
 
 def test_hqs_approaches_the_minimiser_with_a_growing_penalty(getkey):
@@ -192,12 +194,12 @@ def test_result_codes_and_throw(getkey):
     cost = L.CompositeCost(L.LeastSquares(lx.MatrixLinearOperator(A), y), L.L1(0.02))
     x0 = jnp.zeros(A.shape[1])
     sol = L.solve(cost, L.ISTA(), x0, max_steps=3)
-    assert sol.result == L.RESULTS.max_steps_reached
-    assert int(sol.stats["num_steps"]) == 3
+    assert sol.result == L.RESULTS.max_iterations_reached
+    assert int(sol.stats["num_iterations"]) == 3
     diverging = L.solve(cost, L.ISTA(step_size=50.0), x0, max_steps=2000)
-    assert diverging.result == L.RESULTS.nonfinite
+    assert diverging.result == L.RESULTS.nonfinite_cost
     assert bool(jnp.all(jnp.isfinite(diverging.value)))
-    with pytest.raises(Exception, match="stopped at `max_steps`"):
+    with pytest.raises(Exception, match="reached `max_iterations`"):
         L.solve(cost, L.ISTA(), x0, max_steps=3, throw=True)
 
 

@@ -33,7 +33,11 @@ def _compile(fn: Callable, args, kwargs):
 
     def call(dynamic):
         a, k = eqx.combine(dynamic, static)
-        return fn(*a, **k)
+        # Only the array leaves of the result are outputs of the program (as with
+        # `eqx.filter_jit`): a model holding a lineax FunctionLinearOperator over
+        # the physics also carries its closure-converted jaxpr, which is no JAX
+        # type and takes no device memory.
+        return eqx.filter(fn(*a, **k), eqx.is_array)
 
     return jax.jit(call).lower(dynamic).compile()
 
@@ -42,7 +46,9 @@ def memory_breakdown(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
     """The compiled memory of ``fn(*args, **kwargs)`` in bytes, part by part.
 
     ``fn`` is compiled (not run) with :func:`jax.jit`; array leaves of the arguments
-    are traced and every other leaf is static, as with :func:`equinox.filter_jit`.
+    are traced and every other leaf is static, and only the array leaves of the
+    result are outputs, as with :func:`equinox.filter_jit` (so ``fn`` may return
+    a model holding functions, e.g. a ``lineax.FunctionLinearOperator``).
     Array leaves may be :class:`jax.ShapeDtypeStruct`, so nothing is allocated.
 
     Returns:

@@ -4,14 +4,18 @@ The cost is composite,
 
 $$ F(x) = f(x) + g(x), $$
 
-with $f$ smooth (:class:`AbstractSmooth`: a least-squares misfit
-$\tfrac12\|(Ax - y)/\sigma\|^2$ through a linear operator $A$, or any
-differentiable function such as a 4D-Var cost) and $g$ a prior with a proximal
-operator (:class:`assimilation.learn.AbstractPrior`). The methods are state machines
-in the style of optax/diffrax, ``init(cost, x0) -> state`` and ``step(cost, state)
--> state``, pure and jittable; the stopping rules live in the drivers
-(:func:`solve`: ``lax.while_loop`` with tolerances, a history and a
-:class:`RESULTS` code; :func:`unroll`: a fixed number of steps, differentiable).
+with $f$ smooth (an :class:`assimilation.AbstractCost` such as a 4D-Var cost, a
+least-squares misfit $\tfrac12\|(Ax - y)/\sigma\|^2$ through a linear operator
+$A$, or any differentiable function) and $g$ a prior with a proximal operator
+(:class:`assimilation.learn.AbstractPrior`). :class:`CompositeCost` is an
+:class:`assimilation.AbstractCost` whose terms are $f$'s and $g$'s, and the methods
+are :class:`assimilation.AbstractMethod` state machines, ``init(cost, v) ->
+IterationState`` and ``step(cost, state) -> IterationState``: the same iteration
+engine as 4D-Var runs them (:func:`assimilation.minimize`, jittable, vmappable,
+differentiable; :func:`assimilation.assimilate` for an analysis), with the same
+:class:`assimilation.StoppingRule`, history and result codes. 4D-Var + L1/TV is
+just a cost with a non-smooth term. :func:`solve` and :func:`unroll` are
+shorthands for the engine.
 
 * :class:`ISTA` — proximal gradient, $x_{k+1} = \operatorname{prox}_{tg}(x_k -
   t\nabla f(x_k))$: $F(x_k) - F^\star \le \|x_0 - x^\star\|^2/(2tk)$.
@@ -63,7 +67,15 @@ import jax.tree_util as jtu
 import lineax as lx
 from jax import lax
 
+from .._cost import BACKGROUND, OBSERVATION, AbstractCost, _total
+from .._methods import AbstractMethod, IterationState
+from .._minimize import Solution as Solution, minimize
+from .._stopping import RESULTS as RESULTS, StoppingRule
 from ._prox import AbstractPrior, Zero
+
+
+SMOOTH = "smooth"
+PRIOR = "prior"
 
 
 # ------------------------------------------------------------------ tree arithmetic
@@ -104,30 +116,15 @@ def _select(pred, a, b):
     return jtu.tree_map(lambda u, v: jnp.where(pred, u, v), a, b)
 
 
-# ------------------------------------------------------------------ result codes
-
-
-class RESULTS(eqx.Enumeration):
-    """Outcome of :func:`solve`. ``successful`` is the only success code."""
-
-    successful = ""
-    max_steps_reached = (
-        "The proximal method stopped at `max_steps` before meeting its tolerances. "
-        "Increase `max_steps`, loosen `rtol`/`atol`, or use a faster method (FISTA "
-        "instead of ISTA, a continuation)."
-    )
-    nonfinite = (
-        "The iterate or the objective became non-finite (NaN or Inf). The step is too "
-        "large for the smooth part (pass a smaller `step`, or `backtrack=True`), or "
-        "the cost is not defined at the iterate."
-    )
-
-
 # ------------------------------------------------------------------ the smooth part
 
 
 class AbstractSmooth(eqx.Module):
-    """The smooth part $f$ of a composite cost."""
+    """The smooth part $f$ of a composite cost.
+
+    Subclasses implement :meth:`value` (and may override :meth:`value_and_grad`
+    and :meth:`terms`, the named parts of $f$ that the engine's history reports).
+    """
 
     @abc.abstractmethod
     def value(self, x) -> jax.Array:
@@ -137,6 +134,15 @@ class AbstractSmooth(eqx.Module):
         r"""$(f(x), \nabla f(x))$; by default by reverse-mode AD (for a 4D-Var
         cost, through the model's adjoint)."""
         return jax.value_and_grad(self.value)(x)
+
+    def terms(self, x) -> dict:
+        """The named parts of $f(x)$ (default ``{"smooth": f(x)}``)."""
+        return {SMOOTH: self.value(x)}
+
+    def terms_and_grad(self, x):
+        r"""``(terms, grad)``: :meth:`terms` and $\nabla f$ in one evaluation."""
+        value, grad = self.value_and_grad(x)
+        return {SMOOTH: value}, grad
 
 
 def _operator_structures(operator):
@@ -158,7 +164,8 @@ class LeastSquares(AbstractSmooth):
 
     $\nabla f(x) = A^\top (Ax - y)/\sigma^2$: one forward and one adjoint sweep.
     $A^\top$ is ``operator.transpose()`` (for a model: the transposed implicit
-    solves of the core, see :func:`assimilation.learn.physics_operator`).
+    solves of the core, see :func:`assimilation.learn.physics_operator`). Its one
+    term is ``"observation"``.
 
     Attributes:
         operator: $A$, a ``lineax.AbstractLinearOperator``.
@@ -205,10 +212,21 @@ class LeastSquares(AbstractSmooth):
         ax = self.forward(x)
         return self.misfit(ax), self.grad_from(ax)
 
+    def terms_from(self, ax) -> dict:
+        """:meth:`terms` from a known $Ax$."""
+        return {OBSERVATION: self.misfit(ax)}
+
+    def terms(self, x):
+        return self.terms_from(self.forward(x))
+
+    def terms_and_grad(self, x):
+        ax = self.forward(x)
+        return self.terms_from(ax), self.grad_from(ax)
+
 
 class SmoothFunction(AbstractSmooth):
-    """Any differentiable scalar function ``fn(x)`` as the smooth part (e.g. a 4D-Var
-    cost $J(v)$), differentiated by ``jax.value_and_grad``.
+    """Any differentiable scalar function ``fn(x)`` as the smooth part, differentiated
+    by ``jax.value_and_grad``.
 
     Attributes:
         fn: the function.
@@ -220,35 +238,89 @@ class SmoothFunction(AbstractSmooth):
         return self.fn(x)
 
 
-class CompositeCost(eqx.Module):
-    r"""$F(x) = f(x) + g(x)$: a smooth part and a prior.
+class SmoothCost(AbstractSmooth):
+    r"""An :class:`assimilation.AbstractCost` (e.g. a :class:`assimilation.FourDVar`)
+    as the smooth part: $f = J$, with the cost's own named terms and its gradient
+    by reverse-mode AD (the model's adjoint). :class:`CompositeCost` wraps a cost in
+    it and forwards everything else (control, model runs, residual) to the cost.
 
     Attributes:
-        smooth: $f$, an :class:`AbstractSmooth` (a plain callable is wrapped in
+        cost: the cost.
+    """
+
+    cost: AbstractCost
+
+    def terms(self, x):
+        return self.cost.terms(x)
+
+    def value(self, x):
+        return _total(self.terms(x))
+
+    def terms_and_grad(self, x):
+        def f(x):
+            terms = self.cost.terms(x)
+            return _total(terms), terms
+
+        (_, terms), grad = jax.value_and_grad(f, has_aux=True)(x)
+        return terms, grad
+
+    def value_and_grad(self, x):
+        terms, grad = self.terms_and_grad(x)
+        return _total(terms), grad
+
+
+class CompositeCost(AbstractCost):
+    r"""$F(x) = f(x) + g(x)$: a smooth part and a non-smooth prior, as a cost of the
+    iteration engine.
+
+    The terms are the smooth part's (a :class:`assimilation.FourDVar`'s
+    ``"background"`` and ``"observation"``; ``"observation"`` for
+    :class:`LeastSquares`; ``"smooth"`` for a plain function) plus the prior's
+    value under ``name``: so :func:`assimilation.minimize` and
+    :func:`assimilation.assimilate`, running a proximal method (:class:`FISTA`,
+    ...), report $J$ and each of its parts. **4D-Var + L1/TV is
+    ``CompositeCost(four_d_var, L1(lam))``**: the control, the model runs
+    (``decode``, ``forecast``), the innovations and the least-squares ``residual``
+    (Gauss-Newton curvature and the Laplace posterior of the smooth terms only,
+    see :meth:`assimilation.AbstractCost.residual`) are the 4D-Var cost's.
+
+    The prior enters only through its proximal operator: gradient methods
+    (:class:`assimilation.GaussNewton`, :class:`assimilation.LBFGS`) do not apply
+    to a non-smooth $g$.
+
+    Attributes:
+        smooth: $f$: an :class:`assimilation.AbstractCost` (wrapped in
+            :class:`SmoothCost`), an :class:`AbstractSmooth` (e.g.
+            :class:`LeastSquares`) or a plain callable (wrapped in
             :class:`SmoothFunction`).
         prior: $g$, an :class:`assimilation.learn.AbstractPrior`.
+        name: the name of the prior's term (static, default ``"prior"``).
 
     Example:
         >>> import jax.numpy as jnp, lineax as lx
-        >>> import assimilation.learn as L
+        >>> import assimilation as da, assimilation.learn as L
         >>> A = jnp.array([[1.0, 0.5], [0.0, 1.0], [1.0, 1.0]])
         >>> cost = L.CompositeCost(L.LeastSquares(lx.MatrixLinearOperator(A),
         ...                                       jnp.array([1.0, 0.0, 1.0])),
         ...                        L.L1(0.1))
-        >>> sol = L.solve(cost, L.FISTA(), jnp.zeros(2), max_steps=500)
-        >>> bool(sol.result == L.RESULTS.successful)
-        True
+        >>> sol = da.minimize(cost, L.FISTA(), stop=da.StoppingRule(500, gtol=1e-8))
+        >>> bool(sol.result == da.RESULTS.successful), sorted(sol.history["terms"])
+        (True, ['observation', 'prior'])
     """
 
     smooth: AbstractSmooth
     prior: AbstractPrior
+    name: str = eqx.field(static=True)
 
-    def __init__(self, smooth, prior: AbstractPrior):
-        if not isinstance(smooth, AbstractSmooth):
+    def __init__(self, smooth, prior: AbstractPrior, *, name: str = PRIOR):
+        if isinstance(smooth, AbstractCost):
+            smooth = SmoothCost(smooth)
+        elif not isinstance(smooth, AbstractSmooth):
             if not callable(smooth):
                 raise TypeError(
-                    "`smooth` must be an AbstractSmooth (e.g. LeastSquares) or a "
-                    f"callable f(x) -> scalar, got {type(smooth).__name__}."
+                    "`smooth` must be an assimilation.AbstractCost (e.g. FourDVar), "
+                    "an AbstractSmooth (e.g. LeastSquares) or a callable f(x) -> "
+                    f"scalar, got {type(smooth).__name__}."
                 )
             smooth = SmoothFunction(smooth)
         if not isinstance(prior, AbstractPrior):
@@ -256,19 +328,87 @@ class CompositeCost(eqx.Module):
                 "`prior` must be an assimilation.learn prior (e.g. L1(0.1), TV(0.1)), "
                 f"got {type(prior).__name__}."
             )
+        if not isinstance(name, str) or name in (BACKGROUND, OBSERVATION, SMOOTH):
+            raise ValueError(
+                "`name` must be a string other than the smooth part's term names "
+                f"('background', 'observation', 'smooth'), got {name!r}."
+            )
         self.smooth = smooth
         self.prior = prior
+        self.name = name
+
+    # --------------------------------------------------------- the engine's cost
+
+    @property
+    def cost(self) -> AbstractCost | None:
+        """The smooth :class:`assimilation.AbstractCost`, or ``None``."""
+        return self.smooth.cost if isinstance(self.smooth, SmoothCost) else None
+
+    @property
+    def control(self):  # type: ignore[override]
+        return None if self.cost is None else self.cost.control
+
+    def init(self):
+        """The smooth cost's starting control (its background), or zeros of the
+        operator's input for :class:`LeastSquares`."""
+        if self.cost is not None:
+            return self.cost.init()
+        if isinstance(self.smooth, LeastSquares):
+            return jtu.tree_map(
+                lambda s: jnp.zeros(s.shape, s.dtype),
+                self.smooth.operator.in_structure(),
+            )
+        raise TypeError(
+            f"The smooth part {type(self.smooth).__name__} defines no starting point: "
+            "pass `v0=` to assimilation.minimize (or `x0` to solve)."
+        )
+
+    def check(self, control) -> None:
+        if self.cost is not None:
+            self.cost.check(control)
+        elif isinstance(self.smooth, LeastSquares):
+            super().check(control)
 
     def terms(self, x) -> dict:
-        """The named terms ``{"smooth": f(x), "prior": g(x)}``."""
-        return {"smooth": self.smooth.value(x), "prior": self.prior.value(x)}
+        """The smooth part's terms and ``{name: g(x)}``."""
+        return self.terms_from(self.smooth.terms(x), x)
+
+    def terms_from(self, smooth_terms: dict, x) -> dict:
+        """:meth:`terms` from the smooth part's known terms (no model run)."""
+        return {**smooth_terms, self.name: self.prior.value(x)}
 
     def value(self, x):
         """$F(x)$."""
-        return self.smooth.value(x) + self.prior.value(x)
+        return _total(self.terms(x))
 
     def __call__(self, x):
         return self.value(x)
+
+    def _forwarded(self, what: str):
+        if self.cost is None:
+            raise TypeError(
+                f"CompositeCost.{what} needs the smooth part to be an "
+                f"assimilation.AbstractCost, got {type(self.smooth).__name__}."
+            )
+        return getattr(self.cost, what)
+
+    def innovations(self, control):
+        return self._forwarded("innovations")(control)
+
+    def residual(self, control):
+        """The smooth cost's whitened residual (the prior is not least-squares)."""
+        return self._forwarded("residual")(control)
+
+    def decode(self, control):
+        return self._forwarded("decode")(control)
+
+    def forecast(self, control):
+        return self._forwarded("forecast")(control)
+
+    @property
+    def obs(self):
+        """The smooth 4D-Var cost's observations (what the analysis reports)."""
+        return self._forwarded("obs")
 
 
 # ------------------------------------------------------------------ helpers
@@ -335,11 +475,14 @@ class Continuation(eqx.Module):
 
 
 class ProximalState(eqx.Module):
-    """The state of a proximal method, carried from step to step.
+    """The state of one proximal iteration (the method's own, carried in the
+    engine's :class:`assimilation.IterationState` as ``opt_state``).
 
     Attributes:
         x: the current estimate (feasible for the prior).
         objective: $F(x)$ (with the target prior weight, not the continued one).
+        terms: the named terms of $F(x)$ (``cost.terms(x)``, from the evaluations
+            the step made anyway).
         residual: the primal residual: the length of the last proximal-gradient
             step (ISTA/FISTA), $\\|x - z\\|$ (ADMM), or the PDHG primal residual.
         dual_residual: $\\rho\\|z_k - z_{k-1}\\|$ (ADMM), the PDHG dual residual,
@@ -354,6 +497,7 @@ class ProximalState(eqx.Module):
 
     x: Any
     objective: jax.Array
+    terms: dict
     residual: jax.Array
     dual_residual: jax.Array
     step: jax.Array
@@ -363,15 +507,80 @@ class ProximalState(eqx.Module):
     aux: Any
 
 
-class AbstractProximalMethod(eqx.Module):
-    """A proximal method: ``init(cost, x0) -> state``, ``step(cost, state) ->
-    state`` (pure JAX, jit/vmap-able). Stopping rules live in :func:`solve`."""
+class AbstractProximalMethod(AbstractMethod):
+    r"""A proximal method as a method of the iteration engine: run it with
+    :func:`assimilation.minimize` (or :func:`assimilation.assimilate`) on a
+    :class:`CompositeCost`, with a :class:`assimilation.StoppingRule`, its history
+    and result codes.
+
+    In the engine's :class:`assimilation.IterationState`: ``v`` is the iterate
+    $x_k$, ``cost`` and ``terms`` are $F(x_k)$ and its parts, ``grad`` is the
+    method's optimality residual of the iteration that produced $x_k$ (a pytree
+    like $x$, zero exactly at a fixed point, i.e. a minimiser; see each method)
+    with ``grad_norm`` its size, so the rule's ``gtol`` is a relative residual
+    tolerance; ``inner_iterations`` counts the sweeps (applications of $A$ or
+    $A^\top$, or evaluations of $f$/$\nabla f$) of the iteration; ``opt_state``
+    is the method's :class:`ProximalState`. At the start there is no previous
+    iteration: ``init`` runs one (and discards it) to measure the starting
+    residual that ``gtol`` is relative to.
+
+    Subclasses implement the method's own state machine, ``_init(cost, x0) ->
+    ProximalState`` and ``_step(cost, state) -> ProximalState``, and
+    ``_residual(previous, new) -> (grad, grad_norm)``.
+
+    Attributes:
+        max_iterations, gtol, ftol: the default :class:`assimilation.StoppingRule`
+            (``ftol=None``: no cost test; near a minimiser $F$ stalls in working
+            precision long before the iterate does).
+    """
+
+    max_iterations: int = eqx.field(static=True, default=1000, kw_only=True)
+    gtol: float = eqx.field(static=True, default=1e-8, kw_only=True)
+    ftol: float | None = eqx.field(static=True, default=None, kw_only=True)
+
+    def stopping_rule(self) -> StoppingRule:
+        return StoppingRule(self.max_iterations, self.gtol, self.ftol)
 
     @abc.abstractmethod
-    def init(self, cost: CompositeCost, x0) -> ProximalState: ...
+    def _init(self, cost: CompositeCost, x0) -> ProximalState: ...
 
     @abc.abstractmethod
-    def step(self, cost: CompositeCost, state: ProximalState) -> ProximalState: ...
+    def _step(self, cost: CompositeCost, state: ProximalState) -> ProximalState: ...
+
+    @abc.abstractmethod
+    def _residual(self, previous: ProximalState, new: ProximalState): ...
+
+    def _iteration(self, state, grad, grad_norm, work, step_norm):
+        return IterationState(
+            v=state.x,
+            cost=state.objective,
+            terms=state.terms,
+            grad=grad,
+            grad_norm=grad_norm,
+            inner_iterations=jnp.asarray(work, jnp.int32),
+            step_norm=step_norm,
+            opt_state=state,
+        )
+
+    def init(self, cost, v):
+        _check_cost(cost)
+        start = self._init(cost, v)
+        probe = self._step(cost, start)
+        grad, grad_norm = self._residual(start, probe)
+        zero = jnp.zeros((), start.objective.dtype)
+        return self._iteration(start, grad, grad_norm, probe.sweeps, zero)
+
+    def step(self, cost, state):
+        previous = state.opt_state
+        new = self._step(cost, previous)
+        grad, grad_norm = self._residual(previous, new)
+        return self._iteration(
+            new,
+            grad,
+            grad_norm,
+            new.sweeps - previous.sweeps,
+            _norm(_sub(new.x, previous.x)),
+        )
 
 
 def _check_cost(cost):
@@ -430,8 +639,14 @@ class _ProximalGradient(AbstractProximalMethod):
             return jnp.ones((), dtype)
         return self.continuation.scale(k, dtype)
 
-    def init(self, cost, x0):
-        _check_cost(cost)
+    def _residual(self, previous, new):
+        # The gradient mapping G = (y_{k-1} - x_k)/t at the point the step started
+        # from (y = x for ISTA). It bounds the distance of 0 from the
+        # subdifferential of F at x_k by (1 + tL)|G|.
+        grad = _lin(1.0 / new.step, _sub(previous.aux.y, new.x))
+        return grad, _norm(grad)
+
+    def _init(self, cost, x0):
         dtype = _dtype(x0)
         f = cost.smooth
         sweeps = 0
@@ -447,17 +662,18 @@ class _ProximalGradient(AbstractProximalMethod):
             t = jnp.ones((), dtype)
         if self._linear(cost):
             ax = f.forward(x0)
-            fx = f.misfit(ax)
+            f_terms = f.terms_from(ax)
             aux = _ProxGradAux(ax, x0, ax, None, None, jnp.ones((), dtype))
             sweeps += 1
         else:
-            fx, gx = f.value_and_grad(x0)
-            aux = _ProxGradAux(None, x0, None, fx, gx, jnp.ones((), dtype))
+            f_terms, gx = f.terms_and_grad(x0)
+            aux = _ProxGradAux(None, x0, None, _total(f_terms), gx, jnp.ones((), dtype))
             sweeps += 2
-        obj = fx + cost.prior.value(x0)
+        terms = cost.terms_from(f_terms, x0)
         return ProximalState(
             x=x0,
-            objective=obj,
+            objective=_total(terms),
+            terms=terms,
             residual=jnp.asarray(jnp.inf, dtype),
             dual_residual=_zero(dtype),
             step=t,
@@ -467,7 +683,7 @@ class _ProximalGradient(AbstractProximalMethod):
             aux=aux,
         )
 
-    def step(self, cost, state):
+    def _step(self, cost, state):
         f, g = cost.smooth, cost.prior
         dtype = _dtype(state.x)
         aux = state.aux
@@ -479,7 +695,7 @@ class _ProximalGradient(AbstractProximalMethod):
             grad = f.grad_from(aux.ay)
             x_new = g.prox(_sub(y, _lin(t, grad)), t * scale)
             ax_new = f.forward(x_new)
-            fx_new = f.misfit(ax_new)
+            f_terms = f.terms_from(ax_new)
             sweeps = sweeps + 2
         else:
             fy, gy = aux.fy, aux.gy
@@ -487,9 +703,15 @@ class _ProximalGradient(AbstractProximalMethod):
             def trial(t):
                 xn = g.prox(_sub(y, _lin(t, gy)), t * scale)
                 d = _sub(xn, y)
-                fn = f.value(xn)
-                ok = fn <= fy + _dot(gy, d) + 0.5 * _dot(d, d) / t
-                return xn, fn, ok | ~jnp.isfinite(fy)
+                terms = f.terms(xn)
+                fn = _total(terms)
+                # Sufficient decrease up to round-off in f. Near a minimiser both
+                # sides are a few ulps of f (f itself carries the round-off of the
+                # forward run), and an exact test would halve t down to nothing
+                # (x_{k+1} = y_k: a false zero residual).
+                slack = 128 * jnp.finfo(dtype).eps * (jnp.abs(fy) + jnp.abs(fn))
+                ok = fn - fy - _dot(gy, d) <= 0.5 * _dot(d, d) / t + slack
+                return xn, terms, ok | ~jnp.isfinite(fy)
 
             if self._backtracking(cost):
 
@@ -504,13 +726,13 @@ class _ProximalGradient(AbstractProximalMethod):
                     return t, xn, fn, ok, n + 1
 
                 xn, fn, ok = trial(t)
-                t, x_new, fx_new, _, n_bt = lax.while_loop(
+                t, x_new, f_terms, _, n_bt = lax.while_loop(
                     cond, body, (t, xn, fn, ok, _int(0))
                 )
                 sweeps = sweeps + 1 + n_bt
             else:
                 x_new = g.prox(_sub(y, _lin(t, gy)), t * scale)
-                fx_new = f.value(x_new)
+                f_terms = f.terms(x_new)
                 sweeps = sweeps + 1
             ax_new = None
         residual = _norm(_sub(x_new, y))
@@ -534,11 +756,12 @@ class _ProximalGradient(AbstractProximalMethod):
                 sweeps = sweeps + 1
         else:
             fy_new = gy_new = None
-        obj = fx_new + g.value(x_new)
+        terms = cost.terms_from(f_terms, x_new)
         aux = _ProxGradAux(ax_new, y_new, ay_new, fy_new, gy_new, t_next)
         return ProximalState(
             x=x_new,
-            objective=obj,
+            objective=_total(terms),
+            terms=terms,
             residual=residual,
             dual_residual=_zero(dtype),
             step=t,
@@ -564,6 +787,22 @@ class ISTA(_ProximalGradient):
         shrink: the backtracking factor.
         continuation: an optional :class:`Continuation` of the prior weight.
         lipschitz_iters: power iterations for $L$.
+        max_iterations, gtol, ftol: the default :class:`assimilation.StoppingRule`
+            of :func:`assimilation.minimize` (keyword-only).
+
+    In the engine, ``grad`` is the gradient mapping of the step that produced
+    $x_k$, $G_t(x_{k-1}) = (x_{k-1} - x_k)/t$, zero exactly at a minimiser; each
+    iteration costs two sweeps (least squares).
+
+    Example:
+        >>> import jax.numpy as jnp, lineax as lx
+        >>> import assimilation as da, assimilation.learn as L
+        >>> A = lx.MatrixLinearOperator(jnp.array([[1.0, 0.5], [0.0, 1.0]]))
+        >>> cost = L.CompositeCost(L.LeastSquares(A, jnp.array([1.0, 0.0])),
+        ...                        L.L1(0.1))
+        >>> sol = da.minimize(cost, L.ISTA(max_iterations=2000))
+        >>> sol.termination
+        'gradient_tolerance'
     """
 
     momentum = False
@@ -574,8 +813,10 @@ class FISTA(_ProximalGradient):
     $y_{k+1} = x_{k+1} + \frac{t_k - 1}{t_{k+1}}(x_{k+1} - x_k)$,
     $t_{k+1} = \tfrac12(1 + \sqrt{1 + 4t_k^2})$.
 
-    $F(x_k) - F^\star = O(1/k^2)$ for convex $F$ with a step $\le 1/L$. Same
-    attributes as :class:`ISTA`.
+    $F(x_k) - F^\star = O(1/k^2)$ for convex $F$ with a step $\le 1/L$ (the
+    objective need not decrease monotonically). Same attributes as :class:`ISTA`;
+    in the engine, ``grad`` is the gradient mapping at the extrapolated point
+    the step started from, $(y_{k-1} - x_k)/t$.
     """
 
     momentum = True
@@ -614,7 +855,20 @@ class _Splitting(AbstractProximalMethod):
                 "general smooth part."
             )
 
-    def init(self, cost, x0):
+    def _residual(self, previous, new):
+        rho = previous.step
+        if self.dual:
+            # rho (z_{k-1} - z_k) lies in grad f(x_k) + dg(z_k); with the primal
+            # residual in the same units (the change of the unscaled dual
+            # variable), both vanish at a minimiser (Boyd et al. 2011, 3.3).
+            grad = _lin(rho, _sub(previous.x, new.x))
+            return grad, jnp.sqrt(_dot(grad, grad) + jnp.square(rho * new.residual))
+        # No dual variable: the step in z and the splitting gap |x - z| both vanish
+        # as the penalty grows (rho (x - z) tends to a subgradient of g instead).
+        grad = _sub(previous.x, new.x)
+        return grad, jnp.sqrt(_dot(grad, grad) + jnp.square(new.residual))
+
+    def _init(self, cost, x0):
         self._check(cost)
         f = cost.smooth
         dtype = _dtype(x0)
@@ -622,11 +876,12 @@ class _Splitting(AbstractProximalMethod):
         aty = _lin(1.0 / s2, f.adjoint(f.target))
         z = cost.prior.prox(x0, jnp.asarray(1.0 / self.rho, dtype))
         az = f.forward(z)
-        obj = f.misfit(az) + cost.prior.value(z)
+        terms = cost.terms_from(f.terms_from(az), z)
         u = jtu.tree_map(jnp.zeros_like, x0)
         return ProximalState(
             x=z,
-            objective=obj,
+            objective=_total(terms),
+            terms=terms,
             residual=jnp.asarray(jnp.inf, dtype),
             dual_residual=jnp.asarray(jnp.inf, dtype),
             step=jnp.asarray(self.rho, dtype),
@@ -636,7 +891,7 @@ class _Splitting(AbstractProximalMethod):
             aux=_ADMMAux(z, u, aty, az),
         )
 
-    def step(self, cost, state):
+    def _step(self, cost, state):
         f, g = cost.smooth, cost.prior
         dtype = _dtype(state.x)
         rho = state.step
@@ -661,7 +916,7 @@ class _Splitting(AbstractProximalMethod):
         z_new = g.prox(v, 1.0 / rho)
         u_new = _add(u, _sub(x, z_new)) if self.dual else u
         az = f.forward(z_new)
-        obj = f.misfit(az) + g.value(z_new)
+        terms = cost.terms_from(f.terms_from(az), z_new)
         r = _norm(_sub(x, z_new))
         s = rho * _norm(_sub(z_new, z))
         rho_next = rho * self.rho_factor
@@ -669,7 +924,8 @@ class _Splitting(AbstractProximalMethod):
         u_new = _lin(rho / rho_next, u_new)
         return ProximalState(
             x=z_new,
-            objective=obj,
+            objective=_total(terms),
+            terms=terms,
             residual=r,
             dual_residual=s,
             step=rho_next,
@@ -696,6 +952,14 @@ class ADMM(_Splitting):
         rho: the penalty $\rho > 0$.
         rho_factor: multiply $\rho$ by this each step (1: fixed).
         cg_rtol, cg_max_steps: the inner CG solve.
+        max_iterations, gtol, ftol: the default :class:`assimilation.StoppingRule`
+            (keyword-only).
+
+    In the engine, ``grad`` is the dual residual $\rho(z_{k-1} - z_k)$ (an
+    element of $\nabla f(x_k) + \partial g(z_k)$) and ``grad_norm``
+    $= \sqrt{\|\rho(z_{k-1} - z_k)\|^2 + \|\rho(x_k - z_k)\|^2}$
+    joins the primal residual; ``inner_iterations`` counts sweeps (two per CG
+    step).
     """
 
     dual = True
@@ -705,7 +969,9 @@ class HQS(_Splitting):
     r"""Half-quadratic splitting: ADMM without the dual update, with a growing
     penalty $\rho_{k+1} = \rho_k\cdot$ ``rho_factor`` (so $x - z \to 0$ by the
     penalty alone). The usual splitting of plug-and-play schemes. Same attributes
-    as :class:`ADMM` (default ``rho_factor=1.2``).
+    as :class:`ADMM` (default ``rho_factor=1.2``). In the engine, ``grad`` is the
+    step $z_{k-1} - z_k$ and ``grad_norm``
+    $= \sqrt{\|z_{k-1} - z_k\|^2 + \|x_k - z_k\|^2}$.
     """
 
     rho_factor: float = eqx.field(static=True, default=1.2)
@@ -743,6 +1009,11 @@ class ChambollePock(AbstractProximalMethod):
         tau, sigma_dual: step sizes (``None``: as above).
         primal_prior: $g_0$ (e.g. :class:`NonNegative`), default none.
         lipschitz_iters: power iterations for $\|L\|$.
+        max_iterations, gtol, ftol: the default :class:`assimilation.StoppingRule`
+            (keyword-only).
+
+    In the engine, ``grad`` is the primal residual $(x_{k-1} - x_k)/\tau$ and
+    ``grad_norm`` joins the dual residual (Goldstein et al. 2013).
     """
 
     tau: float | None = eqx.field(static=True, default=None)
@@ -770,7 +1041,15 @@ class ChambollePock(AbstractProximalMethod):
         step = (0.99 / norm).astype(dtype)
         return step, step, 2 * self.lipschitz_iters
 
-    def init(self, cost, x0):
+    def _residual(self, previous, new):
+        # Goldstein et al. (2013): the primal and dual optimality gaps of the
+        # update, (x_{k-1} - x_k)/tau and the dual one (kept in `dual_residual`).
+        tau, sig = new.step, new.scale
+        grad = _lin(1.0 / tau, _sub(previous.x, new.x))
+        dual = new.dual_residual / sig
+        return grad, jnp.sqrt(_dot(grad, grad) + jnp.square(dual))
+
+    def _init(self, cost, x0):
         self._check(cost)
         f = cost.smooth
         dtype = _dtype(x0)
@@ -779,10 +1058,11 @@ class ChambollePock(AbstractProximalMethod):
         ax = f.forward(x0)
         q = jtu.tree_map(jnp.zeros_like, ax)
         p = jtu.tree_map(jnp.zeros_like, k(x0))
-        obj = f.misfit(ax) + cost.prior.value(x0)
+        terms = cost.terms_from(f.terms_from(ax), x0)
         return ProximalState(
             x=x0,
-            objective=obj,
+            objective=_total(terms),
+            terms=terms,
             residual=jnp.asarray(jnp.inf, dtype),
             dual_residual=jnp.asarray(jnp.inf, dtype),
             step=tau,
@@ -792,7 +1072,7 @@ class ChambollePock(AbstractProximalMethod):
             aux=_CPAux(q, p, ax, x0, ax),
         )
 
-    def step(self, cost, state):
+    def _step(self, cost, state):
         f = cost.smooth
         k, kt, h = cost.prior.analysis()
         dtype = _dtype(state.x)
@@ -819,10 +1099,11 @@ class ChambollePock(AbstractProximalMethod):
             jnp.square(_norm(_lin(1.0 / sig, dq)))
             + jnp.square(_norm(_lin(1.0 / sig, dp)))
         )
-        obj = f.misfit(ax_new) + cost.prior.value(x_new)
+        terms = cost.terms_from(f.terms_from(ax_new), x_new)
         return ProximalState(
             x=x_new,
-            objective=obj,
+            objective=_total(terms),
+            terms=terms,
             residual=primal * tau,
             dual_residual=dual * sig,
             step=tau,
@@ -853,45 +1134,6 @@ def _stacked_norm_squared(f, k, kt, x0, n_iter):
 # ------------------------------------------------------------------ drivers
 
 
-class History(eqx.Module):
-    """Per-step history of :func:`solve` (entry 0: the start; NaN after the stop).
-
-    Attributes:
-        objective: $F(x_k)$.
-        residual, dual_residual: the method's residuals.
-        step: the step size (or penalty).
-        sweeps: cumulative sweeps of $A$/$A^\\top$ (or evaluations of $f$/$\\nabla f$).
-    """
-
-    objective: jax.Array
-    residual: jax.Array
-    dual_residual: jax.Array
-    step: jax.Array
-    sweeps: jax.Array
-
-
-class Solution(eqx.Module):
-    """The result of :func:`solve`.
-
-    Attributes:
-        value: the estimate $x$.
-        result: a :class:`RESULTS` code.
-        state: the final :class:`ProximalState`.
-        history: the :class:`History`.
-        stats: ``{"num_steps", "sweeps"}``.
-    """
-
-    value: Any
-    result: RESULTS
-    state: ProximalState
-    history: History
-    stats: dict
-
-
-def _row(state):
-    return (state.objective, state.residual, state.dual_residual, state.step)
-
-
 def solve(
     cost: CompositeCost,
     method: AbstractProximalMethod,
@@ -899,21 +1141,20 @@ def solve(
     *,
     max_steps: int = 1000,
     rtol: float = 1e-8,
-    atol: float = 0.0,
     ftol: float | None = None,
     throw: bool = False,
 ) -> Solution:
-    r"""Run ``method`` on ``cost`` from ``x0`` until its residuals are small.
+    r"""Run ``method`` on ``cost`` from ``x0`` until its residual is small: a
+    shorthand for :func:`assimilation.minimize` with
+    ``stop=StoppingRule(max_steps, gtol=rtol, ftol=ftol)``.
 
-    Stops at the first step where
-    $\text{residual} \le \mathrm{atol} + \mathrm{rtol}\,\|x\|$ and
-    $\text{dual residual} \le \mathrm{atol} + \mathrm{rtol}\,\|x\|$ (methods
-    without a dual residual report 0), or, with ``ftol``, where
-    $|F_k - F_{k-1}| \le \mathrm{ftol}\,|F_k|$; else after ``max_steps``
-    (``RESULTS.max_steps_reached``). A non-finite objective stops with
-    ``RESULTS.nonfinite`` and keeps the last finite iterate. A
-    ``lax.while_loop``: jittable and vmappable (not reverse-differentiable; use
-    :func:`unroll` to differentiate through the iterations).
+    Stops at the first iterate whose optimality residual (``grad_norm``, see
+    :class:`AbstractProximalMethod`) is at most ``rtol`` times the starting one
+    (``"gradient_tolerance"``), or, with ``ftol``, where
+    $0 \le F_{k-1} - F_k \le \mathrm{ftol}\,|F_k|$; else after ``max_steps``
+    (``RESULTS.max_iterations_reached``). A non-finite objective stops with
+    ``RESULTS.nonfinite_cost`` and keeps the last finite iterate. Jittable,
+    vmappable and differentiable (the engine's loop is a ``lax.scan``).
 
     Args:
         cost: a :class:`CompositeCost`.
@@ -921,89 +1162,44 @@ def solve(
             :class:`ChambollePock`.
         x0: the starting point (pytree like the cost's argument).
         max_steps: maximum number of steps (static).
-        rtol, atol: residual tolerances.
-        ftol: optional relative objective-change tolerance.
-        throw: raise (``eqx.error_if``) unless the result is ``successful``.
+        rtol: relative residual tolerance.
+        ftol: optional relative objective-decrease tolerance.
+        throw: raise unless the result is ``successful``.
 
     Returns:
-        A :class:`Solution`.
+        The engine's :class:`assimilation.Solution` (``value``, ``result``,
+        ``state``, ``history``, ``stats``).
 
     Raises:
         TypeError: if ``cost`` or ``method`` has the wrong type.
         ValueError: if ``max_steps`` is not an int >= 1.
     """
     _check_cost(cost)
-    if not isinstance(method, AbstractProximalMethod):
-        raise TypeError(
-            "`method` must be ISTA(), FISTA(), ADMM(), HQS() or ChambollePock(), got "
-            f"{type(method).__name__}."
-        )
+    _check_method(method)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"`max_steps` must be an int >= 1, got {max_steps!r}.")
-    state0 = method.init(cost, x0)
-    dtype = _dtype(state0.objective)
-    nan = jnp.full((max_steps + 1,), jnp.nan, dtype)
-    hist0 = tuple(h.at[0].set(v) for h, v in zip((nan,) * 4, _row(state0), strict=True))
-    sweeps0 = jnp.full((max_steps + 1,), -1, jnp.int32).at[0].set(state0.sweeps)
-
-    def cond(c):
-        state, _, _, done, _ = c
-        return ~done & (state.num_steps < max_steps)
-
-    def body(c):
-        state, hist, sweeps, _, _ = c
-        new = method.step(cost, state)
-        finite = jnp.isfinite(new.objective)
-        k = new.num_steps
-        hist = tuple(h.at[k].set(v) for h, v in zip(hist, _row(new), strict=True))
-        sweeps = sweeps.at[k].set(new.sweeps)
-        tol = atol + rtol * _norm(new.x)
-        conv = (new.residual <= tol) & (new.dual_residual <= tol)
-        if ftol is not None:
-            conv = conv | (
-                jnp.abs(new.objective - state.objective)
-                <= ftol * jnp.abs(new.objective)
-            )
-        keep = jtu.tree_map(
-            lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, new, state
-        )
-        keep = eqx.tree_at(lambda s: s.num_steps, keep, new.num_steps)
-        return keep, hist, sweeps, conv | ~finite, ~finite
-
-    state, hist, sweeps, done, bad = lax.while_loop(
-        cond, body, (state0, hist0, sweeps0, jnp.asarray(False), jnp.asarray(False))
-    )
-    result = RESULTS.where(
-        bad,
-        RESULTS.nonfinite,
-        RESULTS.where(done, RESULTS.successful, RESULTS.max_steps_reached),
-    )
-    if throw:
-        state = result.error_if(state, result != RESULTS.successful)
-    history = History(*hist, sweeps=sweeps)
-    return Solution(
-        value=state.x,
-        result=result,
-        state=state,
-        history=history,
-        stats={"num_steps": state.num_steps, "sweeps": state.sweeps},
-    )
+    stop = StoppingRule(max_steps, gtol=rtol, ftol=ftol)
+    return minimize(cost, method, stop=stop, v0=x0, throw=throw)
 
 
 def unroll(cost: CompositeCost, method: AbstractProximalMethod, x0, *, n_steps: int):
-    """Exactly ``n_steps`` steps of ``method`` (``lax.scan``), differentiable with
-    ``jax.grad`` through every step (e.g. with respect to the prior's weight, or to
-    the data, for bilevel learning).
+    """Exactly ``n_steps`` steps of ``method`` (:func:`assimilation.minimize` with
+    ``n_iterations=n_steps``), differentiable with ``jax.grad`` through every step
+    (e.g. with respect to the prior's weight, or to the data, for bilevel
+    learning).
 
     Returns:
         ``(x, objectives)``: the final iterate and $F$ at steps ``0..n_steps``.
     """
     _check_cost(cost)
-    state = method.init(cost, x0)
+    _check_method(method)
+    sol = minimize(cost, method, n_iterations=int(n_steps), v0=x0, throw=False)
+    return sol.control, sol.history["cost"]
 
-    def body(s, _):
-        s = method.step(cost, s)
-        return s, s.objective
 
-    final, objs = lax.scan(body, state, None, length=int(n_steps))
-    return final.x, jnp.concatenate([state.objective[None], objs])
+def _check_method(method):
+    if not isinstance(method, AbstractProximalMethod):
+        raise TypeError(
+            "`method` must be ISTA(), FISTA(), ADMM(), HQS() or ChambollePock(), got "
+            f"{type(method).__name__}."
+        )
