@@ -387,12 +387,15 @@ ALL_METHODS: list[MethodCase] = [
 ]
 
 
-def small_cost(background, *, dtype=jnp.float64) -> da.FourDVar:
-    r"""A tiny strong-constraint 4D-Var cost: periodic heat on 8 points, the initial
-    state as control with a diagonal prior, 3 sensors at 2 times.
+def small_cost(dtype=jnp.float64) -> Callable[[jax.Array], da.FourDVar]:
+    r"""A tiny strong-constraint 4D-Var problem: periodic heat on 8 points, the
+    initial state as control with a diagonal prior, 3 sensors at 2 times.
 
-    ``background`` is the first guess (8 values); the cost is quadratic in the
-    control, so Gauss-Newton and L-BFGS both reach its minimum in a few steps.
+    Returns ``cost(background) -> FourDVar``: everything but the first guess is
+    built here, outside any transform (observations and ``dt`` are checked
+    concretely), so ``cost`` can be called under ``jit``/``vmap``/``grad`` with a
+    traced ``background`` (8 values). The cost is quadratic in the control, so
+    Gauss-Newton and L-BFGS both approach its minimum in a few steps.
     """
     grid = dphys.Grid(8, lengths=1.0)
     model = pdes.Heat(grid, jnp.asarray(0.02, dtype))
@@ -406,12 +409,8 @@ def small_cost(background, *, dtype=jnp.float64) -> da.FourDVar:
     control = da.Control(
         initial_state=da.InitialState(da.Diagonal(jnp.asarray(0.5, dtype), (8,)))
     )
-    return da.FourDVar(
-        model,
-        stepper,
-        background,
-        obs,
-        control,
-        dt=jnp.asarray(0.05, dtype),
-        n_steps=4,
-    )
+
+    def cost(background):
+        return da.FourDVar(model, stepper, background, obs, control, dt=0.05, n_steps=4)
+
+    return cost

@@ -41,10 +41,7 @@ import assimilation as da
 import dphys
 
 
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
+pytestmark = pytest.mark.usefixtures("strict_promotion")  # see conftest.py
 
 
 STEPPERS = {c.id: c for c in ALL_STEPPERS}
@@ -221,8 +218,10 @@ def test_transforms(stepper_id, model_id, solver_id, grad):
 
 
 def _analysis_fn(method, dtype):
+    make_cost = small_cost(dtype)
+
     def analysis(background):
-        cost = small_cost(background, dtype=dtype)
+        cost = make_cost(background)
         sol = da.minimize(cost, method, n_iterations=2)
         return sol.control
 
