@@ -505,7 +505,7 @@ class FourDVar(AbstractCost):
         # the value nor the gradient can become NaN.
         y_safe = jnp.where(valid, y, 0)
         sigma = self.obs.sigma.astype(hx.dtype)
-        return jnp.where(valid, (hx - y_safe) / sigma, 0)
+        return jnp.where(valid, (hx - y_safe) / sigma[None, :], 0)
 
     def obs_residual(self, v):
         r"""Whitened residuals $R^{-1/2}(H(x(t_k)) - y_k)$, zero where missing.

@@ -385,7 +385,7 @@ def _run(model, stepper, state0, t0, dt, n_steps, saveat, adjoint, fast_forward)
             if len(parts) == 1
             else jtu.tree_map(lambda a, b: jnp.concatenate([a, b]), *parts)
         )
-    ts = t0 + jnp.asarray(indices, dtype=jnp.result_type(float)) * dt
+    ts = t0 + jnp.asarray(indices, dtype=jnp.result_type(dt)) * dt
     stats = {
         "n_steps": n_steps,
         "first_failed_step": failed_at,

@@ -5,6 +5,20 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
+# Strict promotion (`jax_numpy_dtype_promotion="strict"`,
+# `jax_numpy_rank_promotion="raise"`) is opt-in per test through the fixture below,
+# not global: optax's L-BFGS (used by assimilation.LBFGS and the runs built on it)
+# adds an int32 memory index to an int64 arange when x64 is on, which strict dtype
+# promotion refuses. tests/test_conformance.py runs every stepper, solver, model and
+# Gauss-Newton under it.
+
+
+@pytest.fixture
+def strict_promotion():
+    """Run the test with strict dtype promotion and rank promotion raising."""
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        yield
+
 
 @pytest.fixture
 def getkey():

@@ -2,7 +2,7 @@
 step's tangent/adjoint pair, agreement between adjoint modes, and memory that does
 not grow with Krylov iterations or (much) with the number of steps."""
 
-import equinox as eqx
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,35 +11,15 @@ import pytest
 import dphys
 import dphys.testing as dt
 import pdes
-from dphys.operators import laplacian
 
 
-class Reaction(dphys.AbstractModel):
+def Reaction(grid, kappa):
     """Heat plus an explicit Allen-Cahn reaction rate (u - u^3), so that IMEX, SBDF2
     and Newton actually see a nonlinear explicit part."""
-
-    grid: dphys.Grid
-    kappa: jax.Array
-    rate: float = eqx.field(static=True, default=1.0)
-
-    def linear(self, t, state):
-        return laplacian(state, self.grid, self.kappa)
-
-    def explicit(self, t, state):
-        return self.rate * (state - state**3)
-
-    @property
-    def symmetric(self):
-        return True
-
-    @property
-    def translation_invariant(self):
-        return jnp.ndim(self.kappa) == 0
+    return helpers.Reaction(grid, kappa, rate=1.0, cubic=True)
 
 
-def coords(grid):
-    axes = [grid.axis_coords(a) for a in range(grid.ndim)]
-    return np.meshgrid(*axes, indexing="ij")
+coords = helpers.coords
 
 
 def kappa_field(grid):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import coords
 
 import dphys
 import dphys.testing as dt
@@ -14,12 +15,6 @@ from dphys.operators import divergence, gradient, laplacian
 
 
 BOUNDARIES = ("periodic", "dirichlet", "neumann")
-
-
-def coords(grid):
-    """NumPy meshgrid of the grid's coordinates (no device work for test data)."""
-    axes = [grid.axis_coords(a) for a in range(grid.ndim)]
-    return np.meshgrid(*axes, indexing="ij")
 
 
 def smooth_kappa(grid):

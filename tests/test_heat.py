@@ -5,14 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import coords
 
 import dphys
 import pdes
-
-
-def coords(grid):
-    axes = [grid.axis_coords(a) for a in range(grid.ndim)]
-    return np.meshgrid(*axes, indexing="ij")
 
 
 def run(model, stepper, state0, **kwargs):

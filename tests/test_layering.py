@@ -139,3 +139,21 @@ def test_import_assimilation_loads_no_edge():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# xarray and netCDF are imported only at the I/O edges: in the
+# core only by dphys/io.py, never by pdes.
+IO_LIBRARIES = ("xarray", "netCDF4", "h5netcdf", "cftime")
+IO_EDGES = {ROOT / "dphys" / "io.py"}
+
+
+@pytest.mark.parametrize("package", ["dphys", "pdes"])
+def test_core_numerics_import_no_io_library(package):
+    files = [f for f in sorted((ROOT / package).rglob("*.py")) if f not in IO_EDGES]
+    assert files, f"no sources found for {package}"
+    offenders = {str(f.relative_to(ROOT)): _violations(f, IO_LIBRARIES) for f in files}
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert not offenders, f"only dphys/io.py may import {IO_LIBRARIES}: {offenders}"
+    # the detector sees a function-level import in a core file
+    bad = "def f():\n    import netCDF4\n"
+    assert _violations(files[0], IO_LIBRARIES, bad) == ["netCDF4"]

@@ -8,39 +8,11 @@ import numpy as np
 import pytest
 import scipy.integrate
 import scipy.linalg
+from helpers import Reaction
 
 import dphys
 import pdes
 from dphys.operators import laplacian
-
-
-class Reaction(dphys.AbstractModel):
-    """Reaction-diffusion: L u = div(kappa grad u) implicit, N explicit.
-
-    ``cubic=False``: N(u) = -rate u (linear, so expm gives the exact solution);
-    ``cubic=True``: N(u) = rate (u - u^3) (Allen-Cahn reaction, nonlinear).
-    """
-
-    grid: dphys.Grid
-    kappa: jax.Array
-    rate: jax.Array
-    cubic: bool = eqx.field(static=True, default=False)
-
-    def linear(self, t, state):
-        return laplacian(state, self.grid, self.kappa)
-
-    def explicit(self, t, state):
-        if self.cubic:
-            return self.rate * (state - state**3)
-        return -self.rate * state
-
-    @property
-    def symmetric(self):
-        return True
-
-    @property
-    def translation_invariant(self):
-        return jnp.ndim(self.kappa) == 0
 
 
 class Unsteady(dphys.AbstractModel):

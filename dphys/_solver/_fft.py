@@ -58,6 +58,7 @@ class FFT(AbstractLinearSolver):
 
     def inverse_symbol(self, symbol, gamma):
         n = symbol.shape[0]
+        gamma = jnp.asarray(gamma).astype(symbol.dtype)  # real into complex, explicitly
         if n == 1:
             return 1.0 / (1.0 - gamma * symbol)
         return _mode_inv(_mode_eye(symbol) - gamma * symbol)
@@ -96,6 +97,7 @@ class FFT(AbstractLinearSolver):
         else:
             inv = self.inverse_symbol(structure, theta * dt)
         n = structure.shape[0]
+        dt = jnp.asarray(dt).astype(structure.dtype)  # real into complex, explicitly
         if n == 1:
             g = inv[0, 0] * (1.0 + (1.0 - theta) * dt * structure[0, 0])
             gm = _int_power(g, m)[None, None]
