@@ -46,8 +46,8 @@ class Auto(AbstractLinearSolver):
     def init(self, model, t, like):
         return self.resolve(model, like).init(model, t, like)
 
-    def solve(self, model, t, gamma, rhs, structure):
-        return self.resolve(model, rhs).solve(model, t, gamma, rhs, structure)
+    def solve(self, model, t, gamma, rhs, structure, guess=None):
+        return self.resolve(model, rhs).solve(model, t, gamma, rhs, structure, guess)
 
 
 def resolve_solver(solver: AbstractLinearSolver, model, like) -> AbstractLinearSolver:

@@ -62,7 +62,7 @@ class FFT(AbstractLinearSolver):
             return 1.0 / (1.0 - gamma * symbol)
         return _mode_inv(_mode_eye(symbol) - gamma * symbol)
 
-    def solve(self, model, t, gamma, rhs, structure):
+    def solve(self, model, t, gamma, rhs, structure, guess=None):
         hats, treedef, axes = self._to_modes(model, rhs)
         if isinstance(structure, FactoredSymbol):
             inv = structure.inverse  # factored for this gamma by the stepper's init
