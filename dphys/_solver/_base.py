@@ -27,6 +27,13 @@ class AbstractLinearSolver(eqx.Module):
         Direct solvers ignore it.
         """
 
+    def is_factored(self, structure) -> bool:
+        r"""Whether ``structure`` came from :meth:`factor`: a constant $L$ with
+        everything for one $\gamma$ ready. θ-steps then solve
+        $A^{-1}(u/\theta + \dots) - \frac{1-\theta}{\theta}u$ and skip the stencil
+        pass of the explicit half (see ``dphys.Theta``). Default False."""
+        return False
+
     @property
     def uses_guess(self) -> bool:
         """Whether :meth:`solve` starts from a ``guess`` (iterative solvers), so a

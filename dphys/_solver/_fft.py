@@ -38,6 +38,9 @@ class FFT(AbstractLinearSolver):
             structure = structure.symbol
         return FactoredSymbol(structure, self.inverse_symbol(structure, gamma))
 
+    def is_factored(self, structure) -> bool:
+        return isinstance(structure, FactoredSymbol)
+
     def _apply_modes(self, mat, hats):
         # mat: (n, n, *modes); hats: (n, *modes)
         if mat.shape[0] == 1:

@@ -678,6 +678,9 @@ class Krylov(AbstractLinearSolver):
     def factor(self, structure, gamma):
         return _structure.factor(structure, gamma, self._cycle)
 
+    def is_factored(self, structure) -> bool:
+        return isinstance(structure, _structure.LinearStructure) and structure.factored
+
     @property
     def uses_guess(self) -> bool:
         return True
