@@ -147,8 +147,9 @@ def test_missing_peer_is_a_skipped_row(problem, monkeypatch):
     "problem,impls",
     [
         ("P6", ("dphys", "dphys-multigrid", "jax-cg")),
-        ("P3-variable", ("dphys", "jax-bicgstab")),
-        ("P7", ("dphys", "jax-gmres")),
+        # Minutes each on a loaded 2-core machine (P7: 32x32 C-grid, 3 fields).
+        pytest.param("P3-variable", ("dphys", "jax-bicgstab"), marks=pytest.mark.slow),
+        pytest.param("P7", ("dphys", "jax-gmres"), marks=pytest.mark.slow),
     ],
 )
 def test_krylov_problems_tiny_rows(problem, impls):

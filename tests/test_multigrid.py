@@ -607,3 +607,35 @@ def test_steppers_carry_the_history_and_the_guess_saves_iterations(stepper_cls):
     np.testing.assert_array_equal(history[1], states[-3])
     assert max(float(d) for d in diffs) < 1e-10
     assert int(its[2:].sum()) < int(its_plain[2:].sum()), (its, its_plain)
+
+
+# ------------------------------------------------------------------ Auto's rule
+
+
+def test_auto_preconditions_krylov_from_the_structure_hints():
+    """Fourier on periodic grids, multigrid for symmetric single fields on bounded
+    grids, none for non-symmetric bounded operators; FFT and Tridiagonal first."""
+    auto = dphys.Auto()
+    like = jnp.zeros((16, 16))
+    cases = {
+        "periodic": ("fourier", "cg"),
+        "neumann": ("multigrid", "cg"),
+        "dirichlet": ("multigrid", "cg"),
+    }
+    for boundary, (precond, method) in cases.items():
+        model = _heat((16, 16), boundary)
+        solver = auto.resolve(model, like)
+        assert isinstance(solver, dphys.Krylov), (boundary, solver)
+        assert solver.preconditioner == precond, (boundary, solver)
+        assert solver._method(model) == method, (boundary, solver)
+    walled = _advection_diffusion("neumann")
+    solver = auto.resolve(walled, like)
+    assert isinstance(solver, dphys.Krylov) and solver.preconditioner is None
+    assert solver._method(walled) == "gmres"
+    periodic = _advection_diffusion("periodic")
+    assert auto.resolve(periodic, like).preconditioner == "fourier"
+    const = pdes.Heat(dphys.Grid((16, 16), boundary="periodic"), jnp.asarray(1e-2))
+    assert isinstance(auto.resolve(const, like), dphys.FFT)
+    assert isinstance(
+        auto.resolve(_heat((17,), "dirichlet"), jnp.zeros(17)), dphys.Tridiagonal
+    )
