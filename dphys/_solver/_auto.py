@@ -25,16 +25,20 @@ class Auto(AbstractLinearSolver):
     according to the structure hints (only static facts: the values of the
     coefficients are unknown when the choice is made):
 
-    * a fully periodic grid: ``"fourier"``, the inverse of the translation-averaged
-      operator by FFT. Exact in the constant-coefficient limit and robust to
-      moderate variation for one FFT pair per iteration; on P6 it took 2.7 CG
-      iterations per step against 6.9 without, and was the fastest choice
-      (``docs/design.md``). Large contrasts favour ``"multigrid"`` (17 against 3.5
-      iterations at 400-fold), which the user can ask for.
+    * a fully periodic grid: none. On P6 (``benchmarks/README.md``, 256², one run
+      at load average 22) plain CG took 5.1 iterations per step and 8.2 s forward
+      against 2.0 and 17.0 s with ``"fourier"`` (one FFT pair per iteration costs
+      several stencil passes on a CPU) and 1.3 and 24.8 s with ``"multigrid"``
+      (``docs/design.md``, section 16). Ask for ``"fourier"`` on larger or stiffer
+      grids (plain CG's count doubles per refinement: 13.6 against 3.2 at 512²) and
+      for ``"multigrid"`` at large coefficient contrasts (4.1 against 16.9 with
+      Fourier at 400-fold).
     * otherwise a symmetric single-field operator on a grid that halves down to at
       most 4096 points: ``"multigrid"``, whose iterations do not grow with the grid
-      size or the stiffness (walls and Dirichlet boundaries have no Fourier
-      inverse).
+      size, the contrast or the stiffness, where plain CG's count grows without
+      bound (no convergence in 500 iterations at diffusion number 330,
+      ``docs/design.md`` section 10; walls and Dirichlet boundaries have no Fourier
+      inverse). At mild diffusion numbers it is slower than plain CG (see above).
     * otherwise none (non-symmetric operators on bounded domains: Jacobi smoothing
       does not converge for advection at Courant numbers above one).
     """
@@ -71,7 +75,7 @@ class Auto(AbstractLinearSolver):
 def _preconditioner(model: AbstractModel, like) -> str | None:
     """The Krylov preconditioner :class:`Auto` picks (see its docstring)."""
     if model.grid.periodic:
-        return "fourier"
+        return None
     if model.symmetric and len(jtu.tree_leaves(like)) == 1:
         shapes = hierarchy(model.grid.shape, model.grid.boundary, 64)
         if math.prod(shapes[-1]) <= 4096 and len(shapes) > 1:
