@@ -141,3 +141,41 @@ def test_missing_peer_is_a_skipped_row(problem, monkeypatch):
     rows = {r["impl"]: r for r in lines if r.get("problem") == problem}
     assert "pip install" in rows["exponax"]["skipped"]
     assert rows["dphys"]["forward_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "problem,impls",
+    [
+        ("P6", ("dphys", "dphys-multigrid", "jax-cg")),
+        # Minutes each on a loaded 2-core machine (P7: 32x32 C-grid, 3 fields).
+        pytest.param("P3-variable", ("dphys", "jax-bicgstab"), marks=pytest.mark.slow),
+        pytest.param("P7", ("dphys", "jax-gmres"), marks=pytest.mark.slow),
+    ],
+)
+def test_krylov_problems_tiny_rows(problem, impls):
+    """The problems without an FFT solve: answers against their converged
+    references, iterations per step recorded, gradients checked."""
+    out = io.StringIO()
+    cfg = run.Config(size="tiny", repeats=1, slow_s=5.0, only=impls)
+    run.run([problem], cfg, out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    by_impl = {r["impl"]: r for r in lines if r.get("problem") == problem}
+    assert set(by_impl) == set(impls) | {"limit"}
+    by_impl.pop("limit")
+    for name, row in by_impl.items():
+        assert REQUIRED <= set(row), REQUIRED - set(row)
+        assert row["forward_s"] > 0 and row["grad_s"] > 0
+        assert row["error"] < 1e-7, (name, row["error"])
+        assert row.get("grad_fd_relerr", 0.0) < 1e-4
+        if name.startswith("dphys"):
+            assert row["iterations_per_step"] > 0
+        else:
+            key = (
+                "grad_rel_diff_vs_dphys" if problem == "P6" else "grad_vs_dphys_relerr"
+            )
+            assert row[key] < 1e-6
+    if problem == "P7":
+        assert by_impl["dphys"]["mass_rel_change"] < 1e-12
+    summary = lines[-1]["summary"][problem]
+    assert summary["fastest_peer_forward"][0] == impls[-1]
+    assert "forward_2x_fastest_peer" in summary["targets_met"]
