@@ -122,3 +122,20 @@ from ._windows import (
 
 
 # --- end of structured priors and sparse recovery ----------------------------------
+
+# isort: split
+# --- model-error learning: hybrid models, training protocols, bilevel calibration
+#     (_hybrid, _protocols, _bilevel) -----------------------------------------------
+from ._hybrid import (
+    FourierField as FourierField,
+    LocalTendency as LocalTendency,
+    Stability as Stability,
+    SubwindowForcing as SubwindowForcing,
+    Sum as Sum,
+    rollout as rollout,
+    set_field as set_field,
+    stability as stability,
+)
+
+
+# --- end of model-error learning ---------------------------------------------------

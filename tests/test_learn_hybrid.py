@@ -1,0 +1,303 @@
+"""Hybrid physics + network models (assimilation.learn._hybrid, _protocols).
+
+Float64 throughout (tests/conftest.py). Problems are tiny (16x16 periodic or a
+32-cell bounded line, a few steps) so each test runs in seconds.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import dphys
+import dphys.testing as dtest
+import pdes
+from assimilation.learn import (
+    FourierField,
+    LocalTendency,
+    SubwindowForcing,
+    Sum,
+    rollout,
+    stability,
+)
+
+
+STEPPERS = {
+    "backward_euler": dphys.BackwardEuler(),
+    "crank_nicolson": dphys.CrankNicolson(),
+    "theta_0.7": dphys.Theta(0.7),
+    "imex": dphys.IMEX(),
+    "bdf2": dphys.BDF2(),
+}
+KRYLOV = dphys.CrankNicolson(solver=dphys.Krylov(rtol=1e-13))
+SAVE = (3, 6)
+
+
+def _grid(n=16):
+    return dphys.Grid((n, n), lengths=1.0, boundary="periodic")
+
+
+def _physics(grid, kappa=3e-3):
+    return pdes.Advection(grid, velocity=(0.5, 1.0), kappa=kappa)
+
+
+def _state(grid, key):
+    y, x = grid.coords
+    smooth = jnp.sin(2 * jnp.pi * x) * jnp.cos(2 * jnp.pi * y)
+    return smooth + 0.3 * jr.normal(key, grid.shape)
+
+
+def _net(grid, key, **kw):
+    kw = dict(width=4, depth=1, kernel_size=3, zero_init=False, **kw)
+    return LocalTendency(grid, key=key, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(STEPPERS))
+def test_zero_network_reproduces_the_physics(name, getkey):
+    stepper = STEPPERS[name]
+    grid = _grid()
+    phys = _physics(grid)
+    u0 = _state(grid, getkey())
+    hybrid = dphys.Augmented(
+        phys,
+        explicit=LocalTendency(grid, key=getkey(), kernel_size=3, depth=2),
+        forcing=FourierField(grid, 2),
+    )
+    ref = rollout(phys, stepper, u0, dt=0.01, n_steps=6, save_steps=SAVE)
+    out = rollout(hybrid, stepper, u0, dt=0.01, n_steps=6, save_steps=SAVE)
+    # Bitwise where both take the same solve; the physics alone on the FFT path
+    # applies its one-step propagator instead, equal to round-off.
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-13)
+    if name in ("backward_euler", "imex", "bdf2"):
+        assert np.array_equal(out, ref)
+
+
+def _rollout_loss(stepper, u0, y, *, gradient="solver"):
+    def loss(params):
+        net, log_kappa = params
+        model = dphys.Augmented(_physics(u0_grid(u0), jnp.exp(log_kappa)), explicit=net)
+        ys = rollout(
+            model,
+            stepper,
+            u0,
+            dt=0.01,
+            n_steps=6,
+            save_steps=SAVE,
+            gradient=gradient,
+            observe=_sensors,
+        )
+        return 0.5 * jnp.sum((ys - y) ** 2)
+
+    return loss
+
+
+def u0_grid(u0):
+    return _grid(u0.shape[0])
+
+
+def _sensors(t, u):
+    return u[::4, ::3].ravel()
+
+
+def _wrong(grad, factor=1.01):
+    return jtu.tree_map(lambda g: factor * g, grad)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [*sorted(STEPPERS), pytest.param("krylov", marks=pytest.mark.slow)],
+)
+def test_taylor_rollout_loss_weights_and_kappa(name, getkey):
+    """Gradient of a sensor loss through implicit steps w.r.t. the network weights
+    and the physical diffusivity, for every stepper with an explicit part (and a
+    GMRES-solved step, slow); a 1% wrong gradient must fail. The diffusivity is
+    also checked alone (a direction along log kappa only)."""
+    stepper = KRYLOV if name == "krylov" else STEPPERS[name]
+    grid = _grid()
+    u0 = _state(grid, getkey())
+    net = _net(grid, getkey())
+    y = 0.1 * jr.normal(getkey(), (len(SAVE), 24))
+    loss = _rollout_loss(stepper, u0, y)
+    params = (net, jnp.log(jnp.asarray(3e-3)))
+    arrays, static = eqx.partition(params, eqx.is_inexact_array)
+    f = jax.jit(lambda a: loss(eqx.combine(a, static)))
+    grad = jax.jit(jax.grad(f))(arrays)
+    key = getkey()
+    good = dtest.taylor_test(f, arrays, grad=grad, key=key)
+    assert good.passed, good
+    bad = dtest.taylor_test(f, arrays, grad=_wrong(grad), key=key)
+    assert not bad.passed, bad
+    if name == "crank_nicolson":
+        along = (jtu.tree_map(jnp.zeros_like, arrays[0]), jnp.ones(()))
+        assert dtest.taylor_test(f, arrays, grad=grad, direction=along).passed
+        wrong = (grad[0], 1.01 * grad[1])
+        assert not dtest.taylor_test(f, arrays, grad=wrong, direction=along).passed
+
+
+def test_taylor_subwindow_forcing(getkey):
+    grid = _grid()
+    u0 = _state(grid, getkey())
+    net = Sum(_net(grid, getkey()), FourierField(grid, 2, key=getkey(), init_scale=0.3))
+    y = 0.1 * jr.normal(getkey(), (len(SAVE), 24))
+
+    def loss(params):
+        network, log_kappa = params
+        model = SubwindowForcing(_physics(grid, jnp.exp(log_kappa)), network, 3)
+        ys = rollout(
+            model,
+            dphys.CrankNicolson(),
+            u0,
+            dt=0.01,
+            n_steps=6,
+            save_steps=SAVE,
+            observe=_sensors,
+        )
+        return 0.5 * jnp.sum((ys - y) ** 2)
+
+    params = (net, jnp.log(jnp.asarray(3e-3)))
+    arrays, static = eqx.partition(params, eqx.is_inexact_array)
+    f = jax.jit(lambda a: loss(eqx.combine(a, static)))
+    grad = jax.grad(f)(arrays)
+    key = getkey()
+    assert dtest.taylor_test(f, arrays, grad=grad, key=key).passed
+    assert not dtest.taylor_test(f, arrays, grad=_wrong(grad), key=key).passed
+
+
+def test_subwindow_forcing_is_weak_constraint_forcing(getkey):
+    """A SubwindowForcing whose network returns a constant is the model with that
+    constant forcing on each sub-window (the weak-constraint 4D-Var forward run)."""
+    grid = _grid()
+    phys = _physics(grid)
+    u0 = _state(grid, getkey())
+    eta = jr.normal(getkey(), grid.shape)
+    sw = SubwindowForcing(phys, lambda t, u: eta, 3)
+    ref = rollout(
+        dphys.Augmented(phys, forcing=eta),
+        dphys.CrankNicolson(),
+        u0,
+        dt=0.01,
+        n_steps=6,
+        save_steps=SAVE,
+    )
+    out = rollout(sw, dphys.CrankNicolson(), u0, dt=0.01, n_steps=6, save_steps=SAVE)
+    np.testing.assert_allclose(out, ref, rtol=1e-13, atol=1e-13)
+
+
+def test_stop_gradient_rollout(getkey):
+    """Same values as the solver-in-the-loop rollout; the gradient is the sum of
+    the local sensitivities dt dF/dp at the states before each save (computed here
+    from the saved trajectory), not the true gradient."""
+    grid = _grid()
+    u0 = _state(grid, getkey())
+    net = _net(grid, getkey())
+    y = 0.1 * jr.normal(getkey(), (len(SAVE), 24))
+    stepper = dphys.CrankNicolson()
+    solver = _rollout_loss(stepper, u0, y)
+    sg = _rollout_loss(stepper, u0, y, gradient="stop_gradient")
+    params = (net, jnp.log(jnp.asarray(3e-3)))
+    assert float(solver(params)) == pytest.approx(float(sg(params)), rel=1e-12)
+    g_sg = eqx.filter_grad(sg)(params)
+    g_true = eqx.filter_grad(solver)(params)
+
+    def model_of(p):
+        return dphys.Augmented(_physics(grid, jnp.exp(p[1])), explicit=p[0])
+
+    states = rollout(
+        model_of(params), stepper, u0, dt=0.01, n_steps=6, save_steps=(2, 3, 5, 6)
+    )
+    ys = jax.vmap(lambda u: _sensors(0.0, u))(states[jnp.asarray([1, 3])])
+    expected = None
+    for i, (prev, t) in enumerate(((states[0], 0.02), (states[2], 0.05))):
+        cot = jnp.zeros(grid.shape).at[::4, ::3].set((ys[i] - y[i]).reshape(4, 6))
+        _, vjp = eqx.filter_vjp(
+            lambda p, t=t, prev=prev: 0.01 * model_of(p).vector_field(t, prev),
+            params,
+        )
+        (g,) = vjp(cot)
+        expected = g if expected is None else jtu.tree_map(jnp.add, expected, g)
+    for a, b in zip(jtu.tree_leaves(g_sg), jtu.tree_leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jtu.tree_leaves(g_sg), jtu.tree_leaves(g_true), strict=True)
+    )
+    assert diff > 1e-3
+
+
+def test_fourier_field_is_band_limited_and_scaled(getkey):
+    grid = _grid(32)
+    y, x = grid.coords
+    field = FourierField(grid, 2)
+    # One coefficient: a cosine of amplitude ~ the coefficient.
+    c = field.coefficients.at[0, 1, 2].set(0.7)  # k_y = 1, k_x = 2
+    g = eqx.tree_at(lambda f: f.coefficients, field, c)()
+    np.testing.assert_allclose(
+        g, 0.7 * np.cos(2 * np.pi * (2 * x + y)), rtol=1e-12, atol=1e-12
+    )
+    pos = FourierField(grid, 1, transform=jnp.exp, offset=np.log(2e-3))
+    np.testing.assert_allclose(pos(), 2e-3, rtol=1e-12)
+    with pytest.raises(ValueError, match="periodic"):
+        FourierField(dphys.Grid(16, boundary="dirichlet"), 2)
+    with pytest.raises(ValueError, match="n_modes"):
+        FourierField(grid, 16)
+
+
+def test_local_tendency_is_translation_equivariant(getkey):
+    grid = _grid()
+    net = _net(grid, getkey())
+    u = _state(grid, getkey())
+    shifted = jnp.roll(u, (3, -5), axis=(0, 1))
+    np.testing.assert_allclose(
+        net(0.0, shifted), jnp.roll(net(0.0, u), (3, -5), axis=(0, 1)), atol=1e-13
+    )
+
+
+def test_bad_input(getkey):
+    grid = _grid()
+    with pytest.raises(ValueError, match="kernel_size"):
+        LocalTendency(grid, kernel_size=2, key=getkey())
+    with pytest.raises(TypeError, match="grid"):
+        LocalTendency("grid", key=getkey())
+    with pytest.raises(ValueError, match="inputs"):
+        LocalTendency(grid, inputs=jnp.zeros((2, 3, 3)), key=getkey())
+    phys = _physics(grid)
+    u0 = _state(grid, getkey())
+    with pytest.raises(ValueError, match="gradient"):
+        rollout(
+            phys,
+            dphys.CrankNicolson(),
+            u0,
+            dt=0.01,
+            n_steps=2,
+            save_steps=(1,),
+            gradient="truncated",
+        )
+    with pytest.raises(ValueError, match="save_steps"):
+        rollout(phys, dphys.CrankNicolson(), u0, dt=0.01, n_steps=2, save_steps=(3,))
+    sw = SubwindowForcing(phys, lambda t, u: u, 4)
+    with pytest.raises(ValueError, match="steps_per_window"):
+        rollout(sw, dphys.CrankNicolson(), u0, dt=0.01, n_steps=6, save_steps=(6,))
+    with pytest.raises(TypeError, match="network"):
+        SubwindowForcing(phys, 3.0, 2)
+
+
+def test_stability_detects_blow_up(getkey):
+    grid = _grid()
+    phys = _physics(grid)
+    u0 = jnp.stack([_state(grid, getkey()) for _ in range(2)])
+    ok = stability(
+        phys,
+        dphys.CrankNicolson(),
+        u0,
+        dt=0.01,
+        n_steps=40,
+        invariants={"mass": grid.integrate},
+    )
+    assert ok.stable and ok.invariants["mass"] < 1e-12
+    # An anti-damping learned term (+5 u) blows up by e^(5 t): caught.
+    grow = dphys.Augmented(phys, explicit=lambda t, u: 5.0 * u)
+    bad = stability(grow, dphys.CrankNicolson(), u0, dt=0.01, n_steps=100)
+    assert not bad.stable and bad.growth > 10
