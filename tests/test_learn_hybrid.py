@@ -353,3 +353,156 @@ def test_exactly_representable_correction_is_recovered(getkey):
     assert sa < 0.1 and sb < 0.05, (sa, sb)
     # The physics alone (a = b = 0) is far outside that uncertainty.
     assert abs(0.0 + 0.8) > 10 * sa
+
+
+# ------------------------------------------------------------------- protocols
+
+
+def _twin(getkey, n_windows=4):
+    import assimilation as da
+    from assimilation.learn import make_windows
+
+    grid = _grid(8)
+    phys = _physics(grid)
+    truth = dphys.Augmented(phys, explicit=lambda t, u: -2.0 * u**3)
+    cov = da.Diffusion(grid, 0.15, std=1.0, normalization="constant")
+    positions = jr.uniform(jr.key(7), (12, 2))
+    obs = da.Observations(
+        0.01 * np.arange(2, 9, 2), jnp.zeros((4, 12)), positions, 0.05
+    )
+    cost = da.FourDVar(
+        phys,
+        dphys.CrankNicolson(),
+        jnp.zeros(grid.shape),
+        obs,
+        da.Control(initial_state=da.InitialState(cov)),
+        dt=0.01,
+        n_steps=8,
+        throw=False,
+    )
+    windows = make_windows(
+        cost,
+        cov,
+        n_windows=n_windows,
+        key=getkey(),
+        truth_model=truth,
+        save_steps=(2, 4, 6, 8),
+    )
+    return cost, cov, truth, windows
+
+
+def test_rollout_misfit_is_zero_from_the_truth(getkey):
+    """Rolled out from the true states with the true model, the scored residuals
+    against noise-free records vanish: the segments, observation rows and time
+    interpolation line up with the template cost; from the physics model they do
+    not."""
+    from assimilation.learn import ModelErrorData, rollout_misfit
+
+    cost, _, truth, w = _twin(getkey)
+    states = jnp.concatenate([w.truth_x0[:, None], w.truth_states], axis=1)
+    data = ModelErrorData(
+        obs=w.clean_obs,
+        analyses=states,
+        forcings=jnp.zeros_like(states[:, 1:]),
+        analysis_steps=(0, 2, 4, 6, 8),
+    )
+    for horizon in (2, 4, 8):
+        r, wts = rollout_misfit(truth, cost, data[0], horizon=horizon)
+        assert float(jnp.sum(wts)) == (4 if horizon != 8 else 4) * 12
+        assert float(jnp.max(jnp.abs(r))) < 1e-10
+    r, _ = rollout_misfit(cost.model, cost, data[0], horizon=8)
+    assert float(jnp.max(jnp.abs(r))) > 0.1
+    # A sensor subset scores only those sensors.
+    keep = jnp.arange(12) < 5
+    r, wts = rollout_misfit(cost.model, cost, data[0], horizon=4, sensors=keep)
+    assert float(jnp.sum(wts)) == 4 * 5
+
+
+def test_analyses_are_the_weak_constraint_trajectory(getkey):
+    """analyse_windows: each analysis state is the previous one advanced over its
+    sub-window by the model plus the analysed forcing; the analyses fit the
+    sensors far better than the background."""
+    import assimilation as da
+    from assimilation.learn import analyse_windows, rollout
+
+    cost, cov, _, w = _twin(getkey, n_windows=2)
+    q = da.Diffusion(cost.model.grid, 0.15, std=2.0, normalization="constant")
+    data = analyse_windows(cost, w.obs, model_error_cov=q, n_subwindows=4)
+    assert data.analysis_steps == (0, 2, 4, 6, 8)
+    for j in range(4):
+        forced = dphys.Augmented(cost.model, forcing=data.forcings[0, j])
+        nxt = rollout(
+            forced,
+            cost.stepper,
+            data.analyses[0, j],
+            dt=0.01,
+            n_steps=2,
+            save_steps=(2,),
+            t0=0.02 * j,
+        )[0]
+        np.testing.assert_allclose(nxt, data.analyses[0, j + 1], atol=1e-12)
+    from assimilation.learn import rollout_misfit
+
+    r, wts = rollout_misfit(cost.model, cost, data[0], horizon=2)
+    assert float(jnp.sum(r**2) / jnp.sum(wts)) < 1.5  # near the noise level
+
+
+@pytest.mark.parametrize("protocol", ["one_step", "stop_gradient", "solver"])
+def test_protocols_train_and_report(protocol, getkey):
+    import optax
+
+    import assimilation as da
+    from assimilation.learn import (
+        ModelErrorData,
+        evaluate,
+        freeze,
+        one_step_loss,
+        rollout_loss,
+        train_correction,
+    )
+
+    cost, _, _, w = _twin(getkey)
+    states = jnp.concatenate([w.truth_x0[:, None], w.truth_states], axis=1)
+    # Dense true states and exact per-interval tendencies stand in for analyses
+    # here (the protocols only read them).
+    forcings = -2.0 * states[:, :-1] ** 3
+    data = ModelErrorData(w.obs, states, forcings, (0, 2, 4, 6, 8))
+    net = LocalTendency(cost.model.grid, width=4, depth=1, key=getkey())
+    hybrid = dphys.Augmented(cost.model, explicit=net)
+    # Only the network trains: Adam's first steps would move the physics'
+    # velocity and kappa by the learning rate, far beyond their scale.
+    res = train_correction(
+        hybrid,
+        data,
+        cost,
+        protocol=protocol,
+        n_steps=6,
+        key=getkey(),
+        physics=cost.model,
+        optimizer=optax.adam(3e-2),
+        batch_size=2,
+        curriculum=(2, 8),
+        trainable=freeze(hybrid, lambda m: m.model),
+        report_memory=True,
+        stability_check=lambda m: stability(
+            m, cost.stepper, data.analyses[:2, 0], dt=0.01, n_steps=20
+        ),
+    )
+    assert res.stats["steps"] == 6 and res.stats["step_memory_bytes"] > 0
+    assert all(np.isfinite(res.history["train_loss"]))
+    # The whole-window sensor loss (or the one-step loss) decreased.
+    if protocol == "one_step":
+        score = one_step_loss(cost.model, t0=cost.t0, dt=cost.dt)
+    else:
+        score = rollout_loss(cost, horizon=8)
+    before = evaluate(hybrid, score, data, key=getkey())["loss"]
+    after = evaluate(res.model, score, data, key=getkey())["loss"]
+    assert after < 0.9 * before, (before, after)
+    assert res.history["stability"] and res.history["stability"][-1].stable
+    if protocol != "one_step":
+        assert set(res.history["horizon"]) == {2, 8}
+    with pytest.raises(ValueError, match="protocol"):
+        train_correction(
+            hybrid, data, cost, protocol="adjoint", n_steps=1, key=getkey()
+        )
+    del da
