@@ -34,21 +34,21 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import equinox as eqx
-import jax.numpy as jnp
-import jax.random as jr
-import matplotlib
-import numpy as np
-import optax
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # noqa: E402
 
-import assimilation as da
-import dphys
-import pdes
-from assimilation.learn import (
+import assimilation as da  # noqa: E402
+import dphys  # noqa: E402
+import pdes  # noqa: E402
+from assimilation.learn import (  # noqa: E402
     FourierField,
     LocalTendency,
     analyse_windows,
