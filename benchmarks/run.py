@@ -5,11 +5,13 @@ Usage::
     python benchmarks/run.py [--problem P1 P2 P5 P6 limits] [--quick] [--tiny]
                              [--dtype float64|float32] [--repeats R]
     python benchmarks/run.py --problem S1 S2 [--quick] [--tiny]
+    python benchmarks/run.py --problem L2 [--quick] [--tiny]   # model-error learning
 
 S1 (sparse recovery: ISTA/FISTA/AMP/state evolution/learned networks,
-``benchmarks/_s1_sparse.py``) and S2 (heat-equation source identification,
-``benchmarks/_s2_source.py``) run only when named; their summaries join the final
-``summary`` row under ``"S1"``/``"S2"``.
+``benchmarks/_s1_sparse.py``), S2 (heat-equation source identification,
+``benchmarks/_s2_source.py``) and L2 (model-error learning and bilevel calibration,
+``benchmarks/_l2_model_error.py``) run only when named; their summaries join the final
+``summary`` row under ``"S1"``/``"S2"``/``"L2"``.
 
 Prints one JSON object per line: the machine's limits per grid, one line per
 (problem, implementation), the P5 memory lines, and a final ``{"summary": ...}`` with
@@ -45,8 +47,8 @@ from ._problems import N_OBS, Problem, make_problem, rel_l2  # noqa: E402
 
 
 ALL_PROBLEMS = ("limits", "P1", "P2", "P6", "P3", "P3-variable", "P4", "P7", "P5")
-# Learning and sparse-recovery problems: run only when named (`--problem S1 S2`).
-LEARNING_PROBLEMS = ("S1", "S2")
+# Learning and sparse-recovery problems: run only when named (`--problem S1 S2 L2`).
+LEARNING_PROBLEMS = ("S1", "S2", "L2")
 TARGET_SPEEDUP = 2.0  # forward and gradient >= 2x the fastest peer (P1-P4, P6)
 TARGET_FFT_MULTIPLE = 1.5  # P2 stepwise: <= 1.5 FFT pairs per step
 # value_and_grad / cost of the headline path: heat suite <= 2.5 (core issue),
@@ -784,6 +786,14 @@ def _run_p7(cfg: Config) -> list[dict]:
     )
 
 
+def _run_l2(*, size: str, quick: bool) -> tuple[list[dict], dict]:
+    """L2 rows and summary, in the S1/S2 runners' shape."""
+    from ._l2_model_error import run_l2
+
+    rows = run_l2(quick=quick, tiny=size == "tiny")
+    return rows[:-1], rows[-1]["summary"]
+
+
 OPTIONAL_RUNNERS = {
     "P3": _run_p3,
     "P3-variable": _run_p3_variable,
@@ -850,8 +860,10 @@ def run(problems, cfg: Config, out=None) -> list[dict]:
         if name in want:
             if name == "S1":
                 from ._s1_sparse import run_s1 as runner
-            else:
+            elif name == "S2":
                 from ._s2_source import run_s2 as runner
+            else:
+                runner = _run_l2
             t = time.perf_counter()
             new_rows, learning[name] = runner(size=cfg.size, quick=cfg.quick)
             learning[name]["wall_s"] = time.perf_counter() - t

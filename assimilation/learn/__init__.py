@@ -122,3 +122,39 @@ from ._windows import (
 
 
 # --- end of structured priors and sparse recovery ----------------------------------
+
+# isort: split
+# --- model-error learning: hybrid models, training protocols, bilevel calibration
+#     (_hybrid, _protocols, _bilevel) -----------------------------------------------
+from ._bilevel import (
+    Bilevel as Bilevel,
+    Calibration as Calibration,
+    calibrate as calibrate,
+    joint_estimate as joint_estimate,
+    laplace as laplace,
+)
+from ._hybrid import (
+    FourierField as FourierField,
+    LocalTendency as LocalTendency,
+    Stability as Stability,
+    SubwindowForcing as SubwindowForcing,
+    Sum as Sum,
+    rollout as rollout,
+    set_field as set_field,
+    stability as stability,
+)
+from ._protocols import (
+    PROTOCOLS as PROTOCOLS,
+    ModelErrorData as ModelErrorData,
+    ProtocolResult as ProtocolResult,
+    analyse_windows as analyse_windows,
+    forecast_rmse as forecast_rmse,
+    one_step_loss as one_step_loss,
+    rollout_loss as rollout_loss,
+    rollout_misfit as rollout_misfit,
+    train_correction as train_correction,
+    weak_constraint_cost as weak_constraint_cost,
+)
+
+
+# --- end of model-error learning ---------------------------------------------------
