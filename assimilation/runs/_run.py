@@ -135,6 +135,7 @@ def output_dataset(out: RunOutput, attrs: Mapping[str, Any] | None = None):
         scores=out.scores,
         attrs=attrs,
         parameter_units=parameter_units(model),
+        standard_names=model["standard_names"],
     )
 
 
