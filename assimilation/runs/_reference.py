@@ -107,7 +107,7 @@ HELP: dict[str, str] = {
     "batch.workers": "local Dask worker processes (default: serial)",
     "batch.scheduler": "address of a running Dask scheduler",
     "batch.devices": "GPUs: one local worker process per listed device, started "
-    "with CUDA_VISIBLE_DEVICES set to it (see GPU batches below)",
+    "with CUDA_VISIBLE_DEVICES set to it (docs/config.md: GPU batches)",
     "batch.memory_fraction": "with devices: XLA_PYTHON_CLIENT_MEM_FRACTION of every "
     "worker (default: JAX's 0.75)",
     "batch.out_dir": "output folder, one <case>.nc per case; relative to this file",
