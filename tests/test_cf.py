@@ -272,6 +272,11 @@ def test_standard_names_written_where_they_hold(outputs):
         }
         assert nc["analysis_eta"].units == "m"
         assert nc["analysis_u"].units == "m s-1"
+        # RMSE scores per field in its units; the pooled one (m with m s-1) is
+        # not written
+        assert nc["rmse_final_analysis_eta"].units == "m"
+        assert nc["rmse_final_analysis_v"].units == "m s-1"
+        assert "rmse_final_analysis" not in nc.variables
     for prefix in ("analysis", "background", "analysis_final", "truth_final"):
         assert std[f"{prefix}_eta"] == "sea_surface_height_above_geoid"
         assert std[f"{prefix}_u"] == "eastward_sea_water_velocity"

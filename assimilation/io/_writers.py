@@ -570,11 +570,15 @@ def analysis_to_dataset(
                 else:
                     score(f"{key}_{name}", v, f"{key.replace('_', ' ')} of {name}")
         else:
+            u = state_units if key.startswith("rmse") else "1"
+            if key.startswith("rmse") and isinstance(units, Mapping):
+                u = units.get(key.rsplit("_", 1)[-1])
+                if u is None:
+                    # pooled over fields of different units: no CF units exist;
+                    # the per-field scores (`rmse_..._<field>`) are written
+                    continue
             score(
-                key,
-                value,
-                key.replace("_", " ").replace("rmse", "RMSE vs truth,"),
-                state_units if key.startswith("rmse") else "1",
+                key, value, key.replace("_", " ").replace("rmse", "RMSE vs truth,"), u
             )
     gattrs["dphys_scores"] = " ".join(score_names)
     if attrs:

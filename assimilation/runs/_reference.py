@@ -254,8 +254,8 @@ def config_reference() -> str:
         "`XLA_PYTHON_CLIENT_PREALLOCATE=false` instead lets several workers share "
         "one device, each allocating what it needs (slower, but no worker is "
         "refused memory another reserved). Cycled windows run serially in the "
-        "`dphys` process (set `CUDA_VISIBLE_DEVICES` for it). Every worker uses the persistent compilation cache, so "
-        "workers compile each program once.",
+        "`dphys` process (set `CUDA_VISIBLE_DEVICES` for it). Every worker uses "
+        "the persistent compilation cache, so workers compile each program once.",
         "",
     ]
     return "\n".join(out)
