@@ -235,6 +235,7 @@ def _write_outputs(out, cfg: dict, argv: Sequence[str], *, figure: bool = True):
     paths = [write_netcdf(ds, cfg["output"]["path"])]
     if figure and cfg["output"]["figure"]:
         from .runs import plot_analysis
+        from .runs._build import figure_labels
 
         plot_analysis(
             out.analysis,
@@ -242,18 +243,10 @@ def _write_outputs(out, cfg: dict, argv: Sequence[str], *, figure: bool = True):
             out.obs,
             cfg["output"]["figure"],
             truth=out.truth,
-            units=_obs_units(cfg["model"], out.obs),
-            length_units=cfg["model"]["length_units"],
+            **figure_labels(cfg["model"], out.obs),
         )
         paths.append(pathlib.Path(cfg["output"]["figure"]))
     return paths
-
-
-def _obs_units(model: dict, obs):
-    from .runs._build import state_units
-
-    units = state_units(model)
-    return units.get(obs.field) if isinstance(units, dict) else units
 
 
 def _run_and_report(
@@ -334,9 +327,16 @@ def _cmd_batch(args, argv) -> int:
     if workers is not None and scheduler is not None:
         raise ConfigError("give either --workers or --scheduler, not both.")
     out_dir = str(pathlib.Path(out_dir).resolve())
-    if batch["cycle"] and (workers is not None or scheduler is not None):
+    devices, fraction = batch["devices"], batch["memory_fraction"]
+    if devices is not None and scheduler is not None:
+        raise ConfigError(
+            "`batch.devices` starts local workers: give either it or --scheduler."
+        )
+    if batch["cycle"] and (
+        workers is not None or scheduler is not None or devices is not None
+    ):
         logger.warning("cycled windows depend on each other: running them serially")
-        workers = scheduler = None
+        workers = scheduler = devices = fraction = None
     cases = config_cases(
         cfg,
         provenance=_provenance(cfg, argv),
@@ -361,6 +361,8 @@ def _cmd_batch(args, argv) -> int:
         workers=workers,
         scheduler=scheduler,
         progress=progress,
+        devices=devices,
+        memory_fraction=fraction,
     )
     print(report.table())
     print(report.summary())

@@ -603,3 +603,75 @@ def test_cycled_windows(tmp_path, capsys):
     assert [ds.sizes["time"] for ds in outs] == [2, 2, 2]
     assert main(["batch", str(config)]) == 0
     assert "0 done, 3 skipped" in capsys.readouterr().out
+
+
+# -- GPU recipe: one worker process per device -----------------------------------------
+def worker_env(case):
+    """The device variables the worker process that ran ``case`` was started with."""
+    import os
+
+    return xr.Dataset(
+        attrs={
+            "pid": os.getpid(),
+            "device": os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+            "fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset"),
+        }
+    )
+
+
+def test_devices_start_one_worker_process_per_device(tmp_path):
+    """No GPU here: the test checks what each worker process sees, which is what
+    JAX reads when it starts its backend there."""
+    pytest.importorskip("dask.distributed")
+    import os
+    import sys
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cases = [Case(f"c{i}", i) for i in range(4)]
+    report = run_batch(
+        cases, worker_env, tmp_path, devices=[0, "1"], memory_fraction=0.45
+    )
+    assert sorted(report.done) == [c.name for c in cases]
+    seen = {}
+    for case in cases:
+        with xr.open_dataset(tmp_path / f"{case.name}.nc") as ds:
+            assert ds.attrs["fraction"] == "0.45"
+            assert ds.attrs["pid"] != os.getpid()  # in a worker process
+            seen.setdefault(ds.attrs["device"], set()).add(ds.attrs["pid"])
+    assert set(seen) <= {"0", "1"} and seen
+    # one process per device: no process saw two devices
+    pids = [p for ps in seen.values() for p in ps]
+    assert len(pids) == len(set(pids))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"devices": "0"}, "non-empty list of device indices"),
+        ({"devices": []}, "non-empty list of device indices"),
+        ({"devices": [0, 0]}, "distinct single devices"),
+        ({"devices": ["0,1"]}, "distinct single devices"),
+        ({"devices": [0, 1], "workers": 3}, r"`workers` \(3\) must equal"),
+        ({"devices": [0], "processes": False}, "needs worker processes"),
+        ({"devices": [0], "scheduler": "tcp://x:1"}, "cannot be combined"),
+        ({"devices": [0], "memory_fraction": 1.5}, r"must lie in \(0, 1\]"),
+        ({"memory_fraction": 0.5}, "give `devices` too"),
+    ],
+)
+def test_device_options_errors(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_batch(CASES, worker_env, tmp_path, **kwargs)
+
+
+def test_device_config_keys(tmp_path):
+    cfg = tiny_twin_config(tmp_path, seeds=[0, 1], devices=[0, 1], memory_fraction=0.5)
+    assert validate_config(cfg)["batch"]["devices"] == [0, 1]
+    for bad, message in (([0, 0], "distinct device"), ("0", "distinct device")):
+        cfg = tiny_twin_config(tmp_path, seeds=[0], devices=bad)
+        with pytest.raises(ConfigError, match=message):
+            validate_config(cfg)
+    cfg = tiny_twin_config(tmp_path, seeds=[0], memory_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"must lie in \(0, 1\]"):
+        validate_config(cfg)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import netCDF4
 import numpy as np
 import pytest
+import tomllib
 
 import dphys
 import dphys.io as dio
@@ -28,6 +29,7 @@ from assimilation.cli import demo_config
 from assimilation.io import observations_to_dataset
 from assimilation.runs import (
     Case,
+    init_config,
     output_dataset,
     run,
     run_batch,
@@ -42,7 +44,12 @@ STANDARD_NAMES = {
     "longitude",
     "projection_x_coordinate",
     "projection_y_coordinate",
+    "sea_surface_temperature",
+    "sea_surface_height_above_geoid",
+    "eastward_sea_water_velocity",
+    "northward_sea_water_velocity",
 }
+MODIFIERS = {"standard_error"}
 _SINCE = re.compile(r"^\w+ since \d")
 
 
@@ -75,8 +82,10 @@ def cf_problems(path) -> list[str]:
             if not is_char and "units" not in attrs:
                 problems.append(f"{where} has no units")
             std = getattr(var, "standard_name", None)
-            if std is not None and std not in STANDARD_NAMES:
-                problems.append(f"{where}: unknown standard_name {std!r}")
+            if std is not None:
+                std, *modifier = str(std).split()
+                if std not in STANDARD_NAMES or not set(modifier) <= MODIFIERS:
+                    problems.append(f"{where}: unknown standard_name {std!r}")
             if std == "time" and not _SINCE.match(str(getattr(var, "units", ""))):
                 problems.append(f"{where}: standard_name time without a date")
             axis = getattr(var, "axis", None)
@@ -136,7 +145,12 @@ def outputs(tmp_path_factory):
     )
     files["observations"] = dio.write_netcdf(
         observations_to_dataset(
-            obs, units="K", length_units="m", time_units="s", reference="2000-01-01"
+            obs,
+            units="K",
+            length_units="m",
+            time_units="s",
+            reference="2000-01-01",
+            standard_name="sea_surface_temperature",
         ),
         root / "obs.nc",
     )
@@ -163,18 +177,53 @@ def outputs(tmp_path_factory):
     files["analysis"] = dio.write_netcdf(ds, root / "analysis.nc")
     run_batch([Case("one", 1)], lambda case: ds, root / "batch")
     files["batch case"] = root / "batch" / "one.nc"
+    files["shallow water analysis"] = dio.write_netcdf(
+        output_dataset(run(validate_config(shallow_water_config()))),
+        root / "sw.nc",
+    )
     return files
 
 
+def shallow_water_config(**names):
+    """A tiny shallow-water twin whose fields carry CF standard names."""
+    cfg = tomllib.loads(init_config("shallow_water"))
+    del cfg["batch"]
+    cfg["model"]["standard_names"] = {
+        "eta": "sea_surface_height_above_geoid",
+        "u": "eastward_sea_water_velocity",
+        "v": "northward_sea_water_velocity",
+        **names,
+    }
+    cfg["model"]["grid"]["shape"] = [8]
+    cfg["time"]["n_steps"] = 2
+    cfg["twin"].update(obs_every=1, n_sensors=3)
+    cfg["solver"]["max_iterations"] = 1
+    return cfg
+
+
 @pytest.mark.parametrize(
-    "kind", ["observations", "trajectory", "analysis", "batch case"]
+    "kind",
+    [
+        "observations",
+        "trajectory",
+        "analysis",
+        "batch case",
+        "shallow water analysis",
+    ],
 )
 def test_outputs_are_cf_clean(outputs, kind):
     assert cf_problems(outputs[kind]) == []
 
 
 @pytest.mark.parametrize(
-    "kind", ["observations", "trajectory", "analysis", "batch case"]
+    "kind",
+    [
+        "observations",
+        "trajectory",
+        "analysis",
+        "batch case",
+        "shallow water analysis",
+    ],
 )
 def test_cf_checker_reports_no_error(outputs, kind):
     report = cfchecks(outputs[kind])
@@ -210,3 +259,67 @@ def test_the_checker_catches_what_it_checks(tmp_path):
     assert "`time`: standard_name time without a date" in problems
     assert "`v` has no units" in problems
     assert "station data without featureType = timeSeries" in problems
+
+
+def test_standard_names_written_where_they_hold(outputs):
+    """The configured names go on the states and the observations of their field,
+    with `standard_error` on the posterior std, and nowhere else."""
+    with netCDF4.Dataset(outputs["shallow water analysis"]) as nc:
+        std = {
+            name: var.standard_name
+            for name, var in nc.variables.items()
+            if "standard_name" in var.ncattrs()
+        }
+        assert nc["analysis_eta"].units == "m"
+        assert nc["analysis_u"].units == "m s-1"
+        # RMSE scores per field in its units; the pooled one (m with m s-1) is
+        # not written
+        assert nc["rmse_final_analysis_eta"].units == "m"
+        assert nc["rmse_final_analysis_v"].units == "m s-1"
+        assert "rmse_final_analysis" not in nc.variables
+    for prefix in ("analysis", "background", "analysis_final", "truth_final"):
+        assert std[f"{prefix}_eta"] == "sea_surface_height_above_geoid"
+        assert std[f"{prefix}_u"] == "eastward_sea_water_velocity"
+        assert std[f"{prefix}_v"] == "northward_sea_water_velocity"
+    assert std["analysis_std_eta"] == "sea_surface_height_above_geoid standard_error"
+    assert std["obs"] == "sea_surface_height_above_geoid"  # twin field = eta
+    assert not any(k.startswith(("increment", "obs_minus")) for k in std)
+    with netCDF4.Dataset(outputs["analysis"]) as nc:  # none configured: none written
+        assert not [
+            n
+            for n, v in nc.variables.items()
+            if "standard_name" in v.ncattrs() and n not in ("time", "x")
+        ]
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        ({"u": "sea_surface_height_above_geoid"}, "cannot be the units of CF"),
+        ({"eta": "Sea Surface Height"}, "must be a CF standard name"),
+        ({"w": "eastward_sea_water_velocity"}, r"unknown field\(s\) \['w'\]"),
+    ],
+)
+def test_standard_name_config_errors(names, message):
+    with pytest.raises(ValueError, match=message):
+        validate_config(shallow_water_config(**names))
+
+
+def test_standard_name_string_for_a_multi_field_state():
+    cfg = shallow_water_config()
+    cfg["model"]["standard_names"] = "sea_surface_height_above_geoid"
+    with pytest.raises(ValueError, match="give a table"):
+        validate_config(cfg)
+
+
+def test_standard_name_checked_by_the_writer():
+    obs = Observations(
+        times=jnp.asarray([0.1]),
+        values=jnp.asarray([[1.0]]),
+        positions=jnp.asarray([0.2]),
+        sigma=0.1,
+    )
+    with pytest.raises(ValueError, match="canonical units 'K'"):
+        observations_to_dataset(obs, units="m", standard_name="sea_surface_temperature")
+    with pytest.raises(ValueError, match="no units"):
+        observations_to_dataset(obs, standard_name="sea_surface_temperature")

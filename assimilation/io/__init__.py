@@ -69,12 +69,14 @@ from ._names import (
     ITERATION_DIM as ITERATION_DIM,
     PARAMETER_DIM as PARAMETER_DIM,
     SIGMA_NAME as SIGMA_NAME,
+    STANDARD_NAME_UNITS as STANDARD_NAME_UNITS,
     STATION_DIM as STATION_DIM,
 )
 from ._readers import open_dataset as open_dataset
 from ._stations import read_observations as read_observations
 from ._time import model_times as model_times
 from ._units import (
+    check_standard_name as check_standard_name,
     convert_units as convert_units,
     time_unit_seconds as time_unit_seconds,
     unit_conversion as unit_conversion,

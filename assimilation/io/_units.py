@@ -175,3 +175,43 @@ def _checked_units(da: xr.DataArray, name: str, model_units: str | None) -> str 
             )
         return model_units
     return str(got)
+
+
+_STANDARD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def check_standard_name(name: str, units: str | None, *, variable: str) -> str:
+    """``name`` if it can be the CF ``standard_name`` of data in ``units``.
+
+    The name must be well formed (lower case, digits, underscores). For the
+    names in :data:`STANDARD_NAME_UNITS` the units must be of the same quantity as
+    the canonical units of the CF table (``sea_surface_height_above_geoid`` is a
+    length, ``eastward_sea_water_velocity`` a speed).
+
+    Raises:
+        UnitsError: a malformed name, no units, or units of another quantity.
+    """
+    from ._names import STANDARD_NAME_UNITS
+
+    if not isinstance(name, str) or not _STANDARD_NAME.match(name):
+        raise UnitsError(
+            f"`{variable}` standard name must be a CF standard name (lower case "
+            f"letters, digits and underscores, e.g. 'sea_surface_temperature'), got "
+            f"{name!r}."
+        )
+    if units is None:
+        raise UnitsError(
+            f"`{variable}` has standard name {name!r} but no units; CF requires the "
+            "units of a standard-named variable. Set the model's units."
+        )
+    canonical = STANDARD_NAME_UNITS.get(name)
+    if canonical is not None:
+        try:
+            unit_conversion(units, canonical, variable=variable)
+        except UnitsError:
+            raise UnitsError(
+                f"`{variable}` has units {units!r}, which cannot be the units of CF "
+                f"standard name {name!r} (canonical units {canonical!r}). Give the "
+                "standard name of the quantity the field holds, or none."
+            ) from None
+    return name

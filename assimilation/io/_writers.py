@@ -19,9 +19,15 @@ from .._observation import Observations
 from ._errors import (
     UnitsError,
 )
-from ._names import ITERATION_DIM, PARAMETER_DIM, SIGMA_NAME, STATION_DIM
+from ._names import (
+    ITERATION_DIM,
+    PARAMETER_DIM,
+    SIGMA_NAME,
+    STANDARD_ERROR,
+    STATION_DIM,
+)
 from ._time import _reference_date
-from ._units import time_unit_seconds
+from ._units import check_standard_name, time_unit_seconds
 
 
 logger = logging.getLogger(__name__)
@@ -38,11 +44,14 @@ def observations_to_dataset(
     reference=None,
     calendar: str = "standard",
     attrs: Mapping[str, Any] | None = None,
+    standard_name: str | None = None,
 ) -> xr.Dataset:
     """Observations as a CF dataset in the layout :func:`read_observations` reads.
 
     With ``reference`` (a date) the times are written CF-encoded as
     ``"<time_units> since <reference>"`` in ``calendar``; otherwise as model time.
+    ``standard_name`` (checked against ``units``, see :func:`check_standard_name`)
+    is the CF standard name of the observed quantity.
     """
     ndim = int(np.shape(obs.positions)[1])
     pos = np.asarray(obs.positions)
@@ -68,6 +77,10 @@ def observations_to_dataset(
         value_attrs["field"] = obs.field
     if units is not None:
         value_attrs["units"] = units
+    if standard_name is not None:
+        value_attrs["standard_name"] = check_standard_name(
+            standard_name, units, variable=variable
+        )
     pos_attrs = {"units": length_units or "1"}
     coords = {
         TIME_DIM: xr.DataArray(t, dims=(TIME_DIM,), attrs=time_attrs),
@@ -108,16 +121,50 @@ def observations_to_dataset(
 
 
 # -- analysis output -------------------------------------------------------------------
-def _state_vars(prefix, state, grid, units, long_name):
-    """One variable per state field: ``prefix`` (single array) or ``prefix_<field>``."""
+def _standard_names(standard_names, units) -> dict[str | None, str]:
+    """Checked ``{field: standard name}`` (``None`` the key of a single field)."""
+    if standard_names is None:
+        return {}
+    if isinstance(standard_names, str):
+        if isinstance(units, Mapping):
+            raise ValueError(
+                "`standard_names` is a string but the state has several fields "
+                f"({sorted(units)}); give a mapping field -> standard name."
+            )
+        return {None: check_standard_name(standard_names, units, variable="analysis")}
+    if not isinstance(units, Mapping) and units is not None:
+        raise ValueError(
+            "`standard_names` is a mapping but the state is a single field; give "
+            f"one standard name, got {dict(standard_names)!r}."
+        )
+    return {
+        field: check_standard_name(
+            name, (units or {}).get(field), variable=f"analysis_{field}"
+        )
+        for field, name in standard_names.items()
+    }
+
+
+def _state_vars(
+    prefix, state, grid, units, long_name, standard_names=None, *, modifier=None
+):
+    """One variable per state field: ``prefix`` (single array) or ``prefix_<field>``.
+
+    ``standard_names`` (from :func:`_standard_names`) gives the CF standard name of
+    a field, written with ``modifier`` (``"standard_error"``) when given.
+    """
     from dphys.io import to_dataset
 
     ds = to_dataset(state, grid, name=prefix, units=units)
     out = {}
     for name in ds.data_vars:
-        new = name if name == prefix else f"{prefix}_{name}"
+        field = None if name == prefix else name
+        new = name if field is None else f"{prefix}_{name}"
         da = ds[name].drop_vars(list(ds[name].coords))
-        da.attrs["long_name"] = long_name + ("" if name == prefix else f" ({name})")
+        da.attrs["long_name"] = long_name + ("" if field is None else f" ({name})")
+        std = (standard_names or {}).get(field)
+        if std is not None:
+            da.attrs["standard_name"] = std if modifier is None else f"{std} {modifier}"
         out[new] = da
     return out
 
@@ -170,6 +217,7 @@ def analysis_to_dataset(
     scores: Mapping[str, Any] | None = None,
     attrs: Mapping[str, Any] | None = None,
     parameter_units: Mapping[str, str] | None = None,
+    standard_names: str | Mapping[str, str] | None = None,
 ) -> xr.Dataset:
     r"""An :class:`assimilation.Analysis` as a CF-1.8 dataset.
 
@@ -191,16 +239,32 @@ def analysis_to_dataset(
       ``station_x`` (``station_y``), and the residuals ``obs_minus_background`` and
       ``obs_minus_analysis`` (NaN where missing).
 
+    With ``standard_names`` (one CF standard name, or ``{field: name}`` for a
+    multi-field state, e.g. ``{"eta": "sea_surface_height_above_geoid", "u":
+    "eastward_sea_water_velocity", "v": "northward_sea_water_velocity"}``) the
+    states (analysis, background, forecasts, truth) and the observations of a
+    named field carry ``standard_name``; ``analysis_std`` carries it with the CF
+    modifier ``standard_error``. Increments and residuals carry none (CF has no
+    name for a difference of two states). Each name is checked against the
+    field's units (:func:`check_standard_name`); without ``standard_names`` no
+    state carries one (dphys does not guess what a field is).
+
     Global attributes: the grid (as :func:`dphys.io.grid_attrs`), the method,
     termination reason and message, costs, twin scores, and whatever ``attrs``
     holds (the CLI adds ``history``, ``source`` and the full configuration).
     """
     from dphys.io import grid_attrs, grid_coords
 
+    names = _standard_names(standard_names, units)
     data: dict[str, xr.DataArray] = {}
     data.update(
         _state_vars(
-            "analysis", analysis.initial_state, grid, units, "analysis initial state"
+            "analysis",
+            analysis.initial_state,
+            grid,
+            units,
+            "analysis initial state",
+            names,
         )
     )
     data.update(
@@ -210,6 +274,7 @@ def analysis_to_dataset(
             grid,
             units,
             "background initial state",
+            names,
         )
     )
     if "initial_state" in analysis.increments:
@@ -230,6 +295,8 @@ def analysis_to_dataset(
                 grid,
                 units,
                 "posterior standard deviation of the initial state",
+                names,
+                modifier=STANDARD_ERROR,
             )
         )
     data.update(
@@ -239,6 +306,7 @@ def analysis_to_dataset(
             grid,
             units,
             "forecast from the analysis at the window end",
+            names,
         )
     )
     data.update(
@@ -248,11 +316,14 @@ def analysis_to_dataset(
             grid,
             units,
             "forecast from the background at the window end",
+            names,
         )
     )
     if truth is not None:
         data.update(
-            _state_vars("truth", truth["state0"], grid, units, "true initial state")
+            _state_vars(
+                "truth", truth["state0"], grid, units, "true initial state", names
+            )
         )
         data.update(
             _state_vars(
@@ -261,6 +332,7 @@ def analysis_to_dataset(
                 grid,
                 units,
                 "true state at the window end",
+                names,
             )
         )
 
@@ -411,6 +483,7 @@ def analysis_to_dataset(
         units.get(getattr(obs, "field", None)) if isinstance(units, Mapping) else units
     )
     value_attrs = {"units": obs_units} if obs_units is not None else {}
+    obs_name = names.get(getattr(obs, "field", None))
     for key, values, long_name in (
         ("obs", obs.values, "observed values (NaN: missing)"),
         (
@@ -429,6 +502,8 @@ def analysis_to_dataset(
             dims=(TIME_DIM, STATION_DIM),
             attrs={"long_name": long_name, **value_attrs},
         )
+        if key == "obs" and obs_name is not None:
+            data[key].attrs["standard_name"] = obs_name
     data["sigma"] = xr.DataArray(
         np.asarray(obs.sigma),
         dims=(STATION_DIM,),
@@ -495,11 +570,15 @@ def analysis_to_dataset(
                 else:
                     score(f"{key}_{name}", v, f"{key.replace('_', ' ')} of {name}")
         else:
+            u = state_units if key.startswith("rmse") else "1"
+            if key.startswith("rmse") and isinstance(units, Mapping):
+                u = units.get(key.rsplit("_", 1)[-1])
+                if u is None:
+                    # pooled over fields of different units: no CF units exist;
+                    # the per-field scores (`rmse_..._<field>`) are written
+                    continue
             score(
-                key,
-                value,
-                key.replace("_", " ").replace("rmse", "RMSE vs truth,"),
-                state_units if key.startswith("rmse") else "1",
+                key, value, key.replace("_", " ").replace("rmse", "RMSE vs truth,"), u
             )
     gattrs["dphys_scores"] = " ".join(score_names)
     if attrs:

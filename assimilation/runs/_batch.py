@@ -26,8 +26,13 @@ and writes ``<out_dir>/<case.name>.nc``:
 The JAX persistent compilation cache (:func:`enable_compilation_cache`) is switched
 on in every worker, so workers and reruns do not compile the same programs again.
 
-GPUs: run one worker per device, each seeing only its device and taking a fraction
-of its memory, e.g. for two GPUs start the scheduler and the workers yourself::
+GPUs: run one worker process per device, each seeing only its device
+(``CUDA_VISIBLE_DEVICES``) and taking a fraction of its memory
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``; JAX preallocates 75% by default).
+``run_batch(..., devices=["0", "1"], memory_fraction=0.9)`` (``[batch] devices``,
+``memory_fraction``) starts such a local cluster: one worker process per entry,
+its environment set before JAX starts in it. On several machines, start the
+scheduler and the workers yourself::
 
     dask scheduler --port 8786 &
     CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
@@ -409,6 +414,8 @@ def run_batch(
     processes: bool = True,
     compilation_cache: bool = True,
     progress: Callable[[CaseResult, int, int], None] | None = None,
+    devices: Sequence[str | int] | None = None,
+    memory_fraction: float | None = None,
 ) -> BatchReport:
     """Run ``fn`` on every case and write ``<out_dir>/<name>.nc`` atomically.
 
@@ -434,6 +441,11 @@ def run_batch(
         compilation_cache: switch on JAX's persistent compilation cache in every
             worker (:func:`enable_compilation_cache`).
         progress: called as ``progress(result, n_finished, n_total)`` after each case.
+        devices: accelerators to run on, one local worker process per entry (a
+            CUDA device index or UUID), started with ``CUDA_VISIBLE_DEVICES`` set to
+            it; ``workers``, if given, must equal ``len(devices)``.
+        memory_fraction: with ``devices``, ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of
+            every worker, in (0, 1] (default: JAX's, 0.75).
 
     Returns:
         A :class:`BatchReport`; ``manifest.json`` in ``out_dir`` holds the same.
@@ -450,6 +462,11 @@ def run_batch(
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
     ):
         raise ValueError(f"`workers` must be a positive integer, got {workers!r}.")
+    worker_env = _device_env(
+        devices, memory_fraction, workers, processes, client, scheduler
+    )
+    if worker_env is not None:
+        workers = len(worker_env)
     keys = {c.name: case_key(c) for c in cases}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -468,6 +485,7 @@ def run_batch(
             processes=processes,
             cache=compilation_cache,
             progress=progress,
+            worker_env=worker_env,
         )
 
 
@@ -485,6 +503,7 @@ def _run_locked(
     processes,
     cache,
     progress,
+    worker_env=None,
 ):
     records = _read_manifest(out)
     results: dict[str, CaseResult] = {}
@@ -555,6 +574,7 @@ def _run_locked(
             scheduler=scheduler,
             processes=processes,
             cache=cache,
+            worker_env=worker_env,
         )
     _write_manifest(out, records)
 
@@ -583,6 +603,7 @@ def _run_dask(
     scheduler,
     processes,
     cache,
+    worker_env=None,
 ):
     try:
         from dask.distributed import Client, LocalCluster, as_completed
@@ -594,7 +615,11 @@ def _run_dask(
     owned = []
     try:
         if client is None:
-            if workers is not None:
+            if worker_env is not None:
+                cluster = _device_cluster(worker_env)
+                owned.append(cluster)
+                client = Client(cluster)
+            elif workers is not None:
                 cluster = LocalCluster(
                     n_workers=workers,
                     threads_per_worker=1,
@@ -631,6 +656,74 @@ def _run_dask(
     finally:
         for obj in owned:
             obj.close()
+
+
+DEVICE_ENV = "CUDA_VISIBLE_DEVICES"
+MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def _device_env(devices, memory_fraction, workers, processes, client, scheduler):
+    """The environment of each worker of a ``devices`` batch (None without one)."""
+    if devices is None:
+        if memory_fraction is not None:
+            raise ValueError(
+                "`memory_fraction` applies to the workers of `devices`; give "
+                "`devices` too (or set XLA_PYTHON_CLIENT_MEM_FRACTION yourself)."
+            )
+        return None
+    if isinstance(devices, (str, int)) or not devices:
+        raise ValueError(
+            f"`devices` must be a non-empty list of device indices or UUIDs, e.g. "
+            f'["0", "1"], got {devices!r}.'
+        )
+    names = [str(d).strip() for d in devices]
+    if any(not n or "," in n for n in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"`devices` must name distinct single devices (one worker each), got "
+            f"{list(devices)!r}."
+        )
+    if client is not None or scheduler is not None:
+        raise ValueError(
+            "`devices` starts its own local workers; it cannot be combined with "
+            "`client` or `scheduler` (set CUDA_VISIBLE_DEVICES on those workers)."
+        )
+    if not processes:
+        raise ValueError(
+            "`devices` needs worker processes (each sees only its device); got "
+            "processes=False."
+        )
+    if workers is not None and workers != len(names):
+        raise ValueError(
+            f"`workers` ({workers}) must equal the number of `devices` "
+            f"({len(names)}): one worker per device."
+        )
+    env = {}
+    if memory_fraction is not None:
+        f = float(memory_fraction)
+        if not 0.0 < f <= 1.0:
+            raise ValueError(
+                f"`memory_fraction` must lie in (0, 1], got {memory_fraction!r}."
+            )
+        env[MEMORY_FRACTION_ENV] = repr(f)
+    return [{DEVICE_ENV: n, **env} for n in names]
+
+
+def _device_cluster(worker_env):
+    """A local cluster of one single-threaded worker process per environment."""
+    from dask.distributed import Nanny, Scheduler, SpecCluster
+
+    return SpecCluster(
+        scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+        workers={
+            f"device-{env[DEVICE_ENV]}": {
+                "cls": Nanny,
+                # the Nanny sets `env` before the worker process starts, so JAX
+                # initialises its backend with only this device visible
+                "options": {"nthreads": 1, "env": env},
+            }
+            for env in worker_env
+        },
+    )
 
 
 def split_windows(start: float, end: float, length: float) -> list[tuple[float, float]]:

@@ -85,6 +85,18 @@ def state_units(model: dict):
     return out or None
 
 
+def figure_labels(model: dict, obs) -> dict:
+    """The units keywords of :func:`plot_analysis` for a run of ``model``."""
+    units = state_units(model)
+    fields = units if isinstance(units, dict) else {}
+    return dict(
+        units=fields.get(obs.field) if fields else units,
+        length_units=model["length_units"],
+        time_units=model["time_units"],
+        speed_units=fields.get("u"),
+    )
+
+
 def geometry(model: dict):
     """The :class:`assimilation.io.TangentPlane` of ``model.grid.geographic_origin``
     (or None)."""

@@ -188,7 +188,15 @@ def run_config_case(case: Case) -> xr.Dataset:
     out = run(case.payload["config"])
     figure = case.payload.get("figure")
     if figure:
+        from ._build import figure_labels
         from ._plot import plot_analysis
 
-        plot_analysis(out.analysis, out.setup.grid, out.obs, figure, truth=out.truth)
+        plot_analysis(
+            out.analysis,
+            out.setup.grid,
+            out.obs,
+            figure,
+            truth=out.truth,
+            **figure_labels(out.setup.config["model"], out.obs),
+        )
     return output_dataset(out, case.payload.get("attrs"))

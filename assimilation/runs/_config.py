@@ -233,6 +233,7 @@ def validate_config(config: Mapping[str, Any], *, base_dir=None) -> dict[str, An
                 f"`model.units` has unknown field(s) {extra}; the state fields are "
                 f"{list(fields)}."
             )
+    _check_standard_names(model, fields)
     bg = cfg["background"]
     for key in ("value", "std"):
         if isinstance(bg[key], dict):
@@ -302,3 +303,42 @@ def set_dotted(config: dict, dotted: str, value) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set `{dotted}`: `{part}` is not a table.")
     node[parts[-1]] = value
+
+
+def _check_standard_names(model: dict, fields) -> None:
+    """``model.standard_names``: one per field of the state, each a CF standard
+    name that fits the field's units."""
+    from ..io import UnitsError, check_standard_name
+    from ._build import state_units
+
+    names = model["standard_names"]
+    if names is None:
+        return
+    if isinstance(names, dict):
+        if fields is None:
+            raise ConfigError(
+                f"`model.standard_names` is a table but model {model['name']!r} has "
+                "a single-field state; give a string (e.g. standard_names = "
+                '"sea_surface_temperature").'
+            )
+        extra = sorted(set(names) - set(fields))
+        if extra:
+            raise ConfigError(
+                f"`model.standard_names` has unknown field(s) {extra}; the state "
+                f"fields are {list(fields)}."
+            )
+    elif fields is not None:
+        raise ConfigError(
+            f"`model.standard_names` is a string but model {model['name']!r} has "
+            f"fields {list(fields)}; give a table, e.g. standard_names = {{ eta = "
+            '"sea_surface_height_above_geoid" }.'
+        )
+    units = state_units(model)
+    items = names.items() if isinstance(names, dict) else [(None, names)]
+    for field, name in items:
+        key = "model.standard_names" + ("" if field is None else f".{field}")
+        u = units if field is None else (units or {}).get(field)
+        try:
+            check_standard_name(name, u, variable=key)
+        except UnitsError as err:
+            raise ConfigError(str(err)) from None

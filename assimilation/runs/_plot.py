@@ -2,8 +2,9 @@
 
 :func:`plot_analysis` draws one summary figure: the initial state (truth when known,
 background, analysis with its posterior ±2σ band, sensor positions), the state at
-the end of the window with the observations, the cost convergence and the
-parameter convergence (with the truth and the posterior ±2σ interval).
+the end of the window with the observations, the cost convergence, the
+parameter convergence (with the truth and the posterior ±2σ interval), station
+time series and, for shallow water, the velocity vectors.
 """
 
 from __future__ import annotations
@@ -28,6 +29,78 @@ def _first_field(state, field: str | None = None):
     return np.asarray(jtu.tree_leaves(state)[0])
 
 
+def _centred(face, axis: int, boundary: str):
+    """A C-grid face velocity averaged to cell centres along ``axis``.
+
+    ``face[i]`` sits on the east (north) face of cell ``i``; the west face of
+    cell 0 is the last face on a periodic axis and a wall (zero) otherwise.
+    """
+    face = np.asarray(face, dtype=float)
+    if boundary == "periodic":
+        west = np.roll(face, 1, axis=axis)
+    else:
+        west = np.moveaxis(face, axis, 0)
+        west = np.moveaxis(
+            np.concatenate([np.zeros_like(west[:1]), west[:-1]]), 0, axis
+        )
+    return 0.5 * (face + west)
+
+
+def _station_panel(ax, analysis, obs, *, field, units, time_units, n_stations=3):
+    """Observations and the background/analysis equivalents $H(x(t_k))$ at the
+    ``n_stations`` best-observed sensors (equivalents are $y - (y - Hx)$, so they
+    exist where an observation does)."""
+    y = np.asarray(obs.values, dtype=float)
+    t = np.asarray(obs.times, dtype=float)
+    pos = np.asarray(obs.positions)
+    counts = np.sum(~np.isnan(y), axis=0)
+    chosen = np.argsort(-counts, kind="stable")[: min(n_stations, y.shape[1])]
+    hb = y - np.asarray(analysis.obs_minus_background, dtype=float)
+    ha = y - np.asarray(analysis.obs_minus_analysis, dtype=float)
+    for colour, j in enumerate(chosen):
+        where = ", ".join(f"{p:.3g}" for p in pos[j])
+        c = f"C{colour}"
+        ax.plot(t, y[:, j], "o", color=c, ms=4, label=f"obs, sensor {j} ({where})")
+        ax.plot(t, hb[:, j], "--", color=c, lw=1.0)
+        ax.plot(t, ha[:, j], "-", color=c, lw=1.5)
+    ax.plot([], [], "k--", lw=1.0, label="background")
+    ax.plot([], [], "k-", lw=1.5, label="analysis")
+    ax.set_xlabel(f"time [{time_units}]" if time_units else "time")
+    name = field or "state"
+    ax.set_ylabel(f"{name} [{units}]" if units else name)
+    ax.set_title("station time series")
+    ax.legend(fontsize=7)
+
+
+def _vector_panel(ax, state, grid, *, xlabel, ylabel, speed_units, max_arrows=16):
+    """Quiver of the analysed velocity $(u, v)$ at cell centres, at most
+    ``max_arrows`` arrows per axis."""
+    axis_x = grid.ndim - 1
+    u = _centred(state.u, axis_x, grid.boundary[axis_x])
+    v = np.asarray(state.v, dtype=float)
+    if grid.ndim == 2:
+        v = _centred(v, 0, grid.boundary[0])
+        ys, xs = grid.axis_coords(0), grid.axis_coords(1)
+    else:
+        # 1D: v is the along-channel-invariant cross velocity, at the centres
+        ys, xs = np.zeros(1), grid.axis_coords(0)
+        u, v = u[None], v[None]
+    sy = max(1, -(-len(ys) // max_arrows))
+    sx = max(1, -(-len(xs) // max_arrows))
+    X, Y = np.meshgrid(xs[::sx], ys[::sy])
+    U, V = u[::sy, ::sx], v[::sy, ::sx]
+    q = ax.quiver(X, Y, U, V, np.hypot(U, V), cmap="viridis")
+    ax.figure.colorbar(
+        q,
+        ax=ax,
+        shrink=0.8,
+        label=f"speed [{speed_units}]" if speed_units else "speed",
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel if grid.ndim == 2 else "")
+    ax.set_title("analysis velocity (u, v), window start")
+
+
 def _savefig(fig, path) -> pathlib.Path:
     path = pathlib.Path(path)
     with atomic_write(path) as tmp:
@@ -45,13 +118,18 @@ def plot_analysis(
     title: str | None = None,
     units: str | None = None,
     length_units: str | None = None,
+    time_units: str | None = None,
+    speed_units: str | None = None,
 ):
     """The summary figure of ``analysis``: a :class:`matplotlib.figure.Figure`.
 
     Panels: the state at the window start (truth when known, background, analysis
     with its posterior ±2σ band, sensor positions) and at the window end with the
     last observations, the cost convergence and the first parameter's convergence
-    (with the truth and the posterior ±2σ interval). Axes are labelled
+    (with the truth and the posterior ±2σ interval), the station time series of
+    the three best-observed sensors (observations, background and analysis
+    equivalents) and, for a state with velocities ``u`` and ``v`` (shallow
+    water), a quiver of the analysed velocity at cell centres. Axes are labelled
     ``name [units]``.
 
     Args:
@@ -64,6 +142,8 @@ def plot_analysis(
         title: the figure title (default: the analysis message).
         units: units of the observed field (axis labels).
         length_units: units of positions (axis labels).
+        time_units: units of model time (axis labels).
+        speed_units: units of velocities (the quiver's colour bar).
 
     Returns:
         The figure (built without pyplot: nothing to close, safe in threads).
@@ -77,9 +157,34 @@ def plot_analysis(
     ylabel_pos = axis_label("y", length_units)
     field = getattr(obs, "field", None)
     params = list(analysis.parameters)
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
-    axes = fig.subplots(2, 2)
-    (ax_x0, ax_x1), (ax_cost, ax_par) = axes
+    state = analysis.initial_state
+    vectors = hasattr(state, "u") and hasattr(state, "v")
+    fig = Figure(figsize=(11, 10.5), layout="constrained")
+    axes = fig.subplot_mosaic(
+        [
+            ["x0", "x1"],
+            ["cost", "par"],
+            ["stations", "vectors" if vectors else "stations"],
+        ]
+    )
+    ax_x0, ax_x1, ax_cost, ax_par = (axes[k] for k in ("x0", "x1", "cost", "par"))
+    _station_panel(
+        axes["stations"],
+        analysis,
+        obs,
+        field=field,
+        units=units,
+        time_units=time_units,
+    )
+    if vectors:
+        _vector_panel(
+            axes["vectors"],
+            state,
+            grid,
+            xlabel=xlabel,
+            ylabel=ylabel_pos,
+            speed_units=speed_units,
+        )
     pos = np.asarray(obs.positions)
     truth = truth or {}
     states0 = [

@@ -32,6 +32,11 @@ HELP: dict[str, str] = {
     "model.units": "CF units of the state (data are converted to them); for "
     "shallow water a table per field, default eta in `length_units` and u, v in "
     "`length_units time_units-1`",
+    "model.standard_names": "CF standard name written on the state variables of "
+    "the outputs (a string, or a table per field for shallow water, e.g. eta = "
+    '"sea_surface_height_above_geoid", u = "eastward_sea_water_velocity", v = '
+    '"northward_sea_water_velocity" when x is east); checked against the units; '
+    "default: none (dphys does not guess what a field is)",
     "model.length_units": 'units of lengths and positions (e.g. "m", "km")',
     "model.time_units": 'units of model time (e.g. "s", "h", "days")',
     "model.grid.shape": "points per axis, each >= 3",
@@ -101,6 +106,10 @@ HELP: dict[str, str] = {
     "batch.keep_going": "record failing cases and run the others",
     "batch.workers": "local Dask worker processes (default: serial)",
     "batch.scheduler": "address of a running Dask scheduler",
+    "batch.devices": "GPUs: one local worker process per listed device, started "
+    "with CUDA_VISIBLE_DEVICES set to it (docs/config.md: GPU batches)",
+    "batch.memory_fraction": "with devices: XLA_PYTHON_CLIENT_MEM_FRACTION of every "
+    "worker (default: JAX's 0.75)",
     "batch.out_dir": "output folder, one <case>.nc per case; relative to this file",
 }
 
@@ -211,6 +220,42 @@ def config_reference() -> str:
             for m, f in STATE_FIELDS.items()
         )
         + ".",
+        "",
+        "## GPU batches",
+        "",
+        "JAX takes the first GPU it sees and preallocates 75% of its memory, so "
+        "several workers on one machine must each see only their own device. Run "
+        "one worker process per device:",
+        "",
+        "```toml",
+        "[batch]",
+        "seeds = [0, 1, 2, 3, 4, 5, 6, 7]",
+        "devices = [0, 1]            # one worker process per GPU",
+        "memory_fraction = 0.9       # XLA_PYTHON_CLIENT_MEM_FRACTION per worker",
+        "```",
+        "",
+        "`dphys batch run.toml` then starts a local Dask cluster with one "
+        "single-threaded worker process per entry, started with "
+        "`CUDA_VISIBLE_DEVICES=<entry>` and, when set, "
+        "`XLA_PYTHON_CLIENT_MEM_FRACTION=<memory_fraction>`; cases go to whichever "
+        "worker is free. `--workers` must then be left out or equal the number of "
+        "devices, and `--scheduler` cannot be combined with it. Across machines, "
+        "start the workers yourself with the same variables:",
+        "",
+        "```sh",
+        "dask scheduler --port 8786 &",
+        "CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \\",
+        "    dask worker tcp://HOST:8786 --nworkers 1 --nthreads 1 &",
+        "CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \\",
+        "    dask worker tcp://HOST:8786 --nworkers 1 --nthreads 1 &",
+        "dphys batch run.toml --scheduler tcp://HOST:8786",
+        "```",
+        "",
+        "`XLA_PYTHON_CLIENT_PREALLOCATE=false` instead lets several workers share "
+        "one device, each allocating what it needs (slower, but no worker is "
+        "refused memory another reserved). Cycled windows run serially in the "
+        "`dphys` process (set `CUDA_VISIBLE_DEVICES` for it). Every worker uses "
+        "the persistent compilation cache, so workers compile each program once.",
         "",
     ]
     return "\n".join(out)

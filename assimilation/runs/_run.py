@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._build import RunSetup, build_run, state_units
-from ._schema import ConfigError
+from ._schema import STATE_FIELDS, ConfigError
 
 
 @dataclasses.dataclass
@@ -107,6 +107,21 @@ def run(
         # The dataset records the state RMSEs, each parameter's error (analysis
         # minus truth; its RMS for a field) and the 2-sigma coverage.
         out.scores = {k: v for k, v in scores.items() if k.startswith("rmse_")}
+        fields = STATE_FIELDS[cfg["model"]["name"]]
+        if fields is not None:
+            # the pooled RMSE mixes units (m and m s-1): also one per field
+            pairs = {
+                "initial_background": (analysis.background_state, "state0"),
+                "initial_analysis": (analysis.initial_state, "state0"),
+                "final_background": (analysis.background_final_state, "final"),
+                "final_analysis": (analysis.final_state, "final"),
+            }
+            for which, (state, key) in pairs.items():
+                for field in fields:
+                    d = np.asarray(getattr(state, field)) - np.asarray(
+                        getattr(out.truth[key], field)
+                    )
+                    out.scores[f"rmse_{which}_{field}"] = float(np.sqrt(np.mean(d**2)))
         out.scores["error"] = {
             name: float(e) if np.ndim(e) == 0 else float(np.sqrt(np.mean(e**2)))
             for name, e in scores["parameter_error"].items()
@@ -135,6 +150,7 @@ def output_dataset(out: RunOutput, attrs: Mapping[str, Any] | None = None):
         scores=out.scores,
         attrs=attrs,
         parameter_units=parameter_units(model),
+        standard_names=model["standard_names"],
     )
 
 

@@ -204,6 +204,24 @@ def _finite(v):
     return None if all(np.isfinite(x) for x in vals) else "must be finite"
 
 
+def _device_list(v):
+    ok = (
+        isinstance(v, list)
+        and v != []
+        and all(
+            (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+            or (isinstance(x, str) and x.strip() and "," not in x)
+            for x in v
+        )
+        and len({str(x).strip() for x in v}) == len(v)
+    )
+    return None if ok else "must be a list of distinct device indices, e.g. [0, 1]"
+
+
+def _memory_fraction(v):
+    return None if 0.0 < v <= 1.0 else "must lie in (0, 1]"
+
+
 STEPPERS = ("backward_euler", "crank_nicolson", "bdf2", "imex")
 TRANSFORMS = ("identity", "log", "softplus", "bounded")
 
@@ -220,6 +238,11 @@ SCHEMA = Section(
                     "str_or_table",
                     default=None,
                     help="units of the state, or a table of units per state field",
+                ),
+                "standard_names": Key(
+                    "str_or_table",
+                    default=None,
+                    help="CF standard name of the state, or a table per field",
                 ),
                 "length_units": Key("str", default=None),
                 "time_units": Key("str", default=None),
@@ -346,6 +369,8 @@ SCHEMA = Section(
                 "keep_going": Key("bool", default=False),
                 "workers": Key("int", default=None, check=_at_least(1)),
                 "scheduler": Key("str", default=None),
+                "devices": Key("any", default=None, check=_device_list),
+                "memory_fraction": Key("float", default=None, check=_memory_fraction),
                 "out_dir": Key("str", default="batch"),
             },
             required=False,
