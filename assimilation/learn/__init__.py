@@ -140,7 +140,6 @@ from ._modes import (
     Implicit as Implicit,
     OneStep as OneStep,
     Truncated as Truncated,
-    compiled_memory_mb as compiled_memory_mb,
     gradient_memory as gradient_memory,
     implicit_report as implicit_report,
     neumann_vjp as neumann_vjp,

@@ -29,8 +29,8 @@ iteration loop offers:
   :class:`Truncated` with $k$ iterations gives at the fixed point).
 
 Memory is predicted before a run from XLA's compiled memory analysis
-(:func:`gradient_memory`), and :func:`within_budget` picks the most exact mode that
-fits a budget.
+(:func:`gradient_memory`, with :func:`assimilation.learn.predict_memory`), and
+:func:`within_budget` picks the most exact mode that fits a budget.
 
 References:
     S. Bai, J. Z. Kolter and V. Koltun (2019), "Deep equilibrium models", NeurIPS.
@@ -55,6 +55,8 @@ import jax.tree_util as jtu
 from jax import lax
 
 import dphys
+
+from ._memory import MemoryBudgetError, predict_memory
 
 
 # Codes written into `Implicit.report`'s cotangent (see `Implicit`).
@@ -493,24 +495,14 @@ def contraction_of(step, theta, z, *, n_power: int = 30, key=None):
 # -------------------------------------------------------------------------- memory
 
 
-def compiled_memory_mb(fn, *args) -> float:
-    """Temporary plus output memory (MB) of ``jax.jit(fn)(*args)`` from XLA's
-    compiled memory analysis: no run, only a compilation."""
-    dynamic, static = eqx.partition(args, eqx.is_array)
-    wrapped = lambda d: fn(*eqx.combine(d, static))
-    stats = jax.jit(wrapped).lower(dynamic).compile().memory_analysis()
-    if stats is None:  # backends without the analysis
-        return float("nan")
-    return (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
-
-
 def gradient_memory(assimilator, loss, cost, truth=None) -> float:
-    """Predicted memory (MB) of one gradient of ``loss`` w.r.t. ``assimilator``."""
+    """Predicted memory (MB) of one gradient of ``loss`` w.r.t. ``assimilator`` on
+    one window (:func:`assimilation.learn.predict_memory`: compiled, not run)."""
 
     def grad_fn(a, c, t):
         return eqx.filter_grad(lambda a_: loss(a_, c, truth=t))(a)
 
-    return compiled_memory_mb(grad_fn, assimilator, cost, truth)
+    return predict_memory(grad_fn, assimilator, cost, truth) / 2**20
 
 
 def within_budget(
@@ -531,7 +523,7 @@ def within_budget(
     ``table`` the ``[(mode, mb), ...]`` tried.
 
     Raises:
-        ValueError: if no candidate fits ``budget_mb``.
+        MemoryBudgetError: if no candidate fits ``budget_mb`` (a ``ValueError``).
     """
     if not (isinstance(budget_mb, int | float) and budget_mb > 0):
         raise ValueError(f"`budget_mb` must be a positive number, got {budget_mb!r}.")
@@ -551,7 +543,7 @@ def within_budget(
         if mb <= budget_mb:
             return trial, table
     tried = ", ".join(f"{type(m).__name__}: {mb:.1f} MB" for m, mb in table)
-    raise ValueError(
+    raise MemoryBudgetError(
         f"No gradient mode fits `budget_mb`={budget_mb} MB ({tried}); raise the "
         "budget, use fewer iterations or a smaller batch."
     )

@@ -36,9 +36,10 @@ import numpy as np
 
 import dphys
 
+from .._assimilate import History, _make_analysis
 from .._control import INITIAL_STATE
 from .._cost import FourDVar, _Forced
-from .._assimilate import History, _make_analysis
+from ._windows import mask_cost
 
 
 def _sq(tree):
@@ -185,9 +186,7 @@ def hide_observations(cost, hidden):
     ``(n_sensors,)`` (a sensor hidden at every time). The hidden values drop out of
     the cost exactly as missing values do.
     """
-    values = cost.obs.values
-    hidden = jnp.broadcast_to(jnp.asarray(hidden, bool), values.shape)
-    return eqx.tree_at(lambda c: c.obs.values, cost, jnp.where(hidden, jnp.nan, values))
+    return mask_cost(cost, jnp.asarray(hidden, bool))
 
 
 def observed_values(cost):
