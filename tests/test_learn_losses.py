@@ -25,11 +25,9 @@ def weak_twin():
     return advection_twin(model_error=True)
 
 
-def _assim(cost, K=3):
+def _assim(cost, K=2):
     a = learn.unrolled_gradient(cost, K, step_size=5e-4, momentum=True, key=jr.key(0))
-    return eqx.tree_at(
-        lambda a: a.layers.log_step, a, jnp.log(jnp.array([5e-4, 8e-4, 3e-4]))
-    )
+    return eqx.tree_at(lambda a: a.layers.log_step, a, jnp.log(jnp.array([5e-4, 8e-4])))
 
 
 def _check(loss, assim, cost, **kw):
@@ -44,7 +42,14 @@ def _check(loss, assim, cost, **kw):
 
 
 @pytest.mark.parametrize(
-    "name", ["supervised", "held_out", "analysis_cost", "kkt", "mixed"]
+    "name",
+    [
+        pytest.param("supervised", marks=pytest.mark.slow),
+        pytest.param("held_out", marks=pytest.mark.slow),
+        "analysis_cost",
+        pytest.param("kkt", marks=pytest.mark.slow),
+        "mixed",  # supervised + held-out sensors + KKT residual
+    ],
 )
 def test_loss_taylor(twin, name):
     cost, truth = twin
@@ -83,6 +88,7 @@ def test_physics_residual_taylor_and_meaning(weak_twin, twin):
     assert float(loss.evaluate(r, strong, None)) < 1e-24
 
 
+@pytest.mark.slow
 def test_supervised_parameters():
     cost, truth = advection_twin()
     import assimilation as da

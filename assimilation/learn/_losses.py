@@ -34,6 +34,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 
 from . import _problem as P
+from ._windows import sensor_splits
 
 
 def _mean_sq(tree):
@@ -147,15 +148,11 @@ class HeldOutSensors(AbstractLoss):
             )
 
     def masks(self, cost, key):
-        """``(n_splits, n_sensors)`` booleans: True for the hidden sensors."""
-        n = cost.obs.n_sensors
-        m = min(max(1, round(self.fraction * n)), n - 1)
-
-        def one(k):
-            ranks = jnp.argsort(jr.uniform(k, (n,)))
-            return ranks < m
-
-        return jax.vmap(one)(jr.split(key, self.n_splits))
+        """``(n_splits, n_sensors)`` booleans: True for the hidden sensors
+        (:func:`assimilation.learn.sensor_splits`)."""
+        return sensor_splits(
+            cost.obs.n_sensors, fraction=self.fraction, key=key, n_splits=self.n_splits
+        )
 
     def __call__(self, assimilator, cost, *, truth=None, key=None):
         if key is None:

@@ -94,10 +94,15 @@ class Evaluation(eqx.Module):
         return {"background": self.background, "observations": self.observations}
 
 
-def evaluate(cost, v) -> Evaluation:
-    """Terms and gradients of the cost at ``v``: one forward and one adjoint sweep."""
+def evaluate(cost, v, residual_map=None) -> Evaluation:
+    """Terms and gradients of the cost at ``v``: one forward and one adjoint sweep.
+
+    With ``residual_map`` (a map on ``(n_times, n_sensors)`` arrays), the adjoint
+    sweep is applied to ``residual_map(r)`` instead of ``r``: the gradient of the
+    observation term preconditioned in observation space, $J_o^\top C r$.
+    """
     r, vjp_fn = jax.vjp(cost.obs_residual, v)
-    (g_o,) = vjp_fn(r)
+    (g_o,) = vjp_fn(r if residual_map is None else residual_map(r))
     return Evaluation(
         background=0.5 * _sq(v),
         observations=0.5 * jnp.sum(jnp.square(r)),

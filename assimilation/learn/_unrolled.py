@@ -175,15 +175,16 @@ class Objective(eqx.Module):
         """The cost's whitened control of the objective's ``v``."""
         return v if self.prior is None else self.prior.transform(self.cost, v)
 
-    def evaluate(self, v, weight=1.0) -> Point:
-        """Value and gradient: one forward and one adjoint sweep."""
+    def evaluate(self, v, weight=1.0, residual_map=None) -> Point:
+        """Value and gradient: one forward and one adjoint sweep (the adjoint of
+        ``residual_map(r)`` when given, see :func:`_problem.evaluate`)."""
         if self.prior is None:
-            ev = P.evaluate(self.cost, v)
+            ev = P.evaluate(self.cost, v, residual_map)
             g_o, jo, r = ev.grad_observations, ev.observations, ev.residual
             e, g_e = jnp.zeros_like(jo), None
         else:
             u, vjp_s = jax.vjp(lambda w: self.prior.transform(self.cost, w), v)
-            ev = P.evaluate(self.cost, u)
+            ev = P.evaluate(self.cost, u, residual_map)
             (g_o,) = vjp_s(ev.grad_observations)
             jo, r = ev.observations, ev.residual
             e, g_e = jax.value_and_grad(lambda w: self.prior.energy(self.cost, w))(v)
@@ -298,12 +299,21 @@ class GradientStep(AbstractLayer):
             $d_x = g_x + \mathrm{rms}(g_x)\,N(\cdot)$.
         step_net: a :class:`ScalarMLP` from $(\log J_b, \log J_o, \log\|g\|^2)$ to
             a log-multiplier of $\alpha_k$, or ``None``.
+        gain: a learned observation-space preconditioner $C_k$, an
+            ``(n_obs, n_obs)`` matrix over the flattened ``(n_times, n_sensors)``
+            residuals, or ``None``: the observation part of the direction becomes
+            $J_o^\top C_k r$ (same two sweeps). For a fixed sensor network and a
+            linear model, one step from the background with $C =
+            (I + J_oJ_o^\top)^{-1}$ and $\alpha = 1$ is the exact analysis
+            $J_o^\top(I + J_oJ_o^\top)^{-1}d$ (the dual, observation-space form of
+            4D-Var), so $C_k$ learns what the iterations cannot reach.
     """
 
     log_step: jax.Array
     momentum: jax.Array | None = None
     modulator: GridCNN | None = None
     step_net: ScalarMLP | None = None
+    gain: jax.Array | None = None
 
     @property
     def sweeps(self) -> int:
@@ -321,7 +331,13 @@ class GradientStep(AbstractLayer):
         else:
             beta = jax.nn.sigmoid(self.momentum)
             y = _axpy(beta, _sub(v, carry["prev"]), v)
-        point = objective.evaluate(y, weight)
+        if self.gain is None:
+            point = objective.evaluate(y, weight)
+        else:
+            gain = self.gain
+            point = objective.evaluate(
+                y, weight, lambda r: (gain @ r.reshape(-1)).reshape(r.shape)
+            )
         d = point.grad
         if self.modulator is not None:
             feats, g = _grid_features(objective, y, point)
@@ -719,6 +735,7 @@ def unrolled_gradient(
     momentum: bool = False,
     modulator: bool = False,
     step_net: bool = False,
+    obs_gain: bool = False,
     continuation: LearnedContinuation | None = None,
     tied: bool = False,
     width: int = 16,
@@ -730,8 +747,9 @@ def unrolled_gradient(
 
     Starts (before training) as gradient descent with step ``step_size`` on the
     whitened control (FISTA's momentum schedule $\beta_k = (t_k - 1)/t_{k+1}$ with
-    ``momentum``; zero networks with ``modulator``/``step_net``), so training starts
-    from a classical method. ``cost`` gives the grid and the number of state fields
+    ``momentum``; zero networks with ``modulator``/``step_net``; the identity
+    observation-space gain with ``obs_gain``), so training starts from a classical
+    method. ``cost`` gives the grid and the number of state fields
     for the networks (any window of the problem).
     """
     step_size = float(step_size)
@@ -741,6 +759,7 @@ def unrolled_gradient(
     dtype = jnp.result_type(float)
     n_f = _n_fields(cost)
     grid = P.grid_of(cost)
+    n_obs = cost.obs.n_times * cost.obs.n_sensors
     beta0 = _fista_momentum(n_iterations)
 
     def make(k_and_beta):
@@ -755,6 +774,7 @@ def unrolled_gradient(
                 else None
             ),
             step_net=ScalarMLP(3, 1, width=width, key=k2) if step_net else None,
+            gain=jnp.eye(n_obs, dtype=dtype) if obs_gain else None,
         )
 
     keys = jr.split(key, n_iterations)
