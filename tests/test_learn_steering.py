@@ -12,7 +12,7 @@ from assimilation import learn
 
 @pytest.fixture(scope="module")
 def converged():
-    cost, truth = advection_twin()
+    cost, truth = advection_twin(diagonal_b=True)  # posterior: see advection_twin
     analysis = da.assimilate(cost, da.GaussNewton(gtol=1e-12), uncertainty=True)
     return cost, analysis
 

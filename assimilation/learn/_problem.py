@@ -38,7 +38,8 @@ import dphys
 
 from .._assimilate import History, _make_analysis
 from .._control import INITIAL_STATE
-from .._cost import FourDVar, _Forced
+from .._cost import FourDVar
+from .._stopping import StoppingRule
 from ._windows import mask_cost
 
 
@@ -236,79 +237,46 @@ def trajectory(cost, v):
     """The states at every model step of the window from control ``v``.
 
     Returns a state pytree with a leading axis of length ``n_steps + 1`` (the
-    initial state first). With model error the forced model of each sub-window is
-    run, as in the cost.
+    initial state first). With model error the forced model of each sub-window
+    (``cost.window_models``, :class:`dphys.Augmented`) is run, as in the cost.
     """
-    model = cost.model_at(v)
-    x0 = cost.initial_state(v)
-    forcings = cost.forcings(v)
-
-    def run(m, x, n, t0):
-        return dphys.simulate(
-            m,
+    models = cost.window_models(v)
+    state = cost.initial_state(v)
+    m = cost.n_steps // len(models)
+    parts = []
+    for j, model in enumerate(models):
+        ys = dphys.simulate(
+            model,
             cost.stepper,
-            x,
+            state,
             dt=cost.dt,
-            n_steps=n,
-            t0=t0,
+            n_steps=m,
+            t0=cost.t0 + j * m * cost.dt,
             saveat=dphys.SaveAt(t0=True, every=1),
             adjoint=cost.adjoint,
             throw=cost.throw,
         ).ys
-
-    if forcings is None:
-        return run(model, x0, cost.n_steps, cost.t0)
-    n_win = cost.control.model_error.n_windows
-    m = cost.n_steps // n_win
-    parts, state = [], x0
-    for j in range(n_win):
-        forced = _Forced(model, jtu.tree_map(lambda f, j=j: f[j], forcings))
-        ys = run(forced, state, m, cost.t0 + j * m * cost.dt)
         parts.append(ys if j == 0 else jtu.tree_map(lambda y: y[1:], ys))
         state = jtu.tree_map(lambda y: y[-1], ys)
     return jtu.tree_map(lambda *p: jnp.concatenate(p), *parts)
 
 
 def step_residual(model, stepper, t, dt, state, new):
-    r"""The residual of one model step from ``state`` at ``t`` to ``new``.
+    r"""The residual of one model step from ``state`` at ``t`` to ``new``, in
+    tendency units: the stepper's implicit relation
+    (:meth:`dphys.AbstractStepper.residual`, state units) divided by $\Delta t$.
 
-    The stepper's own implicit relation when it provides one
-    (``stepper.residual(model, t, dt, state, new)``). For the θ-method steppers
-    (:class:`dphys.Theta`, :class:`dphys.CrankNicolson`,
-    :class:`dphys.BackwardEuler`) it is
-
+    For the θ-method steppers it is
     $$ R = \frac{u^{n+1} - u^n}{\Delta t} - \theta(L u^{n+1} + f^{n+1})
          - (1-\theta)(L u^n + f^n) - N(u^n), $$
-
-    in tendency units (zero along a model trajectory; equal to $\eta$ along a
-    trajectory forced by a constant model error $\eta$). For other steppers,
-    $(u^{n+1} - \Phi(u^n))/\Delta t$ with $\Phi$ one step of the stepper.
+    zero along a model trajectory and equal to $\eta$ along a trajectory forced by
+    a constant model error $\eta$. The stepper state is the one its ``init`` gives
+    at ``state`` (a multistep stepper's step is scored as a first step).
     """
-    if hasattr(stepper, "residual"):
-        return stepper.residual(model, t, dt, state, new)
-    theta = getattr(stepper, "theta", None)
-    if isinstance(stepper, dphys.Theta | dphys.CrankNicolson | dphys.BackwardEuler):
-        t1 = t + dt
-        lu1, lu0 = model.linear(t1, new), model.linear(t, state)
-        out = jtu.tree_map(
-            lambda a, b, l1, l0: (a - b) / dt - theta * l1 - (1 - theta) * l0,
-            new,
-            state,
-            lu1,
-            lu0,
-        )
-        n0 = model.explicit(t, state)
-        if n0 is not None:
-            out = jtu.tree_map(jnp.subtract, out, n0)
-        f1, f0 = model.forcing(t1), model.forcing(t)
-        if f1 is not None:
-            out = jtu.tree_map(lambda o, f: o - theta * f, out, f1)
-        if f0 is not None:
-            out = jtu.tree_map(lambda o, f: o - (1 - theta) * f, out, f0)
-        return out
+    stepper = stepper.resolve(model, state)
     sstate = stepper.init(model, t, dt, state)
-    stepped, _, _, _ = stepper.step(model, t, dt, state, sstate)
-    return jtu.tree_map(lambda a, b: (a - b) / dt, new, stepped)
+    r = stepper.residual(model, t, dt, state, new, sstate)
+    return jtu.tree_map(lambda x: x / dt, r)
 
 
 def model_of(cost, v):
@@ -357,9 +325,10 @@ def make_analysis(
             for name in cost.control.parameter_names
             if name in given
         },
+        terms={"background": h["background_cost"], "observation": h["obs_cost"]},
     )
-    # The classical driver words its message from the method's stopping options;
-    # a learned run stops after its fixed number of iterations.
-    name = method if isinstance(method, str) else type(method).__name__
-    shim = type(name, (), {"gtol": 0.0, "ftol": 0.0, "max_iterations": n - 1})()
-    return _make_analysis(cost, v, hist, termination, shim, uncertainty)
+    # A learned run stops after its fixed number of iterations: the stopping rule
+    # that says so, and the producing object's class name for the message.
+    stop = StoppingRule(max_iterations=n - 1, gtol=0.0, ftol=0.0)
+    named = type(method, (), {})() if isinstance(method, str) else method
+    return _make_analysis(cost, v, hist, termination, stop, named, uncertainty)
