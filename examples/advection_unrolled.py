@@ -79,9 +79,9 @@ template = da.FourDVar(
     dt=dt,
     n_steps=n_steps,
 )
-train = learn.make_windows(template, B, n_windows=64, key=jr.key(1))
-val = learn.make_windows(template, B, n_windows=16, key=jr.key(2))
-test = learn.make_windows(template, B, n_windows=32, key=jr.key(3))
+train = learn.make_windows(template, B, n_windows=32, key=jr.key(1))
+val = learn.make_windows(template, B, n_windows=8, key=jr.key(2))
+test = learn.make_windows(template, B, n_windows=16, key=jr.key(3))
 
 
 def analyse(assim, data):
@@ -119,7 +119,7 @@ for _ in range(40):  # power iteration (J is quadratic: its Hessian is constant)
     u = {"initial_state": w["initial_state"] / lam}
 print(f"largest Hessian eigenvalue {lam:.4g}")
 
-Ks = (1, 2, 4, 8)
+Ks = (1, 2, 4)
 fixed = {}
 for K in Ks:
     best = min(
@@ -158,10 +158,10 @@ def train_assimilator(K, loss_fn, seed=0):
         train,
         optimizer=optax.adam(0.05),
         key=jr.key(10 + seed),
-        batch_size=16,
-        n_epochs=10,
+        batch_size=8,
+        n_epochs=5,
         val_data=val,
-        patience=3,
+        patience=2,
     )
     return res.best_model, res
 
