@@ -625,9 +625,12 @@ def summarize(rows, converged_rmse) -> dict:
         "best_learned_rmse_over_converged": None
         if best is None
         else best["analysis_rmse"] / converged_rmse,
+        # Only a learned assimilator within 5% of the converged RMSE has a sweeps
+        # ratio at that accuracy (None otherwise: see the ratio at the best learned
+        # RMSE below).
         "sweeps_ratio": None
-        if (best is None or classical is None)
-        else classical / best["model_sweeps"],
+        if (cheapest is None or classical is None)
+        else classical / cheapest["model_sweeps"],
         "cheapest_learned_within_5pct": None
         if cheapest is None
         else f"{cheapest['method']} K={cheapest['K']} {cheapest['loss']}",
