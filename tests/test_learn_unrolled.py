@@ -419,3 +419,52 @@ def test_observation_gain_reaches_the_analysis_in_one_step(twin):
         out, analysis.control["initial_state"], rtol=0, atol=1e-10
     )
     assert assim.sweeps() == 2
+
+
+def test_training_is_seeded_and_resumes_to_the_same_parameters(tmp_path):
+    # learn.fit on an unrolled assimilator: the same seed gives bitwise the same
+    # learned steps and momenta; a run killed after epoch 1 resumes from its
+    # checkpoint to bitwise the parameters of the uninterrupted run.
+    import optax
+
+    cost, _ = advection_twin()
+    prior = da.Diffusion(cost.model.grid, 0.1, std=1.0)
+    data = learn.make_windows(cost, prior, n_windows=4, key=jr.key(3))
+    sup = learn.Supervised()
+
+    def loss(m, ex, key):
+        return sup(m, learn.with_obs(cost, ex.obs), truth=ex.truth_x0)
+
+    def run(**kw):
+        assim = learn.unrolled_gradient(cost, 2, step_size=5e-4, momentum=True)
+        return learn.fit(
+            assim,
+            loss,
+            data,
+            optimizer=optax.adam(0.05),
+            key=jr.key(11),
+            batch_size=2,
+            n_epochs=3,
+            **kw,
+        )
+
+    def params(res):
+        return jtu.tree_leaves(eqx.filter(res.best_model, eqx.is_inexact_array))
+
+    ref = run()
+    again = run()
+    for a, b in zip(params(ref), params(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    start = learn.unrolled_gradient(cost, 2, step_size=5e-4, momentum=True)
+    assert not np.allclose(ref.best_model.layers.log_step, start.layers.log_step)
+
+    def kill(info):
+        if info["epoch"] == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint_dir=tmp_path, callback=kill)
+    resumed = run(checkpoint_dir=tmp_path)
+    assert resumed.stats["resumed_from_step"] == 2
+    for a, b in zip(params(ref), params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
