@@ -22,6 +22,11 @@ solution of the discrete scheme, the PDE, or a converged reference, see ``error_
 ``--quick`` keeps a full run under ~10 minutes on a 2-core CPU: 3 repeats, slow peers at
 fewer steps with per-step extrapolation (``extrapolated_from_steps``). ``--tiny`` runs
 toy sizes (seconds; used by the smoke test). Progress goes to stderr.
+
+The unrolled-assimilation problems (``--problem L1 L1b L3 L1-depth``, see
+``benchmarks/_l1_unrolled.py``) train assimilators and run only when named; their
+rows carry ``method, K, loss, analysis_rmse, final_rmse, model_sweeps, analysis_s,
+train_s, mem_mb`` and each problem ends with a ``method: "summary"`` row.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ from ._problems import N_OBS, Problem, make_problem, rel_l2  # noqa: E402
 ALL_PROBLEMS = ("limits", "P1", "P2", "P6", "P3", "P3-variable", "P4", "P7", "P5")
 # Learning and sparse-recovery problems: run only when named (`--problem S1 S2 L2`).
 LEARNING_PROBLEMS = ("S1", "S2", "L2")
+# Unrolled-assimilation problems (``benchmarks/_l1_unrolled.py``): also only
+# when named (`--problem L1`); they train.
+UNROLLED_PROBLEMS = ("L1", "L1b", "L3", "L1-depth")
 TARGET_SPEEDUP = 2.0  # forward and gradient >= 2x the fastest peer (P1-P4, P6)
 TARGET_FFT_MULTIPLE = 1.5  # P2 stepwise: <= 1.5 FFT pairs per step
 # value_and_grad / cost of the headline path: heat suite <= 2.5 (core issue),
@@ -706,6 +714,10 @@ def summarize(rows: list[dict], cfg: Config) -> dict:
                     m <= TARGET_FFT_MULTIPLE
                 )
         out[name] = s
+    for name in UNROLLED_PROBLEMS:
+        for r in by_problem.get(name, []):
+            if r.get("method") == "summary":
+                out[name] = {k: v for k, v in r.items() if k not in ("impl", "method")}
     for name in ("P5-P3", "P5-P4"):
         if by_problem.get(name):
             out[name] = {
@@ -871,6 +883,19 @@ def run(problems, cfg: Config, out=None) -> list[dict]:
                 row["loadavg"] = os.getloadavg()[0]
                 rows.append(row)
                 emit(row, out)
+    unrolled = [p for p in UNROLLED_PROBLEMS if p in want]
+    if unrolled:
+        from . import _l1_unrolled
+
+        size = cfg.size if cfg.size == "tiny" else "quick" if cfg.quick else "full"
+
+        def emit_learning(row):
+            row = {"impl": row.get("method"), **row}
+            rows.append(row)
+            emit(row, out)
+
+        for name in unrolled:
+            _l1_unrolled.RUNNERS[name](size, emit=emit_learning)
     summary = summarize(rows, cfg)
     summary.update(learning)
     summary["wall_s"] = time.perf_counter() - t_start
@@ -900,7 +925,7 @@ def main(argv=None) -> None:
         "--problem",
         nargs="+",
         default=list(ALL_PROBLEMS),
-        choices=list(ALL_PROBLEMS) + list(LEARNING_PROBLEMS),
+        choices=list(ALL_PROBLEMS + LEARNING_PROBLEMS + UNROLLED_PROBLEMS),
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tiny", action="store_true")

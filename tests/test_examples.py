@@ -25,6 +25,8 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 # heat_4dvar_calibration 21 s, heat_gradient 11 s.
 SLOW: dict[str, str] = {
     "shallow_water_gradient.py": "42 s CPU (53 s before the FFT-path reverse-mode changes)",
+    "advection_unrolled.py": "trains four unrolled assimilators through the model's "
+    "adjoint (second order): minutes of CPU",
 }
 
 # Generous wall-clock limits: a shared CI machine can be several times slower than

@@ -158,3 +158,55 @@ from ._protocols import (
 
 
 # --- end of model-error learning ---------------------------------------------------
+
+# isort: split
+# --- unrolled assimilation: assimilators, gradient modes, losses, steering ---------
+from ._losses import (
+    AbstractLoss as AbstractLoss,
+    AnalysisCost as AnalysisCost,
+    HeldOutSensors as HeldOutSensors,
+    KKTResidual as KKTResidual,
+    Mixed as Mixed,
+    PhysicsResidual as PhysicsResidual,
+    Supervised as Supervised,
+)
+from ._modes import (
+    AbstractIterationAdjoint as AbstractIterationAdjoint,
+    FullUnroll as FullUnroll,
+    Implicit as Implicit,
+    OneStep as OneStep,
+    Truncated as Truncated,
+    gradient_memory as gradient_memory,
+    implicit_report as implicit_report,
+    neumann_vjp as neumann_vjp,
+    within_budget as within_budget,
+)
+from ._networks import GridCNN as GridCNN, ScalarMLP as ScalarMLP
+from ._steering import (
+    AbstractEnergy as AbstractEnergy,
+    Bounds as Bounds,
+    Conservation as Conservation,
+    SensorReading as SensorReading,
+    Smoothness as Smoothness,
+    SteeringResult as SteeringResult,
+    steer as steer,
+)
+from ._unrolled import (
+    AbstractLayer as AbstractLayer,
+    AbstractLearnedPrior as AbstractLearnedPrior,
+    FirstGuess as FirstGuess,
+    GaussNewtonStep as GaussNewtonStep,
+    GradientStep as GradientStep,
+    LearnedContinuation as LearnedContinuation,
+    LearnedSquareRoot as LearnedSquareRoot,
+    NetworkPrior as NetworkPrior,
+    UnrolledAssimilator as UnrolledAssimilator,
+    UnrolledResult as UnrolledResult,
+    contraction as contraction,
+    first_guess_network as first_guess_network,
+    stack_layers as stack_layers,
+    to_analysis as to_analysis,
+    unrolled_gauss_newton as unrolled_gauss_newton,
+    unrolled_gradient as unrolled_gradient,
+)
+# --- end of unrolled assimilation ----------------------------------------------------
