@@ -249,7 +249,12 @@ def posterior(
     stds, stds_z, missing = {}, {}, {}
     eigenvalues = jnp.zeros((0,), dtype)
     if method == "dense":
-        a = op.as_matrix()
+        # A = J_r^T J_r from the Jacobian of the residual (n tangent-linear runs),
+        # not from A's columns (n tangent-linear + n adjoint runs): half the model
+        # runs, and XLA's CPU FFT refuses the transposed operand layout that the
+        # vmapped adjoint of an FFT-based B (``Diffusion``) produces.
+        jac = jax.jacfwd(lambda x: jfu.ravel_pytree(cost.residual(unravel(x)))[0])(flat)
+        a = jnp.matmul(jac.T, jac, precision="highest")
         chol = jnp.linalg.cholesky(a)
         cov_v = jsp.linalg.cho_solve((chol, True), jnp.eye(n, dtype=dtype))
         cov_pp = cov_v[p_idx][:, p_idx]

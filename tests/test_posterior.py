@@ -383,3 +383,38 @@ def test_large_shallow_water_posterior_is_finite_and_verified():
         assert result == dphys.RESULTS.successful
         np.testing.assert_allclose(s[i, j], sd * np.sqrt(float(x @ e)), rtol=1e-6)
         assert s[i, j] < sd * (1 - 1e-3)  # a constrained entry, not the prior's
+
+
+def test_dense_posterior_with_an_fft_covariance_on_an_fft_model():
+    """A diffusion B (FFT smoothing) on a Crank-Nicolson FFT model: the dense
+    posterior used to materialise A column by column through the vmapped adjoint,
+    whose transposed FFT operand XLA's CPU runtime refused (an internal error, so
+    `assimilate(..., uncertainty=True)` crashed). It is finite and equals the
+    Lanczos posterior."""
+    grid = dphys.Grid(16, lengths=1.0, boundary="periodic")
+    model = pdes.Advection(grid, velocity=(1.0,), kappa=5e-3)
+    stepper = dphys.CrankNicolson()
+    B = da.Diffusion(grid, 0.1, std=1.0)
+    truth = B.sample(key=jax.random.key(0))
+    obs = da.make_observations(
+        model,
+        stepper,
+        truth,
+        positions=jnp.linspace(0.03, 0.97, 6),
+        times=jnp.asarray([0.05, 0.1]),
+        sigma=0.05,
+        dt=0.01,
+        n_steps=10,
+        key=jax.random.key(1),
+    )
+    control = da.Control(initial_state=da.InitialState(B))
+    cost = da.FourDVar(model, stepper, jnp.zeros(16), obs, control, dt=0.01, n_steps=10)
+    v = cost.init()
+    dense = da.posterior(cost, v, method="dense")
+    lanczos = da.posterior(cost, v, method="lanczos")
+    std_d = np.asarray(dense.stds["initial_state"])
+    std_l = np.asarray(lanczos.stds["initial_state"])
+    assert np.all(np.isfinite(std_d)) and np.all(std_d > 0)
+    np.testing.assert_allclose(std_d, std_l, rtol=1e-6)
+    analysis = da.assimilate(cost, da.GaussNewton(), uncertainty=True)
+    assert np.all(np.isfinite(analysis.initial_state_std))
