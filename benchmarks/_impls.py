@@ -188,22 +188,6 @@ def dphys_impl(
         "solver": type(stepper.solver).__name__,
         "adjoint": repr(adjoint),
     }
-    if problem.variable:
-        # What Auto picked, and the iterations per implicit solve of one forward run
-        # (outside the timed calls).
-        from dphys._solver import resolve_solver
-
-        kappa = jnp.asarray(problem.kappa)
-        u0 = jnp.asarray(problem.u0())
-        info["solver"] = repr(
-            resolve_solver(stepper.solver, pdes.Heat(grid, kappa), u0)
-        )
-        run = jax.jit(
-            lambda u, k: dphys.simulate(
-                pdes.Heat(grid, k), stepper, u, dt=problem.dt, n_steps=steps
-            ).stats["linear_iterations"]
-        )
-        info["iterations_per_step"] = int(run(u0, kappa)) / steps
     info.update(notes or {})
     return Impl(
         name,

@@ -51,24 +51,18 @@ from . import _impls, _measure  # noqa: E402
 from ._problems import N_OBS, Problem, make_problem, rel_l2  # noqa: E402
 
 
-ALL_PROBLEMS = ("limits", "P1", "P2", "P6", "P3", "P3-variable", "P4", "P7", "P5")
+ALL_PROBLEMS = ("limits", "P1", "P2", "P6", "P3", "P4", "P5")
 # Learning and sparse-recovery problems: run only when named (`--problem S1 S2 L2`).
 LEARNING_PROBLEMS = ("S1", "S2", "L2")
 # Unrolled-assimilation problems (``benchmarks/_l1_unrolled.py``): also only
 # when named (`--problem L1`); they train.
 UNROLLED_PROBLEMS = ("L1", "L1b", "L3", "L1-depth")
-TARGET_SPEEDUP = 2.0  # forward and gradient >= 2x the fastest peer (P1-P4, P6)
+TARGET_SPEEDUP = 2.0  # forward and gradient >= 2x the fastest peer (P1-P4)
 TARGET_FFT_MULTIPLE = 1.5  # P2 stepwise: <= 1.5 FFT pairs per step
 # value_and_grad / cost of the headline path: heat suite <= 2.5 (core issue),
 # advection and shallow water <= 3 (their issue).
 TARGET_GRAD_RATIO = {"P1": 2.5, "P2": 2.5, "P3": 3.0, "P4": 3.0, "P4-nonlinear": 3.0}
 TARGET_MEM_GROWTH = 4.0  # memory(4000 steps) / memory(250 steps)
-# P6 rows besides the default: dphys.Krylov(method="cg") with each preconditioner.
-P6_PRECONDITIONERS = {
-    "dphys-cg": None,
-    "dphys-fourier": "fourier",
-    "dphys-multigrid": "multigrid",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,25 +208,22 @@ def build_impls(problem: Problem, data: Data, cfg: Config) -> list[_impls.Impl]:
                 full,
                 y_full,
                 error_ref=ref,
-                notes={"path": "Auto (see notes.solver), lineax IFT adjoint"},
+                notes={"path": "Auto -> Krylov(cg, Jacobi), lineax IFT adjoint"},
             ),
         )
-        # The preconditioners of dphys.Krylov side by side (all with the assembled
-        # stencil and the stepper's extrapolated initial guess).
-        for label, precond in P6_PRECONDITIONERS.items():
-            add(
-                label,
-                lambda label=label, precond=precond: _impls.dphys_impl(
-                    label,
-                    problem,
-                    full,
-                    full,
-                    y_full,
-                    error_ref=ref,
-                    solver=dphys.Krylov(method="cg", preconditioner=precond),
-                    notes={"path": f"Krylov(cg, preconditioner={precond!r})"},
-                ),
-            )
+        add(
+            "dphys-noprec",
+            lambda: _impls.dphys_impl(
+                "dphys-noprec",
+                problem,
+                full,
+                full,
+                y_full,
+                error_ref=ref,
+                solver=dphys.Krylov(preconditioner=None),
+                notes={"path": "Krylov(cg, no preconditioner), lineax IFT adjoint"},
+            ),
+        )
     else:
         add(
             "dphys",
@@ -694,15 +685,15 @@ def summarize(rows: list[dict], cfg: Config) -> dict:
     for r in rows:
         by_problem.setdefault(r.get("problem"), []).append(r)
     limits = {r["n"]: r for r in by_problem.get("limits", [])}
-    for name in ("P1", "P2", "P6", "P3", "P3-variable", "P4", "P4-nonlinear", "P7"):
+    for name in ("P1", "P2", "P6", "P3", "P4", "P4-nonlinear"):
         rs = by_problem.get(name)
         if not rs:
             continue
         s = _measure.problem_summary(
             rs,
-            target_speedup=TARGET_SPEEDUP,
+            target_speedup=TARGET_SPEEDUP if name != "P6" else None,
             target_grad_ratio=TARGET_GRAD_RATIO.get(name),
-            extra_keys=P4_SUMMARY_KEYS if name[:2] in ("P4", "P7") else (),
+            extra_keys=P4_SUMMARY_KEYS if name.startswith("P4") else (),
         )
         lim = [r for r in rs if r["impl"] == "limit"]
         if lim:
@@ -780,24 +771,6 @@ def _run_p4(cfg: Config) -> list[dict]:
     )
 
 
-def _run_p3_variable(cfg: Config) -> list[dict]:
-    from ._p3_variable import run_p3_variable
-
-    n = 32 if cfg.size == "tiny" else 256
-    return run_p3_variable(
-        cfg.quick, n=n, repeats=cfg.repeats, slow_s=cfg.slow_s, only=cfg.only
-    )
-
-
-def _run_p7(cfg: Config) -> list[dict]:
-    from ._p7_basin import run_p7
-
-    kw = dict(n=32, steps=20) if cfg.size == "tiny" else {}
-    return run_p7(
-        cfg.quick, repeats=cfg.repeats, slow_s=cfg.slow_s, only=cfg.only, **kw
-    )
-
-
 def _run_l2(*, size: str, quick: bool) -> tuple[list[dict], dict]:
     """L2 rows and summary, in the S1/S2 runners' shape."""
     from ._l2_model_error import run_l2
@@ -806,12 +779,7 @@ def _run_l2(*, size: str, quick: bool) -> tuple[list[dict], dict]:
     return rows[:-1], rows[-1]["summary"]
 
 
-OPTIONAL_RUNNERS = {
-    "P3": _run_p3,
-    "P3-variable": _run_p3_variable,
-    "P4": _run_p4,
-    "P7": _run_p7,
-}
+OPTIONAL_RUNNERS = {"P3": _run_p3, "P4": _run_p4}
 P4_SUMMARY_KEYS = ("mass_rel_change", "energy_rel_change")
 
 
@@ -858,7 +826,7 @@ def run(problems, cfg: Config, out=None) -> list[dict]:
             row = diffrax_pitfalls(problem)
             rows.append(row)
             emit(row, out)
-    for name in ("P3", "P3-variable", "P4", "P7"):
+    for name in ("P3", "P4"):
         if name in want:
             for row in OPTIONAL_RUNNERS[name](cfg):
                 rows.append(row)

@@ -96,21 +96,6 @@ class AbstractModel(eqx.Module):
     def autonomous(self) -> bool:
         return True
 
-    @property
-    def stencil_offsets(self) -> tuple[tuple[int, ...], ...] | None:
-        r"""Offsets $e$ (one integer per grid axis) such that $(Lu)$ at point $i$
-        depends on the state only at points $i + e$ (every field pair together),
-        or ``None`` (default) when unknown.
-
-        A static structure hint: with it the iterative solvers probe $L$ once into
-        per-point coefficients and apply $I - \gamma L$ from those
-        (:class:`dphys.Krylov`'s ``assemble``), which is checked against
-        :meth:`linear` when a run starts. Operators built axis by axis from
-        :mod:`dphys.operators` have the 3-point-per-axis cross
-        ``((-1, 0), (0, -1), (0, 0), (0, 1), (1, 0))`` in 2D.
-        """
-        return None
-
     def preferred_solver(self, like) -> AbstractLinearSolver | None:
         """The implicit solver :class:`dphys.Auto` should use, or ``None`` (default).
 
@@ -269,10 +254,6 @@ class Augmented(AbstractModel):
     @property
     def symmetric(self) -> bool:
         return self.model.symmetric
-
-    @property
-    def stencil_offsets(self):
-        return self.model.stencil_offsets
 
     @property
     def autonomous(self) -> bool:

@@ -38,7 +38,14 @@ import optimistix as optx
 from ._checks import describe, static_bool, static_int, static_real
 from ._model import AbstractModel
 from ._results import RESULTS
-from ._solver import FFT, AbstractLinearSolver, Auto, probe_diagonal, resolve_solver
+from ._solver import (
+    FFT,
+    AbstractLinearSolver,
+    Auto,
+    FactoredSymbol,
+    probe_diagonal,
+    resolve_solver,
+)
 from ._solver._krylov import _PytreeKrylov
 from ._tree import add, axpy, scale
 
@@ -175,53 +182,10 @@ class LinearSolveState(eqx.Module):
         structure: what ``solver.init`` extracted from $L$ (possibly factored for
             the run's fixed $\gamma$, see :meth:`AbstractLinearSolver.factor`), or
             ``None`` when $L$ depends on time and is probed at every step.
-        history: for iterative solvers (``solver.uses_guess``), the two previous
-            states $(u^{n-1}, u^{n-2})$ from which each step extrapolates its
-            initial guess (see :func:`extrapolate`); ``None`` otherwise. The only
-            part that changes from step to step.
     """
 
     solver: AbstractLinearSolver
     structure: Any
-    history: Any = None
-
-    def constant(self) -> LinearSolveState:
-        """This state without its history (what never changes during a run)."""
-        return LinearSolveState(self.solver, self.structure)
-
-    def advanced(self, state) -> LinearSolveState:
-        """The state after a step from ``state``: ``state`` joins the history."""
-        if self.history is None:
-            return self
-        return LinearSolveState(self.solver, self.structure, (state, self.history[0]))
-
-
-def _split_solve(stepper_state):
-    """``(solve, *rest)`` -> constant solve part, varying ``(history?, *rest)``."""
-    solve, *rest = stepper_state
-    if solve.history is None:
-        return solve, tuple(rest)
-    return solve.constant(), (solve.history, *rest)
-
-
-def _join_solve(constant, varying):
-    if not constant.solver.uses_guess:
-        return (constant, *varying)
-    history, *rest = varying
-    return (LinearSolveState(constant.solver, constant.structure, history), *rest)
-
-
-def extrapolate(state, history):
-    r"""Quadratic extrapolation of $u^{n+1}$: $3u^n - 3u^{n-1} + u^{n-2}$.
-
-    The initial guess of an iterative implicit solve; its error is $O(\Delta t^3)$
-    for solutions smooth in time. On P6 (``benchmarks/README.md``, 100 steps) CG
-    took 8.0 iterations per solve from $x_0 = b$, 7.3 from the linear extrapolation
-    $2u^n - u^{n-1}$ and 6.1 from this one (Fourier-preconditioned: 3.4, 3.1, 2.4);
-    ``docs/design.md``. The first steps repeat $u^0$ as the missing history.
-    """
-    prev, prev2 = history
-    return jtu.tree_map(lambda u, v, w: 3.0 * (u - v) + w, state, prev, prev2)
 
 
 def _residual(model, t1, gamma, new_state, rhs):
@@ -320,8 +284,7 @@ class _AbstractLinearImplicit(AbstractStepper):
             structure = solver.init(model, t0, state0)
             if gamma is not None:
                 structure = solver.factor(structure, gamma)
-        history = (state0, state0) if solver.uses_guess else None
-        return LinearSolveState(solver, structure, history)
+        return LinearSolveState(solver, structure)
 
     @staticmethod
     def _structure(model, t, like, solve: LinearSolveState):
@@ -359,16 +322,9 @@ class _AbstractLinearImplicit(AbstractStepper):
         """
         t1 = t + dt
         structure = self._structure(model, t1, state, solve)
-        factored = 0.0 < theta < 1.0 and solve.solver.is_factored(structure)
+        factored = 0.0 < theta < 1.0 and isinstance(structure, FactoredSymbol)
         rhs = self._theta_rhs(model, t, dt, theta, state, explicit, factored=factored)
-        guess = None
-        if solve.history is not None:
-            guess = extrapolate(state, solve.history)
-            if factored:
-                guess = axpy((1.0 - theta) / theta, state, guess)
-        new, result, iters = solve.solver.solve(
-            model, t1, theta * dt, rhs, structure, guess=guess
-        )
+        new, result, iters = solve.solver.solve(model, t1, theta * dt, rhs, structure)
         if factored:
             new = axpy(-(1.0 - theta) / theta, state, new)
         return new, result, iters
@@ -394,10 +350,10 @@ class _AbstractTheta(_AbstractLinearImplicit):
         warn_if_not_monotone(model, state0, dt, t0, self.theta, type(self).__name__)
 
     def split_state(self, stepper_state):
-        return stepper_state.constant(), stepper_state.history
+        return stepper_state, None
 
     def join_state(self, constant, varying):
-        return LinearSolveState(constant.solver, constant.structure, varying)
+        return constant
 
     def step(self, model, t, dt, state, stepper_state):
         if _propagates(stepper_state.solver, model):
@@ -411,7 +367,7 @@ class _AbstractTheta(_AbstractLinearImplicit):
         new, result, iters = self._theta_solve(
             model, t, dt, self.theta, state, explicit, stepper_state
         )
-        return new, stepper_state.advanced(state), result, iters
+        return new, stepper_state, result, iters
 
     def residual(self, model, t, dt, state, new_state, stepper_state):
         r"""$(I-\theta\Delta t L^{n+1})u^{n+1} - [u^n + (1-\theta)\Delta t L^n u^n
@@ -528,10 +484,10 @@ class IMEX(_AbstractLinearImplicit):
         warn_if_not_monotone(model, state0, dt, t0, 0.5, "IMEX (Crank-Nicolson on L)")
 
     def split_state(self, stepper_state):
-        return _split_solve(stepper_state)
+        return stepper_state[0], stepper_state[1:]
 
     def join_state(self, constant, varying):
-        return _join_solve(constant, varying)
+        return (constant, *varying)
 
     @staticmethod
     def _explicit(model, t, dt, state, n_prev):
@@ -547,7 +503,7 @@ class IMEX(_AbstractLinearImplicit):
         new, result, iters = self._theta_solve(
             model, t, dt, 0.5, state, explicit, solve
         )
-        return new, (solve.advanced(state), n_now), result, iters
+        return new, (solve, n_now), result, iters
 
     def residual(self, model, t, dt, state, new_state, stepper_state):
         r"""$(I-\tfrac{\Delta t}{2}L^{n+1})u^{n+1} - [(I+\tfrac{\Delta t}{2}L^n)u^n
@@ -581,10 +537,10 @@ class BDF2(_AbstractLinearImplicit):
         return (self._init_solve(model, t0, state0), state0, n0, jnp.asarray(True))
 
     def split_state(self, stepper_state):
-        return _split_solve(stepper_state)
+        return stepper_state[0], stepper_state[1:]
 
     def join_state(self, constant, varying):
-        return _join_solve(constant, varying)
+        return (constant, *varying)
 
     @staticmethod
     def _system(model, t, dt, state, stepper_state):
@@ -606,18 +562,8 @@ class BDF2(_AbstractLinearImplicit):
         t1 = t + dt
         gamma, rhs, n_now = self._system(model, t, dt, state, stepper_state)
         structure = self._structure(model, t1, state, solve)
-        guess = None
-        if solve.history is not None:
-            guess = extrapolate(state, solve.history)
-        new, result, iters = solve.solver.solve(
-            model, t1, gamma, rhs, structure, guess=guess
-        )
-        return (
-            new,
-            (solve.advanced(state), state, n_now, jnp.asarray(False)),
-            result,
-            iters,
-        )
+        new, result, iters = solve.solver.solve(model, t1, gamma, rhs, structure)
+        return new, (solve, state, n_now, jnp.asarray(False)), result, iters
 
     def residual(self, model, t, dt, state, new_state, stepper_state):
         r"""$(I-\gamma L^{n+1})u^{n+1} - b$ with $\gamma = \tfrac23\Delta t$ and

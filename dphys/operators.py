@@ -8,7 +8,3 @@ from ._operators import (
     pad_axis as pad_axis,
 )
 from ._roll import roll as roll
-from ._solver._stencil import (
-    box_offsets as box_offsets,
-    cross_offsets as cross_offsets,
-)

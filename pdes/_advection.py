@@ -11,7 +11,7 @@ import numpy as np
 
 import dphys
 from dphys._checks import check_finite, check_positive
-from dphys.operators import cross_offsets, face_flux, pad_axis
+from dphys.operators import face_flux, pad_axis
 
 
 SCHEMES: tuple[str, ...] = ("centered", "upwind", "upwind3")
@@ -362,12 +362,6 @@ class Advection(dphys.AbstractModel):
     @property
     def autonomous(self) -> bool:
         return self.velocity_fn is None
-
-    @property
-    def stencil_offsets(self):
-        """Per axis 3 points (``"centered"``, ``"upwind"``) or 5 (``"upwind3"``);
-        see :attr:`dphys.AbstractModel.stencil_offsets`."""
-        return cross_offsets(self.grid.ndim, 2 if self.scheme == "upwind3" else 1)
 
     # ------------------------------------------------------------------ operator
 

@@ -11,7 +11,7 @@ import numpy as np
 
 import dphys
 from dphys._checks import check_positive
-from dphys.operators import cross_offsets, laplacian
+from dphys.operators import laplacian
 
 
 class Heat(dphys.AbstractModel):
@@ -81,12 +81,6 @@ class Heat(dphys.AbstractModel):
     @property
     def autonomous(self) -> bool:
         return True
-
-    @property
-    def stencil_offsets(self):
-        """3 points per axis (the conservative Laplacian), see
-        :attr:`dphys.AbstractModel.stencil_offsets`."""
-        return cross_offsets(self.grid.ndim)
 
     def symbol(self):
         r"""Eigenvalues of the discrete operator on ``rfftn`` modes (periodic, scalar κ):

@@ -8,8 +8,6 @@ GMRES on the full coupled system.
 
 from __future__ import annotations
 
-import math
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -63,20 +61,6 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
     does not apply (walls, variable depth or drag, beta-plane), through
     :meth:`ShallowWater.preferred_solver`.
 
-    **Variable depth** (``helmholtz="multigrid"``, the default for a depth field).
-    The mean-depth inverse leaves GMRES to correct the depth variation, and its
-    iterations grow with the depth contrast. Eliminating the velocities with the
-    face depths $H_f$ themselves gives the variable-coefficient Helmholtz equation
-
-    $$ \big(I - \alpha\,D H_f G\big)\,\eta = b_\eta - \gamma s\,D(H_f
-       b_{\mathbf u}), \qquad \alpha = \gamma^2 g s, $$
-
-    a diffusion operator with coefficient $H$ and zero flux through walls, which one
-    Galerkin multigrid V-cycle (:func:`dphys.multigrid_hierarchy`, built once per
-    run) solves approximately; GMRES corrects rotation and the cycle's error. On
-    ``benchmarks/README.md`` P7 (depth 120 to 1000 m) this cut the Arnoldi steps
-    per time step from the spectral variant's (see ``docs/design.md``).
-
     Attributes:
         rtol, atol: stopping tolerances on the energy-scaled residual (2-norm; atol
             in m^{3/2}/s, default 0). The relative test makes tangent and adjoint
@@ -86,18 +70,12 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
         restart: Arnoldi steps per GMRES cycle (memory: ``restart + 1`` vectors).
         max_steps: cap on Arnoldi steps (products with $I-\gamma L$) per solve;
             reaching it is a failed solve.
-        helmholtz: the Helmholtz solve inside the preconditioner: ``"spectral"``
-            (the exact mean-depth inverse by FFT/DCT), ``"multigrid"`` (one V-cycle
-            of the variable-depth operator; needs a grid that halves down to at
-            most 4096 points) or ``None`` (default: multigrid for a depth field on
-            such a grid, spectral otherwise).
     """
 
     rtol: float = eqx.field(static=True, default=1e-10)
     atol: float = eqx.field(static=True, default=0.0)
     restart: int = eqx.field(static=True, default=5)
     max_steps: int = eqx.field(static=True, default=200)
-    helmholtz: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         # The same option checks (and messages) as dphys.Krylov's.
@@ -107,25 +85,6 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
             max_steps=self.max_steps,
             restart=self.restart,
         )
-        if self.helmholtz not in HELMHOLTZ_SOLVES:
-            raise ValueError(
-                f"`helmholtz` must be one of {HELMHOLTZ_SOLVES}, got "
-                f"{self.helmholtz!r}."
-            )
-
-    def variant(self, model) -> str:
-        """The Helmholtz solve used for ``model``: ``"spectral"`` or
-        ``"multigrid"`` (``helmholtz=None``: multigrid for a depth field on a grid
-        that coarsens far enough, spectral otherwise)."""
-        if self.helmholtz is not None:
-            return self.helmholtz
-        model = model.unwrapped
-        if jnp.ndim(model.depth) == 0:
-            return "spectral"
-        shapes = dphys._solver._vcycle.hierarchy(
-            model.grid.shape, model.grid.boundary, _MAX_COARSE
-        )
-        return "multigrid" if math.prod(shapes[-1]) <= 4096 else "spectral"
 
     def check(self, model, like):
         # The coefficients of L are the wrapped ShallowWater's (see
@@ -138,46 +97,7 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
             )
 
     def init(self, model, t, like):
-        if self.variant(model) == "spectral":
-            return None
-        # The variable-depth Helmholtz operator eta -> D(H_f G eta) probed into a
-        # Galerkin multigrid hierarchy, once per run; no derivatives (a
-        # preconditioner).
-        eta = like.eta
-        sg = jax.lax.stop_gradient
-        sw = model.unwrapped
-        grid = sw.grid
-        masks = sw._masks(eta)
-        hu, hv = sw._face_depths(sg(sw._depth_field(eta)))
-
-        def helmholtz_l(e):
-            gx, gy = cg.gradient(grid, e, masks)
-            return cg.divergence(grid, hu * gx, hv * gy, masks)
-
-        hierarchy = dphys.multigrid_hierarchy(
-            helmholtz_l,
-            eta,
-            grid.boundary,
-            offsets=dphys.operators.cross_offsets(grid.ndim),
-            max_coarse=_MAX_COARSE,
-        )
-        g = sg(sw._p(sw.g, eta))
-        rbar = sg(jnp.mean(sw._p(sw.drag, eta)))
-        return _HelmholtzMultigrid(hierarchy, g, rbar, None)
-
-    def factor(self, structure, gamma):
-        r"""The V-cycle of $I - \gamma^2 g s\,D H_f G$ for this $\gamma$."""
-        if (
-            not isinstance(structure, _HelmholtzMultigrid)
-            or structure.cycle is not None
-        ):
-            return structure
-        gamma = jax.lax.stop_gradient(jnp.asarray(gamma).astype(structure.g.dtype))
-        s = 1.0 / (1.0 + gamma * structure.rbar)
-        cycle = structure.hierarchy.cycle(gamma**2 * structure.g * s)
-        return _HelmholtzMultigrid(
-            structure.hierarchy, structure.g, structure.rbar, cycle, gamma
-        )
+        return None
 
     def _coefficients(self, model, gamma, like):
         r"""$(\bar H, g, \bar r, \gamma)$ for the preconditioner, without derivatives.
@@ -216,36 +136,9 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
             s * (bv - gamma * g * gy) + walls_v,
         )
 
-    @property
-    def uses_guess(self) -> bool:
-        return True
-
-    def precondition_multigrid(self, model, structure, b):
-        r"""One V-cycle for the variable-depth Helmholtz equation in place of the
-        exact mean-depth solve (see the class docstring)."""
-        sw = model.unwrapped
-        grid = sw.grid
-        eta = b.eta
-        masks = sw._masks(eta)
-        gamma, g = structure.gamma, structure.g
-        s = 1.0 / (1.0 + gamma * structure.rbar)
-        hu, hv = sw._face_depths(jax.lax.stop_gradient(sw._depth_field(eta)))
-        bu, bv = b.u * masks[0], b.v * masks[1]
-        rhs = eta - gamma * s * cg.divergence(grid, hu * bu, hv * bv, masks)
-        new_eta = structure.cycle(rhs)
-        gx, gy = cg.gradient(grid, new_eta, masks)
-        walls_u, walls_v = b.u * (1.0 - masks[0]), b.v * (1.0 - masks[1])
-        return SWState(
-            new_eta,
-            s * (bu - gamma * g * gx) + walls_u,
-            s * (bv - gamma * g * gy) + walls_v,
-        )
-
-    def solve(self, model, t, gamma, rhs, structure, guess=None):
+    def solve(self, model, t, gamma, rhs, structure):
         coefficients = self._coefficients(model, gamma, rhs.eta)
         hbar, g = coefficients[0], coefficients[1]
-        if isinstance(structure, _HelmholtzMultigrid):
-            structure = self.factor(structure, gamma)
         # Energy scaling z = (sqrt(g) eta, sqrt(H) u, sqrt(H) v): all components in
         # the same units and size, and L becomes skew for constant depth.
         scale = SWState(jnp.sqrt(g), jnp.sqrt(hbar), jnp.sqrt(hbar))
@@ -258,8 +151,6 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
             return axpy(-gamma, lz, z)
 
         def precond(z):
-            if isinstance(structure, _HelmholtzMultigrid):
-                return to_z(self.precondition_multigrid(model, structure, from_z(z)))
             return to_z(self.precondition(model, coefficients, from_z(z)))
 
         x, result, steps = dphys.krylov_solve(
@@ -272,26 +163,11 @@ class HelmholtzKrylov(dphys.AbstractLinearSolver):
             max_steps=self.max_steps,
             restart=self.restart,
             initial_guess="preconditioned",
-            guess=None if guess is None else to_z(guess),
         )
         x = from_z(x)
         # Mass to round-off: eta from the continuity row with the solved velocities.
         eta = rhs.eta + gamma * model.linear(t, x).eta
         return SWState(eta, x.u, x.v), result, steps
-
-
-HELMHOLTZ_SOLVES: tuple[str | None, ...] = (None, "spectral", "multigrid")
-_MAX_COARSE = 64
-
-
-class _HelmholtzMultigrid(eqx.Module):
-    """The variable-depth Helmholtz hierarchy and, once factored, its V-cycle."""
-
-    hierarchy: object
-    g: jax.Array
-    rbar: jax.Array
-    cycle: object
-    gamma: jax.Array | None = None
 
 
 def _helmholtz_solve(grid: dphys.Grid, rhs, symbol):

@@ -41,7 +41,6 @@ import numpy as np
 
 import dphys
 from dphys._checks import check_positive
-from dphys.operators import box_offsets
 
 from . import _cgrid as cg
 
@@ -323,12 +322,6 @@ class ShallowWater(dphys.AbstractModel):
     @property
     def autonomous(self) -> bool:
         return True
-
-    @property
-    def stencil_offsets(self):
-        """The $3^d$ box: the C-grid Coriolis averages couple diagonal neighbours
-        (see :attr:`dphys.AbstractModel.stencil_offsets`)."""
-        return box_offsets(self.grid.ndim)
 
     def preferred_solver(self, like):
         """:class:`HelmholtzKrylov` when the FFT does not apply, else ``None``.

@@ -303,10 +303,7 @@ def test_unconverged_adjoint_solve_raises():
         ({"rtol": "1e-8"}, r"`rtol` must be a finite non-negative number"),
         ({"rtol": 0.0, "atol": 0.0}, r"`rtol` and `atol` are both zero"),
         ({"method": "lu"}, r"`method` must be 'cg', 'gmres', 'bicgstab' or None"),
-        (
-            {"preconditioner": "ilu"},
-            r"`preconditioner` must be None, 'jacobi', 'fourier', 'multigrid' or a",
-        ),
+        ({"preconditioner": "ilu"}, r"`preconditioner` must be 'jacobi' or None"),
     ],
 )
 def test_bad_krylov_options_rejected(kwargs, match):
@@ -323,11 +320,7 @@ def test_helmholtz_krylov_checks_options_like_krylov():
 
 def test_bad_krylov_solve_arguments_rejected():
     mv = lambda v: v
-    with pytest.raises(
-        ValueError,
-        match=r"`method` must be one of \('cg', 'gmres', 'bicgstab', 'richardson'\), "
-        r"got 'minres'",
-    ):
+    with pytest.raises(ValueError, match=r"`method` must be 'cg', 'gmres' or"):
         dphys.krylov_solve(mv, jnp.ones(3), method="minres")
     with pytest.raises(ValueError, match=r"`initial_guess` must be one of"):
         dphys.krylov_solve(mv, jnp.ones(3), initial_guess="previous")

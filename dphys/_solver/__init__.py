@@ -14,12 +14,11 @@ Differentiation. None of these solvers is differentiated through its iterations:
 * :class:`FFT` and :class:`Tridiagonal` are direct: their reverse-mode derivative is
   exactly one solve with the transposed operator (the FFT diagonalisation and LAPACK
   ``gtsv``/XLA tridiagonal solve have closed-form transposes).
-* :class:`Krylov` and :class:`Multigrid` call ``lineax.linear_solve``, whose
-  derivative is given by the implicit function theorem: $\bar b = A^{-T}\bar x$,
-  $\bar p = -\bar b^T(\partial A/\partial p)\,x$, one transposed solve per step,
-  with memory independent of the iteration count. Tangent and adjoint solves raise
-  if they fail to converge, so an unconverged solve can never give a silently wrong
-  gradient.
+* :class:`Krylov` calls ``lineax.linear_solve``, whose derivative is given by the
+  implicit function theorem: $\bar b = A^{-T}\bar x$, $\bar p = -\bar b^T
+  (\partial A/\partial p)\,x$, one transposed Krylov solve per step, with memory
+  independent of the iteration count. Tangent and adjoint solves raise if they fail
+  to converge, so an unconverged solve can never give a silently wrong gradient.
 """
 
 from ._auto import Auto as Auto, resolve_solver as resolve_solver
@@ -29,11 +28,9 @@ from ._base import (
 )
 from ._fft import FFT as FFT
 from ._krylov import Krylov as Krylov, krylov_solve as krylov_solve
-from ._multigrid import Multigrid as Multigrid
 from ._probes import (
     probe_diagonal as probe_diagonal,
     probe_symbol as probe_symbol,
     probe_tridiagonal as probe_tridiagonal,
 )
 from ._tridiagonal import Tridiagonal as Tridiagonal
-from ._vcycle import multigrid_hierarchy as multigrid_hierarchy

@@ -18,27 +18,8 @@ class AbstractLinearSolver(eqx.Module):
         """Structure of $L(t)$ needed by :meth:`solve` (computed once if autonomous)."""
 
     @abc.abstractmethod
-    def solve(self, model: AbstractModel, t, gamma, rhs, structure, guess=None):
-        """Return ``(x, result, iterations)``.
-
-        ``guess`` is ``None`` or a starting point for iterative solvers (a state
-        pytree, e.g. extrapolated from previous steps by the stepper); it never
-        changes the answer beyond the solver's tolerance and carries no derivative.
-        Direct solvers ignore it.
-        """
-
-    def is_factored(self, structure) -> bool:
-        r"""Whether ``structure`` came from :meth:`factor`: a constant $L$ with
-        everything for one $\gamma$ ready. θ-steps then solve
-        $A^{-1}(u/\theta + \dots) - \frac{1-\theta}{\theta}u$ and skip the stencil
-        pass of the explicit half (see ``dphys.Theta``). Default False."""
-        return False
-
-    @property
-    def uses_guess(self) -> bool:
-        """Whether :meth:`solve` starts from a ``guess`` (iterative solvers), so a
-        stepper should carry previous states to extrapolate one. Default False."""
-        return False
+    def solve(self, model: AbstractModel, t, gamma, rhs, structure):
+        """Return ``(x, result, iterations)``."""
 
     def check(self, model: AbstractModel, like) -> None:
         """Raise ``ValueError`` if this solver cannot handle ``model``."""

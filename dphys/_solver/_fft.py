@@ -38,9 +38,6 @@ class FFT(AbstractLinearSolver):
             structure = structure.symbol
         return FactoredSymbol(structure, self.inverse_symbol(structure, gamma))
 
-    def is_factored(self, structure) -> bool:
-        return isinstance(structure, FactoredSymbol)
-
     def _apply_modes(self, mat, hats):
         # mat: (n, n, *modes); hats: (n, *modes)
         if mat.shape[0] == 1:
@@ -66,7 +63,7 @@ class FFT(AbstractLinearSolver):
             return 1.0 / (1.0 - gamma * symbol)
         return _mode_inv(_mode_eye(symbol) - gamma * symbol)
 
-    def solve(self, model, t, gamma, rhs, structure, guess=None):
+    def solve(self, model, t, gamma, rhs, structure):
         hats, treedef, axes = self._to_modes(model, rhs)
         if isinstance(structure, FactoredSymbol):
             inv = structure.inverse  # factored for this gamma by the stepper's init

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -15,8 +15,8 @@ import optax.tree_utils as otu
 
 from .._results import RESULTS
 from .._tree import axpy
-from . import _structure
 from ._base import AbstractLinearSolver
+from ._probes import probe_diagonal
 
 
 # ---------------------------------------------------------------------- Krylov methods
@@ -35,7 +35,6 @@ from ._base import AbstractLinearSolver
 # times the iterations needed (docs/design.md).
 
 INITIAL_GUESSES: tuple[str, ...] = ("rhs", "preconditioned", "zero")
-METHODS: tuple[str, ...] = ("cg", "gmres", "bicgstab", "richardson")
 
 
 def _initial_guess(kind: str, b, apply_m):
@@ -177,31 +176,6 @@ def _bicgstab(apply_a, apply_m, b, x0, rtol, atol, max_steps):
     return _verified(run, apply_a, b, x0, target2, max_steps)
 
 
-def _richardson(apply_a, apply_m, b, x0, rtol, atol, max_steps):
-    r"""Preconditioned Richardson iteration $x \leftarrow x + M(b - Ax)$; returns
-    ``(x, converged, steps)``.
-
-    The iteration of a multigrid solver (``M`` one V-cycle). Every residual is the
-    true one, so convergence needs no separate check.
-    """
-    target2 = (atol + rtol * jnp.sqrt(otu.tree_vdot(b, b))) ** 2
-    precondition = (lambda v: v) if apply_m is None else apply_m
-
-    def cond(carry):
-        _, _, rr, k = carry
-        return (rr > target2) & (k < max_steps)
-
-    def body(carry):
-        x, r, _, k = carry
-        x = otu.tree_add(x, precondition(r))
-        r = otu.tree_sub(b, apply_a(x))
-        return x, r, otu.tree_vdot(r, r), k + 1
-
-    r = otu.tree_sub(b, apply_a(x0))
-    x, _, rr, steps = jax.lax.while_loop(cond, body, (x0, r, otu.tree_vdot(r, r), 0))
-    return x, rr <= target2, jnp.asarray(steps)
-
-
 def _gmres(apply_a, apply_m, b, x0, rtol, atol, restart, max_steps):
     """Restarted, left-preconditioned GMRES on pytrees; ``(x, converged, steps)``.
 
@@ -332,9 +306,7 @@ class _PytreeKrylov(lx.AbstractLinearSolver):
         operator = state
         precond = options.get("preconditioner")
         apply_m = None if precond is None else precond.mv
-        x0 = options.get("guess")
-        if x0 is None:
-            x0 = _initial_guess(self.initial_guess, vector, apply_m)
+        x0 = _initial_guess(self.initial_guess, vector, apply_m)
         if self.method == "gmres":
             x, converged, steps = _gmres(
                 operator.mv,
@@ -347,9 +319,7 @@ class _PytreeKrylov(lx.AbstractLinearSolver):
                 self.max_steps,
             )
         else:
-            kernel = {"cg": _cg, "bicgstab": _bicgstab, "richardson": _richardson}[
-                self.method
-            ]
+            kernel = _cg if self.method == "cg" else _bicgstab
             x, converged, steps = kernel(
                 operator.mv, apply_m, vector, x0, self.rtol, self.atol, self.max_steps
             )
@@ -359,8 +329,6 @@ class _PytreeKrylov(lx.AbstractLinearSolver):
         return x, result, {"num_steps": steps}
 
     def transpose(self, state, options):
-        # A guess belongs to the forward solve's right-hand side: the transposed
-        # solve starts from its own (see ``initial_guess``).
         out = {}
         if options.get("preconditioner") is not None:
             out["preconditioner"] = options["preconditioner"].transpose()
@@ -383,14 +351,13 @@ def krylov_solve(
     matvec,
     rhs,
     *,
-    method: Literal["cg", "gmres", "bicgstab", "richardson"] = "gmres",
+    method: Literal["cg", "gmres", "bicgstab"] = "gmres",
     preconditioner=None,
     rtol: float = 1e-10,
     atol: float = 0.0,
     max_steps: int = 500,
     restart: int = 10,
     initial_guess: Literal["rhs", "preconditioned", "zero"] = "rhs",
-    guess=None,
 ):
     r"""Solve $A x = b$ matrix-free by preconditioned CG, GMRES or BiCGStab.
 
@@ -409,10 +376,7 @@ def krylov_solve(
     residual is small enough, so a solve costs the iterations it needs and a long
     ``restart`` only costs memory (``restart + 1`` vectors) and orthogonalisation
     (modified Gram-Schmidt: $O(k^2)$ vector operations over a cycle of $k$ steps).
-    BiCGStab is right-preconditioned and restarts after a breakdown. ``"richardson"``
-    is the stationary iteration $x \leftarrow x + M(b - Ax)$, which converges when
-    $M$ is a good enough approximate inverse (a multigrid cycle, see
-    :class:`dphys.Multigrid`).
+    BiCGStab is right-preconditioned and restarts after a breakdown.
 
     The stopping test is on the solution of the linear system, not on what a
     derivative check needs: a Taylor test (:func:`dphys.testing.taylor_test`)
@@ -430,27 +394,20 @@ def krylov_solve(
         matvec: the linear map $x \mapsto Ax$ on pytrees shaped like ``rhs``; what it
             closes over (parameters, the time step) may be differentiated.
         rhs: right-hand side $b$ (a pytree of arrays).
-        method: ``"cg"`` ($A$ symmetric positive definite), ``"gmres"``,
-            ``"bicgstab"`` or ``"richardson"`` (needs a ``preconditioner``).
+        method: ``"cg"`` ($A$ symmetric positive definite), ``"gmres"`` or
+            ``"bicgstab"``.
         preconditioner: ``None`` or a linear map $M \approx A^{-1}$ on the same
             pytrees (left preconditioning; for CG, $M$ must be symmetric positive
             definite). It never carries a derivative (its arrays are treated as
             constants): it changes the iterations, not the solution.
         rtol, atol: stopping tolerances (see above); not both zero.
-        max_steps: cap on iterations: CG iterations, GMRES Arnoldi steps and
-            Richardson iterations (one product with $A$ each), BiCGStab iterations
-            (two each).
+        max_steps: cap on iterations: CG iterations and GMRES Arnoldi steps (one
+            product with $A$ each), BiCGStab iterations (two each).
         restart: GMRES Arnoldi steps per cycle.
         initial_guess: $x_0 = b$ (``"rhs"``, good for $I - \gamma L$ with small
             $\gamma L$), $x_0 = Mb$ (``"preconditioned"``, good when $M$ is close to
             $A^{-1}$) or $0$. Computed from the right-hand side of each solve, so
             tangent and adjoint solves start from their own.
-        guess: ``None`` or a starting point $x_0$ for this solve only (a pytree like
-            ``rhs``), e.g. extrapolated from previous time steps; it overrides
-            ``initial_guess`` in the forward solve and carries no derivative (it
-            changes the iterations, not the solution). The adjoint solve starts
-            from ``initial_guess`` for its own right-hand side; a forward-mode
-            tangent solve starts from ``guess`` too (still correct, possibly slower).
 
     Returns:
         ``(x, result, iterations)``: the solution (pytree like ``rhs``), a
@@ -465,13 +422,9 @@ def krylov_solve(
         >>> bool(result == RESULTS.successful)
         True
     """
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    if method == "richardson" and preconditioner is None:
+    if method not in ("cg", "gmres", "bicgstab"):
         raise ValueError(
-            "`method='richardson'` needs a `preconditioner` (the approximate inverse "
-            "it iterates with, e.g. a multigrid cycle); without one use 'cg' or "
-            "'gmres'."
+            f"`method` must be 'cg', 'gmres' or 'bicgstab', got {method!r}."
         )
     if initial_guess not in INITIAL_GUESSES:
         raise ValueError(
@@ -488,18 +441,6 @@ def krylov_solve(
     if preconditioner is not None:
         options["preconditioner"] = _stop_gradient_arrays(
             lx.FunctionLinearOperator(preconditioner, structure, tags=tags)
-        )
-    if guess is not None:
-        if jtu.tree_structure(guess) != jtu.tree_structure(rhs) or any(
-            jnp.shape(g) != jnp.shape(b)
-            for g, b in zip(jtu.tree_leaves(guess), leaves, strict=True)
-        ):
-            raise ValueError(
-                "`guess` must be a pytree like `rhs` (same structure and shapes), got "
-                f"{jax.eval_shape(lambda: guess)} for `rhs` {structure}."
-            )
-        options["guess"] = jtu.tree_map(
-            lambda g, b: jax.lax.stop_gradient(g).astype(b.dtype), guess, rhs
         )
     solver = _PytreeKrylov(
         method=method,
@@ -550,24 +491,17 @@ class Krylov(AbstractLinearSolver):
 
     CG for symmetric models, GMRES otherwise (or as chosen), through
     :func:`krylov_solve`: stops when $\|b - (I-\gamma L)x\|_2 \le \mathrm{atol} +
-    \mathrm{rtol}\,\|b\|_2$, starting from the stepper's guess (extrapolated from
-    previous steps) or else from $x_0 = b$ ($x_0 = Mb$ with the Fourier or multigrid
-    preconditioner). The derivative is the implicit function theorem's: one tangent
-    or one transposed Krylov solve per step (with the transposed preconditioner),
-    memory independent of the iteration count; an unconverged tangent or adjoint
-    solve raises.
-
-    When the model declares its stencil (:attr:`dphys.AbstractModel.stencil_offsets`)
-    and $L$ does not depend on time, ``init`` probes $L$ once into per-point
-    coefficients and every product with $I-\gamma L$ is one pass over them (exact;
-    checked against ``model.linear`` when the run starts; see
-    :mod:`dphys._solver._structure`).
+    \mathrm{rtol}\,\|b\|_2$, starting from $x_0 = b$. The derivative is the implicit
+    function theorem's: one tangent or one transposed Krylov solve per step (with
+    the transposed preconditioner), memory independent of the iteration count; an
+    unconverged tangent or adjoint solve raises.
 
     Without a preconditioner every Krylov iterate stays in $b + \mathcal K$, whose
     residuals are $p(A)\,r_0$ with $p(0)=1$; for a flux-form operator
     ($\mathbf 1^T L = 0$ on a closed or periodic domain) $\mathbf 1^T r_0 = 0$ and so
     $\mathbf 1^T r = 0$: mass is conserved to round-off whatever the tolerance. A
-    preconditioner or a guess breaks this (mass to the tolerance only).
+    Jacobi preconditioner with a non-constant diagonal breaks this (mass to the
+    tolerance only).
 
     Attributes:
         method: ``"cg"`` (needs a symmetric model), ``"gmres"`` or ``"bicgstab"``;
@@ -584,33 +518,23 @@ class Krylov(AbstractLinearSolver):
             steps, one product with $I-\gamma L$ each; BiCGStab iterations, two
             each); hitting it is reported as ``RESULTS.linear_solve_failed`` (and
             raises in the adjoint solve).
-        preconditioner: ``None`` (default), ``"jacobi"``, ``"fourier"``,
-            ``"multigrid"`` or a :class:`dphys.Multigrid` (whose V-cycle settings
-            are used). Measured on P6 (benchmarks/README.md) and a 400-fold $\kappa$
-            contrast in ``docs/design.md``:
-
-            * ``"jacobi"``: the inverse diagonal of $I-\gamma L$. The identity part
-              keeps the smallest eigenvalue of $I-\gamma L$ at 1 whatever the
-              coefficients, and dividing by a diagonal that varies in space
-              spreads the cluster of smooth modes near 1, so Jacobi usually costs
-              iterations (P6: 15.3 per step against 7.3 without); it pays off only
-              when $\gamma|L| \gg 1$ everywhere with strongly varying coefficients.
-            * ``"fourier"``: $(I-\gamma\bar L)^{-1}$ by FFT, $\bar L$ the
-              translation average of $L$ (for diffusion, the mean coefficient; for
-              advection, the mean velocity): fully periodic grids, any number of
-              fields, one FFT pair per iteration; exact for constant coefficients.
-            * ``"multigrid"``: one Galerkin V-cycle (:class:`dphys.Multigrid`),
-              single-field states on grids that halve down to at most 4096 points;
-              iteration counts independent of the grid size and nearly of the
-              coefficient contrast.
+        preconditioner: ``None`` (default) or ``"jacobi"``: the inverse diagonal of
+            $I-\gamma L$, from comb probes. The identity part keeps the smallest
+            eigenvalue of $I-\gamma L$ at 1 whatever the coefficients, and dividing
+            by a diagonal that varies in space spreads the cluster of smooth modes
+            near 1, so Jacobi usually costs iterations: on P6 (benchmarks/README.md,
+            Crank-Nicolson heat, $\kappa$ within a factor 3, $\gamma\kappa/\Delta
+            x^2 \approx 0.7$) CG took 15.3 iterations per step with it and 7.3
+            without; with $\kappa$ varying 400-fold, 68.6 and 29.4. It pays off
+            when $\gamma|L| \gg 1$ everywhere with strongly varying coefficients
+            (the same 400-fold field at 25 times the time step: 256 iterations per
+            step with Jacobi; without, no convergence in 500). See
+            ``docs/design.md``.
         restart: GMRES Arnoldi steps per cycle (memory: ``restart + 1`` vectors;
             a cycle of $k$ steps costs $O(k^2)$ vector operations to
             orthogonalise). The default 10 was the fastest of 5, 10, 20 and 40 on
             2D advection and closed-basin shallow water (5 stagnated on the
             latter's adjoint).
-        assemble: use the probed stencil for products with $I-\gamma L$ when the
-            model declares one (default True); False always calls
-            ``model.linear``.
     """
 
     method: Literal["cg", "gmres", "bicgstab"] | None = eqx.field(
@@ -619,9 +543,8 @@ class Krylov(AbstractLinearSolver):
     rtol: float = eqx.field(static=True, default=1e-10)
     atol: float = eqx.field(static=True, default=0.0)
     max_steps: int = eqx.field(static=True, default=500)
-    preconditioner: Any = eqx.field(static=True, default=None)
+    preconditioner: Literal["jacobi"] | None = eqx.field(static=True, default=None)
     restart: int = eqx.field(static=True, default=10)
-    assemble: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         if self.method not in (None, "cg", "gmres", "bicgstab"):
@@ -629,32 +552,12 @@ class Krylov(AbstractLinearSolver):
                 "`method` must be 'cg', 'gmres', 'bicgstab' or None, got "
                 f"{self.method!r}."
             )
-        from ._multigrid import Multigrid  # Multigrid iterates with krylov_solve
-
-        if self.preconditioner not in _structure.PRECONDITIONERS and not isinstance(
-            self.preconditioner, Multigrid
-        ):
+        if self.preconditioner not in (None, "jacobi"):
             raise ValueError(
-                "`preconditioner` must be None, 'jacobi', 'fourier', 'multigrid' or "
-                f"a dphys.Multigrid, got {self.preconditioner!r}."
-            )
-        if not isinstance(self.assemble, bool):
-            raise TypeError(
-                f"`assemble` must be a bool, got {type(self.assemble).__name__}."
+                "`preconditioner` must be 'jacobi' or None, got "
+                f"{self.preconditioner!r}."
             )
         _check_tolerances(self.rtol, self.atol, self.max_steps, self.restart)
-
-    @property
-    def _kind(self) -> str | None:
-        p = self.preconditioner
-        return p if p is None or isinstance(p, str) else "multigrid"
-
-    @property
-    def _cycle(self) -> _structure.CycleOptions:
-        p = self.preconditioner
-        if p is None or isinstance(p, str):
-            return _structure.CycleOptions()
-        return p.cycle
 
     def _method(self, model):
         if self.method is not None:
@@ -668,28 +571,23 @@ class Krylov(AbstractLinearSolver):
                 f"{type(model).__name__} is not symmetric; use method='gmres' or "
                 "'bicgstab'."
             )
-        _structure.check(model, like, self._kind, self._cycle, "Krylov")
 
     def init(self, model, t, like):
-        return _structure.build(
-            model, t, like, kind=self._kind, assemble=self.assemble, cycle=self._cycle
-        )
+        if self.preconditioner == "jacobi":
+            return probe_diagonal(model, t, like)
+        return None
 
-    def factor(self, structure, gamma):
-        return _structure.factor(structure, gamma, self._cycle)
+    def solve(self, model, t, gamma, rhs, structure):
+        def mv(x):
+            lx_ = model.linear(t, x)
+            return axpy(-gamma, lx_, x)
 
-    def is_factored(self, structure) -> bool:
-        return isinstance(structure, _structure.LinearStructure) and structure.factored
-
-    @property
-    def uses_guess(self) -> bool:
-        return True
-
-    def solve(self, model, t, gamma, rhs, structure, guess=None):
-        structure = self.factor(structure, gamma)
-        precond = _structure.preconditioner(model, structure)
+        precond = None
+        if structure is not None:
+            pdiag = jtu.tree_map(lambda d: 1.0 / (1.0 - gamma * d), structure)
+            precond = lambda x: otu.tree_mul(pdiag, x)
         return krylov_solve(
-            _structure.operator(model, t, gamma, structure),
+            mv,
             rhs,
             method=self._method(model),
             preconditioner=precond,
@@ -697,6 +595,4 @@ class Krylov(AbstractLinearSolver):
             atol=self.atol,
             max_steps=self.max_steps,
             restart=self.restart,
-            initial_guess="rhs" if self._kind in (None, "jacobi") else "preconditioned",
-            guess=guess,
         )

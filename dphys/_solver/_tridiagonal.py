@@ -31,7 +31,7 @@ class Tridiagonal(AbstractLinearSolver):
     def init(self, model, t, like):
         return probe_tridiagonal(model, t, like)
 
-    def solve(self, model, t, gamma, rhs, structure, guess=None):
+    def solve(self, model, t, gamma, rhs, structure):
         lower, diag, upper = structure
         x = jax.lax.linalg.tridiagonal_solve(
             -gamma * lower, 1.0 - gamma * diag, -gamma * upper, rhs[:, None]
