@@ -25,3 +25,19 @@ def getkey():
     """A fresh PRNG key per call, seeded per test (reproducible)."""
     keys = iter(jr.split(jr.key(5678), 10_000))
     return lambda: next(keys)
+
+
+def _budget_slow() -> set[str]:
+    import pathlib
+
+    path = pathlib.Path(__file__).with_name("slow_budget.txt")
+    lines = path.read_text().splitlines()
+    return {ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests named in ``slow_budget.txt`` as ``slow`` (see that file)."""
+    slow = _budget_slow()
+    for item in items:
+        if item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)

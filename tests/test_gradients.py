@@ -13,10 +13,10 @@ import dphys.testing as dt
 import pdes
 
 
-def Reaction(grid, kappa):
+def Reaction(grid, kappa, rate=1.0):
     """Heat plus an explicit Allen-Cahn reaction rate (u - u^3), so that IMEX, SBDF2
     and Newton actually see a nonlinear explicit part."""
-    return helpers.Reaction(grid, kappa, rate=1.0, cubic=True)
+    return helpers.Reaction(grid, kappa, rate=rate, cubic=True)
 
 
 coords = helpers.coords
@@ -72,7 +72,7 @@ def sensor_cost(grid, stepper, model_cls, *, adjoint=None, fast_forward=None):
     obs = 0.3 + 0.1 * np.arange(N_STEPS // EVERY * 4).reshape(-1, 4) / 40
 
     def cost(params):
-        if isinstance(model_cls, type):
+        if isinstance(model_cls, type) or model_cls is Reaction:
             model = model_cls(grid, params["kappa"])
         else:  # a function (grid, params) -> model
             model = model_cls(grid, params)
