@@ -7,16 +7,11 @@ from ._assimilate import (
 )
 from ._control import (
     AbstractControlVariable as AbstractControlVariable,
-    AbstractTransform as AbstractTransform,
-    Bounded as Bounded,
     Control as Control,
     Decoded as Decoded,
-    Identity as Identity,
     InitialState as InitialState,
-    Log as Log,
     ModelError as ModelError,
     Parameter as Parameter,
-    Softplus as Softplus,
 )
 from ._cost import (
     AbstractCost as AbstractCost,
@@ -48,6 +43,13 @@ from ._stopping import (
     RESULTS as RESULTS,
     TERMINATIONS as TERMINATIONS,
     StoppingRule as StoppingRule,
+)
+from ._transforms import (
+    AbstractTransform as AbstractTransform,
+    Bounded as Bounded,
+    Identity as Identity,
+    Log as Log,
+    Softplus as Softplus,
 )
 from ._twin import (
     TwinResult as TwinResult,

@@ -345,7 +345,7 @@ def _zero_walls(state, grid):
 
 
 def _transform(spec):
-    from .._control import Bounded, Identity, Log, Softplus
+    from .._transforms import Bounded, Identity, Log, Softplus
 
     return {
         "identity": Identity,
