@@ -30,6 +30,13 @@ from ._checkpoint import (
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
 )
+from ._composite import (
+    AbstractSmooth as AbstractSmooth,
+    CompositeCost as CompositeCost,
+    LeastSquares as LeastSquares,
+    SmoothCost as SmoothCost,
+    SmoothFunction as SmoothFunction,
+)
 from ._lista import (
     ALISTA as ALISTA,
     LISTA as LISTA,
@@ -75,14 +82,9 @@ from ._proximal_methods import (
     ISTA as ISTA,
     RESULTS as RESULTS,
     AbstractProximalMethod as AbstractProximalMethod,
-    AbstractSmooth as AbstractSmooth,
     ChambollePock as ChambollePock,
-    CompositeCost as CompositeCost,
     Continuation as Continuation,
-    LeastSquares as LeastSquares,
     ProximalState as ProximalState,
-    SmoothCost as SmoothCost,
-    SmoothFunction as SmoothFunction,
     Solution as Solution,
     operator_norm_squared as operator_norm_squared,
     solve as solve,

@@ -34,7 +34,7 @@ import jax.random as jr
 import lineax as lx
 import optax
 
-from ._proximal_methods import AbstractSmooth, _dot
+from ._composite import AbstractSmooth, _dot
 
 
 class DenoisingCNN(eqx.Module):
