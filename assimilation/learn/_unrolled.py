@@ -61,25 +61,15 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+import optax.tree_utils as otu
 from jax import lax
 
+from dphys._tree import axpy
 from dphys.testing import tree_dot
 
 from . import _problem as P
 from ._modes import AbstractIterationAdjoint, FullUnroll, Implicit, contraction_of
 from ._networks import GridCNN, ScalarMLP, from_channels, rms, to_channels
-
-
-def _norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(tree)))
-
-
-def _axpy(a, x, y):
-    return jtu.tree_map(lambda xi, yi: a * xi + yi, x, y)
-
-
-def _sub(a, b):
-    return jtu.tree_map(jnp.subtract, a, b)
 
 
 def _safe_div(num, den):
@@ -237,8 +227,8 @@ def _stats(point: Point, step, inner=0):
         "cost": point.value,
         "background_cost": point.background,
         "obs_cost": point.observations,
-        "grad_norm": _norm(point.grad),
-        "step_norm": _norm(step),
+        "grad_norm": otu.tree_norm(point.grad),
+        "step_norm": otu.tree_norm(step),
         "inner_iterations": jnp.asarray(inner, jnp.int32),
     }
 
@@ -330,7 +320,7 @@ class GradientStep(AbstractLayer):
             y = v
         else:
             beta = jax.nn.sigmoid(self.momentum)
-            y = _axpy(beta, _sub(v, carry["prev"]), v)
+            y = axpy(beta, otu.tree_sub(v, carry["prev"]), v)
         if self.gain is None:
             point = objective.evaluate(y, weight)
         else:
@@ -343,7 +333,7 @@ class GradientStep(AbstractLayer):
             feats, g = _grid_features(objective, y, point)
             corr = from_channels(self.modulator(feats), g)
             scale = rms(to_channels(g))
-            d = P.with_state_control(d, _axpy(scale, corr, g))
+            d = P.with_state_control(d, axpy(scale, corr, g))
         alpha = jnp.exp(self.log_step)
         if self.step_net is not None:
             tiny = jnp.finfo(point.value.dtype).tiny
@@ -351,13 +341,13 @@ class GradientStep(AbstractLayer):
                 [
                     jnp.log(point.background + tiny),
                     jnp.log(point.observations + tiny),
-                    jnp.log(jnp.square(_norm(point.grad)) + tiny),
+                    jnp.log(jnp.square(otu.tree_norm(point.grad)) + tiny),
                 ]
             )
             alpha = alpha * jnp.exp(5.0 * jnp.tanh(self.step_net(feats)[0] / 5.0))
-        new = _axpy(-alpha, d, y)
+        new = axpy(-alpha, d, y)
         out = {"v": new} if self.momentum is None else {"v": new, "prev": v}
-        return out, _stats(point, _sub(new, v))
+        return out, _stats(point, otu.tree_sub(new, v))
 
 
 class GaussNewtonStep(AbstractLayer):
@@ -400,7 +390,7 @@ class GaussNewtonStep(AbstractLayer):
         v = carry["v"]
         mv0, point = objective.gauss_newton(v, weight)
         mu = jax.nn.softplus(self.damping)
-        mv = lambda p: _axpy(mu, p, mv0(p))
+        mv = lambda p: axpy(mu, p, mv0(p))
         b = jtu.tree_map(jnp.negative, point.grad)
         dot = tree_dot
 
@@ -408,10 +398,10 @@ class GaussNewtonStep(AbstractLayer):
             x, r, p, rr = c
             ap = mv(p)
             a = _safe_div(rr, dot(p, ap))
-            x = _axpy(a, p, x)
-            r = _axpy(-a, ap, r)
+            x = axpy(a, p, x)
+            r = axpy(-a, ap, r)
             rr_new = dot(r, r)
-            p = _axpy(_safe_div(rr_new, rr), p, r)
+            p = axpy(_safe_div(rr_new, rr), p, r)
             return (x, r, p, rr_new), None
 
         zero = jtu.tree_map(jnp.zeros_like, b)
@@ -874,7 +864,7 @@ def to_analysis(
         "cost": final.value(),
         "background_cost": final.background,
         "obs_cost": final.observations,
-        "grad_norm": _norm(final.grad()),
+        "grad_norm": otu.tree_norm(final.grad()),
         "step_norm": jnp.zeros(()),
     }
     if h is None:
@@ -883,7 +873,7 @@ def to_analysis(
             "cost": start_ev.value(),
             "background_cost": start_ev.background,
             "obs_cost": start_ev.observations,
-            "grad_norm": _norm(start_ev.grad()),
+            "grad_norm": otu.tree_norm(start_ev.grad()),
             "step_norm": jnp.zeros(()),
         }
         history = {k: np.array([first[k], last[k]]) for k in keys}
